@@ -1,0 +1,54 @@
+# upstack: every target is one call of the CLI. `make upscale sft dpo merge RECIPE=recipes/<name>.yaml`
+RECIPE ?= recipes/tiny.yaml
+SET ?=
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU wheel that lies on this kind of machine; on a GPU box set TORCH to the build you want.
+TORCH ?= torch==2.13.0
+# Run training stages under `accelerate launch`: ACCELERATE=recipes/accelerate/zero3.yaml NPROC=8
+ACCELERATE ?=
+NPROC ?=
+export ACCELERATE NPROC
+
+BIN := $(VENV)/bin
+UPSTACK := $(BIN)/upstack
+SETFLAGS := $(foreach s,$(SET),--set $(s))
+STAGES := init upscale cpt synth pairs sft dpo merge eval push
+
+.PHONY: install lock test lint format demo status show clean $(STAGES)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# torch first and pinned: left to pick its own, pip pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+lock: install
+	$(BIN)/pip freeze --exclude-editable | sed -E 's/\+(cpu|cu[0-9]+)$$//' > requirements.lock
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: install
+	$(UPSTACK) run $(RECIPE) $(SETFLAGS)
+
+status show: install
+	$(UPSTACK) $@ $(RECIPE) $(SETFLAGS)
+
+$(STAGES): install
+	$(UPSTACK) run $(RECIPE) $@ $(SETFLAGS)
+
+clean:
+	rm -rf runs

@@ -1,0 +1,3 @@
+from upstack.cli import main
+
+raise SystemExit(main())

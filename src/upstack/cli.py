@@ -1,0 +1,93 @@
+"""The `upstack` command: run, status and show a recipe. Heavy imports wait until a stage runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from upstack.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upstack",
+        description="Depth up-scaling and its post-training stack (SOLAR-style), one recipe at a time.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name: str, help: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help, description=help)
+        cmd.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a recipe value, e.g. stages.sft.trainer.learning_rate=1e-5")
+        return cmd
+
+    run = recipe_command("run", "run stages (and whatever they need that is missing or stale)")
+    run.add_argument("targets", nargs="*", help="stage names or kinds; default: every stage")
+    run.add_argument("--force", action="store_true", help="rerun the targets even if up to date")
+    run.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+
+    recipe_command("status", "table of stages: done, stale, missing or failed, with metrics")
+    show = recipe_command("show", "print the fully resolved recipe (defaults and overrides applied)")
+    show.add_argument("--json", action="store_true", help="JSON instead of YAML")
+
+    # Internal: one stage in this process; what each `accelerate launch` worker runs.
+    stage = recipe_command("_stage", argparse.SUPPRESS)
+    stage.add_argument("stage")
+    stage.add_argument("--out-dir", required=True)
+    stage.add_argument("--work-dir", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from upstack import runner
+    from upstack.recipe import load_recipe
+    from upstack.tables import markdown_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "run":
+        runner.run(recipe, args.targets, force=args.force, dry_run=args.dry_run)
+        if not args.dry_run:
+            print(markdown_table(STATUS_HEADERS, runner.status_rows(recipe)))
+    elif args.command == "status":
+        print(markdown_table(STATUS_HEADERS, runner.status_rows(recipe)))
+    elif args.command == "show":
+        data = recipe.to_dict()
+        print(json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False), end="")
+    elif args.command == "_stage":
+        _run_worker(recipe, args)
+    return 0
+
+
+STATUS_HEADERS = ["stage", "kind", "state", "seconds", "metrics"]
+
+
+def _run_worker(recipe, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from upstack import runner
+
+    hashes = runner.stage_hashes(recipe)
+    metrics = runner.execute_stage(recipe, args.stage, Path(args.out_dir), Path(args.work_dir),
+                                   hashes[args.stage])
+    if runner.is_main_process():
+        (Path(args.out_dir) / ".metrics.json").write_text(json.dumps(metrics, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

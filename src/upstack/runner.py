@@ -1,0 +1,293 @@
+"""Runs a recipe's stages in dependency order: skip what is up to date, write atomically, leave a manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from upstack.errors import UserError
+from upstack.recipe import Recipe, StageSpec, stage_module
+
+MANIFEST = "upstack.json"  # written last inside a stage dir: its presence means the stage finished
+FAILED = "failed.json"  # in the stage's work dir when its last attempt raised
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "mergekit",
+            "math-verify", "huggingface_hub", "upstack")
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run(spec, ctx)` gets besides its own spec."""
+
+    recipe: Recipe
+    name: str
+    out_dir: Path  # a temporary dir, renamed to the stage dir only if `run` returns
+    work_dir: Path  # kept across attempts: checkpoints and request caches live here
+    config_hash: str
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def stage_dir(self, name: str) -> Path:
+        """The finished output of another stage of this recipe."""
+        return self.recipe.out_dir / name
+
+    def model_path(self, ref: str) -> str:
+        """A model reference as transformers/mergekit take it: stage dir, local path or Hub id."""
+        if ref in self.recipe.stages:
+            return str(self.stage_dir(ref))
+        return ref
+
+    def log(self, message: str) -> None:
+        if is_main_process():
+            print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# --------------------------------------------------------------------------- state
+
+
+def stage_hashes(recipe: Recipe) -> dict[str, str]:
+    """A hash per stage of its settings, the recipe seed and its inputs' hashes, so a change
+    anywhere upstream makes every stage below it stale before anything is rerun."""
+    hashes: dict[str, str] = {}
+    for name in recipe.order():
+        spec = recipe.stages[name]
+        payload = {
+            "kind": spec.kind,
+            "spec": spec.model_dump(mode="json", exclude={"after"}),
+            "seed": recipe.seed,
+            "inputs": {dep: hashes[dep] for dep in recipe.deps(name)},
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        hashes[name] = hashlib.sha256(blob).hexdigest()[:16]
+    return hashes
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((stage_dir / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def stage_state(recipe: Recipe, name: str, expected_hash: str) -> str:
+    manifest = read_manifest(recipe.out_dir / name)
+    if manifest is not None:
+        return "done" if manifest.get("config_hash") == expected_hash else "stale"
+    if (work_dir(recipe, name) / FAILED).exists():
+        return "failed"
+    return "missing"
+
+
+def work_dir(recipe: Recipe, name: str) -> Path:
+    return recipe.out_dir / ".work" / name
+
+
+def plan(recipe: Recipe, targets: list[str], force: bool = False) -> list[str]:
+    """Stages to run, in order: the targets (all stages if none) and any dependency not done."""
+    hashes = stage_hashes(recipe)
+    wanted = recipe.resolve_targets(targets) if targets else list(recipe.stages)
+    chosen: set[str] = set()
+
+    def need(name: str, is_target: bool) -> None:
+        if name in chosen:
+            return
+        if is_target and force or stage_state(recipe, name, hashes[name]) != "done":
+            chosen.add(name)
+            for dep in recipe.deps(name):
+                need(dep, False)
+
+    for name in wanted:
+        need(name, True)
+    return [n for n in recipe.order() if n in chosen]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run(recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False) -> list[str]:
+    steps = plan(recipe, targets, force)
+    if dry_run or not steps:
+        hashes = stage_hashes(recipe)
+        for name in recipe.resolve_targets(targets) if targets else recipe.stages:
+            if name not in steps:
+                print(f"up to date: {name}", file=sys.stderr)
+        for i, name in enumerate(steps, 1):
+            state = stage_state(recipe, name, hashes[name])
+            print(f"would run [{i}/{len(steps)}] {name} ({recipe.stages[name].kind}, {state})")
+        return steps
+
+    recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(recipe.out_dir):
+        for leftover in recipe.out_dir.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # from a run that was killed
+        hashes = stage_hashes(recipe)
+        for i, name in enumerate(steps, 1):
+            print(f"==> [{i}/{len(steps)}] {name} ({recipe.stages[name].kind})", file=sys.stderr, flush=True)
+            _run_stage(recipe, name, hashes)
+    return steps
+
+
+def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
+    spec = recipe.stages[name]
+    final = recipe.out_dir / name
+    tmp = recipe.out_dir / f".tmp-{name}-{os.getpid()}"
+    work = work_dir(recipe, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / FAILED).unlink(missing_ok=True)
+
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    try:
+        if _wants_launcher(recipe, spec):
+            metrics = _launch(recipe, name, tmp, work)
+        else:
+            metrics = execute_stage(recipe, name, tmp, work, hashes[name])
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (work / FAILED).write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
+                                               "at": dt.datetime.now(dt.timezone.utc).isoformat()}))
+        raise
+
+    manifest = {
+        "stage": name,
+        "kind": spec.kind,
+        "recipe": recipe.name,
+        "config": spec.model_dump(mode="json"),
+        "config_hash": hashes[name],
+        "seed": recipe.seed,
+        "inputs": {dep: hashes[dep] for dep in recipe.deps(name)},
+        "versions": package_versions(),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "metrics": metrics or {},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    # Swap in the new output: the old dir (if any) is moved aside first, so at every instant the
+    # stage dir is either absent or complete.
+    old = recipe.out_dir / f".tmp-{name}-old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def execute_stage(recipe: Recipe, name: str, out_dir: Path, work: Path, config_hash: str) -> dict:
+    """Call the stage's `run` in this process (also what each accelerate worker does)."""
+    spec = recipe.stages[name]
+    ctx = StageContext(recipe=recipe, name=name, out_dir=out_dir, work_dir=work, config_hash=config_hash)
+    return stage_module(spec.kind).run(spec, ctx) or {}
+
+
+def _wants_launcher(recipe: Recipe, spec: StageSpec) -> bool:
+    if not getattr(stage_module(spec.kind), "LAUNCHABLE", False):
+        return False
+    nproc = os.environ.get("NPROC") or recipe.launch.num_processes or 1
+    return bool(os.environ.get("ACCELERATE") or recipe.launch.accelerate_config or int(nproc) > 1)
+
+
+def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
+    """Run one training stage under `accelerate launch`; workers write into `tmp`, rank 0 the metrics."""
+    config = os.environ.get("ACCELERATE") or recipe.launch.accelerate_config
+    nproc = os.environ.get("NPROC") or recipe.launch.num_processes
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config:
+        if not Path(config).is_file():
+            raise UserError(f"launch.accelerate_config: {config}: file not found")
+        cmd += ["--config_file", config]
+    if nproc:
+        cmd += ["--num_processes", str(nproc)]
+    cmd += [*recipe.launch.extra_args, "-m", "upstack", "_stage", recipe.source, name,
+            "--out-dir", str(tmp), "--work-dir", str(work)]
+    for item in recipe.overrides:
+        cmd += ["--set", item]
+    result = subprocess.run(cmd, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"stage {name}: accelerate launch exited with {result.returncode}")
+    metrics_file = tmp / ".metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics_file.unlink(missing_ok=True)
+    return metrics
+
+
+@contextmanager
+def _lock(out_dir: Path) -> Iterator[None]:
+    """One run per output dir: a second one would race on the same temp and stage dirs."""
+    path = out_dir / ".lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{out_dir}: another upstack run is using this output dir (pid {holder}); "
+                        "wait for it or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status_rows(recipe: Recipe) -> list[list[str]]:
+    hashes = stage_hashes(recipe)
+    rows = []
+    for name in recipe.order():
+        state = stage_state(recipe, name, hashes[name])
+        manifest = read_manifest(recipe.out_dir / name) or {}
+        metrics = manifest.get("metrics", {})
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in list(_scalars(metrics).items())[:4])
+        seconds = manifest.get("seconds")
+        rows.append([name, recipe.stages[name].kind, state,
+                     f"{seconds:.1f}" if seconds is not None else "", shown])
+    return rows
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
