@@ -47,8 +47,12 @@ class ArithProblem:
         return self.solutions()[0]
 
     def _slots(self) -> dict[str, object]:
-        return {"name": self.name, "item": self.item, "ans": self.answer,
-                **KINDS[self.kind].steps(*self.numbers)}
+        return {
+            "name": self.name,
+            "item": self.item,
+            "ans": self.answer,
+            **KINDS[self.kind].steps(*self.numbers),
+        }
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,9 @@ KINDS: dict[str, Kind] = {
         ),
     ),
     "rows": Kind(
-        draw=lambda r: (lambda a, b: (a, b, r.randint(1, a * b - 1)))(r.randint(2, 9), r.randint(2, 9)),
+        draw=lambda r: (lambda a, b: (a, b, r.randint(1, a * b - 1)))(
+            r.randint(2, 9), r.randint(2, 9)
+        ),
         steps=lambda a, b, c: {"a": a, "b": b, "c": c, "ab": a * b},
         answer=lambda a, b, c: a * b - c,
         questions=(
@@ -161,8 +167,14 @@ def _stream(seed: int) -> Iterator[ArithProblem]:
         numbers = KINDS[kind].draw(rng)
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         ident = hashlib.sha256(f"{kind}:{numbers}:{name}:{item}".encode()).hexdigest()[:12]
-        yield ArithProblem(id=f"arith-{ident}", kind=kind, numbers=numbers, name=name, item=item,
-                           answer=KINDS[kind].answer(*numbers))
+        yield ArithProblem(
+            id=f"arith-{ident}",
+            kind=kind,
+            numbers=numbers,
+            name=name,
+            item=item,
+            answer=KINDS[kind].answer(*numbers),
+        )
 
 
 def corpus(count: int, seed: int) -> list[str]:
@@ -170,5 +182,7 @@ def corpus(count: int, seed: int) -> list[str]:
     texts = []
     for problem in problems(count, seed, "train"):
         rng = random.Random(problem.id)
-        texts.append(f"Question: {rng.choice(problem.questions())}\nAnswer: {rng.choice(problem.solutions())}")
+        texts.append(
+            f"Question: {rng.choice(problem.questions())}\nAnswer: {rng.choice(problem.solutions())}"
+        )
     return texts

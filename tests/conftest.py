@@ -20,13 +20,23 @@ def write_recipe(directory: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """The real `upstack` command in a subprocess, importing this checkout's sources."""
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), full_env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "upstack", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT), full_env.get("PYTHONPATH", "")]
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "upstack", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def build_tiny_model(out_dir: Path, **architecture) -> Path:
@@ -34,8 +44,11 @@ def build_tiny_model(out_dir: Path, **architecture) -> Path:
     from upstack.recipe import load_recipe
     from upstack.runner import run
 
-    recipe = {"name": "tiny-fixture", "output_dir": str(out_dir / "runs"),
-              "stages": {"init": {"architecture": architecture}}}
+    recipe = {
+        "name": "tiny-fixture",
+        "output_dir": str(out_dir / "runs"),
+        "stages": {"init": {"architecture": architecture}},
+    }
     path = out_dir / "init.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run(load_recipe(path), ["init"])

@@ -21,8 +21,14 @@ def _parser() -> argparse.ArgumentParser:
     def recipe_command(name: str, help: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help, description=help)
         cmd.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
-        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a recipe value, e.g. stages.sft.trainer.learning_rate=1e-5")
+        cmd.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe value, e.g. stages.sft.trainer.learning_rate=1e-5",
+        )
         return cmd
 
     run = recipe_command("run", "run stages (and whatever they need that is missing or stale)")
@@ -31,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
 
     recipe_command("status", "table of stages: done, stale, missing or failed, with metrics")
-    show = recipe_command("show", "print the fully resolved recipe (defaults and overrides applied)")
+    show = recipe_command(
+        "show", "print the fully resolved recipe (defaults and overrides applied)"
+    )
     show.add_argument("--json", action="store_true", help="JSON instead of YAML")
 
     # Internal: one stage in this process; what each `accelerate launch` worker runs.
@@ -68,7 +76,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(markdown_table(STATUS_HEADERS, runner.status_rows(recipe)))
     elif args.command == "show":
         data = recipe.to_dict()
-        print(json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False), end="")
+        print(
+            json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False),
+            end="",
+        )
     elif args.command == "_stage":
         _run_worker(recipe, args)
     return 0
@@ -83,8 +94,9 @@ def _run_worker(recipe, args: argparse.Namespace) -> None:
     from upstack import runner
 
     hashes = runner.stage_hashes(recipe)
-    metrics = runner.execute_stage(recipe, args.stage, Path(args.out_dir), Path(args.work_dir),
-                                   hashes[args.stage])
+    metrics = runner.execute_stage(
+        recipe, args.stage, Path(args.out_dir), Path(args.work_dir), hashes[args.stage]
+    )
     if runner.is_main_process():
         (Path(args.out_dir) / ".metrics.json").write_text(json.dumps(metrics, default=str))
 

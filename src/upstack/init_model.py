@@ -24,7 +24,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
 class Tokenizer(Strict):
-    vocab_size: int = Field(1024, ge=320, description="upper bound: BPE stops when the corpus runs out of merges")
+    vocab_size: int = Field(
+        1024, ge=320, description="upper bound: BPE stops when the corpus runs out of merges"
+    )
     corpus_problems: int = Field(4000, ge=10, description="arithmetic problems to train the BPE on")
 
 
@@ -67,13 +69,20 @@ def run(spec: Spec, ctx) -> dict:
     torch.manual_seed(ctx.seed)
     model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id, do_sample=False, max_new_tokens=128,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+        max_new_tokens=128,
     )
     model.save_pretrained(ctx.out_dir, safe_serialization=True)
     params = sum(p.numel() for p in model.parameters())
     ctx.log(f"{params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
-    return {"parameters": params, "vocab_size": config.vocab_size, "layers": config.num_hidden_layers}
+    return {
+        "parameters": params,
+        "vocab_size": config.vocab_size,
+        "layers": config.num_hidden_layers,
+    }
 
 
 def build_tokenizer(spec: Tokenizer, seed: int):

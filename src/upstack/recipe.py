@@ -56,10 +56,15 @@ class Launch(Strict):
     """How training stages are launched: in-process, or under `accelerate launch`."""
 
     accelerate_config: str | None = Field(
-        None, description="accelerate config file (recipes/accelerate/*.yaml); env ACCELERATE overrides"
+        None,
+        description="accelerate config file (recipes/accelerate/*.yaml); env ACCELERATE overrides",
     )
-    num_processes: int | None = Field(None, ge=1, description="processes per machine; env NPROC overrides")
-    extra_args: list[str] = Field(default_factory=list, description="passed to accelerate launch as is")
+    num_processes: int | None = Field(
+        None, ge=1, description="processes per machine; env NPROC overrides"
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="passed to accelerate launch as is"
+    )
 
 
 class Recipe(Strict):
@@ -67,7 +72,9 @@ class Recipe(Strict):
     description: str = ""
     seed: int = 42
     output_dir: str | None = Field(None, description="default: runs/<name>")
-    trust_remote_code: bool = Field(False, description="let transformers run code shipped with a model")
+    trust_remote_code: bool = Field(
+        False, description="let transformers run code shipped with a model"
+    )
     launch: Launch = Field(default_factory=Launch)
     stages: dict[str, StageSpec]
 
@@ -172,13 +179,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
-        raise UserError(f"{where(('stages',))}: stages: a mapping of stage name -> settings is required")
+        raise UserError(
+            f"{where(('stages',))}: stages: a mapping of stage name -> settings is required"
+        )
 
     stages: dict[str, StageSpec] = {}
     for name, body in stages_raw.items():
         body = {} if body is None else body
         if not isinstance(body, dict):
-            raise UserError(f"{where(('stages', name))}: stages.{name}: must be a mapping of settings")
+            raise UserError(
+                f"{where(('stages', name))}: stages.{name}: must be a mapping of settings"
+            )
         kind = body.get("kind", name)
         if kind not in STAGE_MODULES:
             loc = ("stages", name, "kind") if "kind" in body else ("stages", name)
@@ -210,7 +221,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             )
         for i, dep in enumerate(spec.after):
             if dep not in stages:
-                raise UserError(f"{where(('stages', name, 'after', i))}: stages.{name}.after: no stage '{dep}'")
+                raise UserError(
+                    f"{where(('stages', name, 'after', i))}: stages.{name}.after: no stage '{dep}'"
+                )
     recipe.order()  # raises on a cycle
     return recipe
 
@@ -239,7 +252,9 @@ _OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)$", re.S)
 def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     match = _OVERRIDE.match(item)
     if not match:
-        raise UserError(f"--set {item}: expected key.path=value, e.g. stages.sft.trainer.learning_rate=1e-5")
+        raise UserError(
+            f"--set {item}: expected key.path=value, e.g. stages.sft.trainer.learning_rate=1e-5"
+        )
     try:
         value = yaml.safe_load(match.group(2)) if match.group(2) else ""
     except yaml.YAMLError:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,8 +24,18 @@ from upstack.recipe import Recipe, StageSpec, stage_module
 
 MANIFEST = "upstack.json"  # written last inside a stage dir: its presence means the stage finished
 FAILED = "failed.json"  # in the stage's work dir when its last attempt raised
-PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "mergekit",
-            "math-verify", "huggingface_hub", "upstack")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "mergekit",
+    "math-verify",
+    "huggingface_hub",
+    "upstack",
+)
 
 
 @dataclass
@@ -110,7 +120,7 @@ def plan(recipe: Recipe, targets: list[str], force: bool = False) -> list[str]:
     def need(name: str, is_target: bool) -> None:
         if name in chosen:
             return
-        if is_target and force or stage_state(recipe, name, hashes[name]) != "done":
+        if (is_target and force) or stage_state(recipe, name, hashes[name]) != "done":
             chosen.add(name)
             for dep in recipe.deps(name):
                 need(dep, False)
@@ -123,7 +133,9 @@ def plan(recipe: Recipe, targets: list[str], force: bool = False) -> list[str]:
 # --------------------------------------------------------------------------- running
 
 
-def run(recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False) -> list[str]:
+def run(
+    recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False
+) -> list[str]:
     steps = plan(recipe, targets, force)
     if dry_run or not steps:
         hashes = stage_hashes(recipe)
@@ -141,7 +153,11 @@ def run(recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool =
             shutil.rmtree(leftover, ignore_errors=True)  # from a run that was killed
         hashes = stage_hashes(recipe)
         for i, name in enumerate(steps, 1):
-            print(f"==> [{i}/{len(steps)}] {name} ({recipe.stages[name].kind})", file=sys.stderr, flush=True)
+            print(
+                f"==> [{i}/{len(steps)}] {name} ({recipe.stages[name].kind})",
+                file=sys.stderr,
+                flush=True,
+            )
             _run_stage(recipe, name, hashes)
     return steps
 
@@ -165,8 +181,14 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
             metrics = execute_stage(recipe, name, tmp, work, hashes[name])
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        (work / FAILED).write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
-                                               "at": dt.datetime.now(dt.timezone.utc).isoformat()}))
+        (work / FAILED).write_text(
+            json.dumps(
+                {
+                    "error": f"{type(err).__name__}: {err}",
+                    "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                }
+            )
+        )
         raise
 
     manifest = {
@@ -197,7 +219,9 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
 def execute_stage(recipe: Recipe, name: str, out_dir: Path, work: Path, config_hash: str) -> dict:
     """Call the stage's `run` in this process (also what each accelerate worker does)."""
     spec = recipe.stages[name]
-    ctx = StageContext(recipe=recipe, name=name, out_dir=out_dir, work_dir=work, config_hash=config_hash)
+    ctx = StageContext(
+        recipe=recipe, name=name, out_dir=out_dir, work_dir=work, config_hash=config_hash
+    )
     return stage_module(spec.kind).run(spec, ctx) or {}
 
 
@@ -219,8 +243,18 @@ def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
         cmd += ["--config_file", config]
     if nproc:
         cmd += ["--num_processes", str(nproc)]
-    cmd += [*recipe.launch.extra_args, "-m", "upstack", "_stage", recipe.source, name,
-            "--out-dir", str(tmp), "--work-dir", str(work)]
+    cmd += [
+        *recipe.launch.extra_args,
+        "-m",
+        "upstack",
+        "_stage",
+        recipe.source,
+        name,
+        "--out-dir",
+        str(tmp),
+        "--work-dir",
+        str(work),
+    ]
     for item in recipe.overrides:
         cmd += ["--set", item]
     result = subprocess.run(cmd, check=False)
@@ -243,8 +277,10 @@ def _lock(out_dir: Path) -> Iterator[None]:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise UserError(f"{out_dir}: another upstack run is using this output dir (pid {holder}); "
-                        "wait for it or stop it") from None
+        raise UserError(
+            f"{out_dir}: another upstack run is using this output dir (pid {holder}); "
+            "wait for it or stop it"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -259,10 +295,8 @@ def _lock(out_dir: Path) -> Iterator[None]:
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0]}
     for package in PACKAGES:
-        try:
+        with suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -278,13 +312,24 @@ def status_rows(recipe: Recipe) -> list[list[str]]:
         metrics = manifest.get("metrics", {})
         shown = ", ".join(f"{k}={_short(v)}" for k, v in list(_scalars(metrics).items())[:4])
         seconds = manifest.get("seconds")
-        rows.append([name, recipe.stages[name].kind, state,
-                     f"{seconds:.1f}" if seconds is not None else "", shown])
+        rows.append(
+            [
+                name,
+                recipe.stages[name].kind,
+                state,
+                f"{seconds:.1f}" if seconds is not None else "",
+                shown,
+            ]
+        )
     return rows
 
 
 def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, int | float | str) and not isinstance(v, bool)
+    }
 
 
 def _short(value: Any) -> str:

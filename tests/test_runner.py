@@ -1,0 +1,130 @@
+"""The runner: skip what is done, rerun what is stale, never take a killed stage for a finished one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, run_cli, write_recipe
+
+from upstack import runner
+from upstack.recipe import load_recipe
+
+# Two tiny init stages, `b` ordered after `a`: fast, real stages, and a dependency edge.
+RECIPE = """\
+name: chain
+output_dir: {out}
+stages:
+  a:
+    kind: init
+    tokenizer: {{corpus_problems: 100, vocab_size: 400}}
+    architecture: {{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+                   num_attention_heads: 2, num_key_value_heads: 2}}
+  b:
+    kind: init
+    after: [a]
+    tokenizer: {{corpus_problems: 100, vocab_size: 400}}
+    architecture: {{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+                   num_attention_heads: 2, num_key_value_heads: 2}}
+"""
+
+
+@pytest.fixture
+def chain(tmp_path):
+    return write_recipe(tmp_path, RECIPE.format(out=tmp_path / "runs")), tmp_path / "runs"
+
+
+def _states(recipe):
+    return {row[0]: row[2] for row in runner.status_rows(recipe)}
+
+
+def test_finished_stage_is_skipped_and_a_change_makes_it_and_dependents_stale(chain):
+    path, out = chain
+    recipe = load_recipe(path)
+    assert _states(recipe) == {"a": "missing", "b": "missing"}
+    assert runner.run(recipe, ["b"]) == ["a", "b"]  # a target pulls in its missing dependency
+    manifest = json.loads((out / "a" / "upstack.json").read_text())
+    assert manifest["config_hash"] and manifest["versions"]["torch"] and manifest["seconds"] > 0
+    assert json.loads((out / "b" / "upstack.json").read_text())["inputs"] == {
+        "a": manifest["config_hash"]
+    }
+
+    assert runner.run(load_recipe(path), []) == []  # everything up to date: nothing reruns
+    assert json.loads((out / "a" / "upstack.json").read_text()) == manifest
+
+    changed = load_recipe(path, ["stages.a.architecture.num_hidden_layers=3"])
+    assert _states(changed) == {"a": "stale", "b": "stale"}
+    assert runner.plan(changed, ["b"]) == ["a", "b"]
+    assert runner.plan(load_recipe(path, ["stages.b.dtype=bfloat16"]), []) == ["b"]
+    assert runner.plan(load_recipe(path), ["a"], force=True) == ["a"]
+
+
+def test_targets_by_kind_and_dry_run(chain, capsys):
+    path, out = chain
+    recipe = load_recipe(path)
+    assert runner.plan(recipe, ["init"]) == ["a", "b"]
+    assert runner.run(recipe, ["init"], dry_run=True) == ["a", "b"]
+    assert "would run [1/2] a (init, missing)" in capsys.readouterr().out
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_killed_stage_leaves_nothing_that_counts_as_finished(chain):
+    path, out = chain
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "upstack", "run", str(path), "a"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not list(out.glob(".tmp-a-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(out.glob(".tmp-a-*")), "the stage never started"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: the temp dir exists, the manifest does not
+    proc.wait()
+
+    recipe = load_recipe(path)
+    assert not (out / "a").exists()
+    assert _states(recipe)["a"] == "missing"
+    assert runner.run(recipe, ["a"]) == ["a"]
+    assert (out / "a" / "upstack.json").exists()
+    assert not list(out.glob(".tmp-*"))  # the killed run's leftovers were cleaned up
+
+
+def test_a_failed_stage_is_reported_failed_and_leaves_no_output(chain, monkeypatch):
+    path, out = chain
+    from upstack import init_model
+
+    def broken(spec, ctx):
+        (ctx.out_dir / "half-written.bin").write_bytes(b"\0")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(init_model, "run", broken)
+    recipe = load_recipe(path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        runner.run(recipe, ["a"])
+    assert _states(recipe)["a"] == "failed"
+    assert not (out / "a").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_a_second_concurrent_run_is_refused(chain):
+    path, out = chain
+    out.mkdir(parents=True)
+    import fcntl
+
+    with (out / ".lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("12345")
+        held.flush()
+        result = run_cli("run", str(path), "a")
+    assert result.returncode == 2
+    assert "another upstack run is using this output dir (pid 12345)" in result.stderr
+    assert not (out / "a").exists()
