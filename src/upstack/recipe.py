@@ -228,6 +228,22 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe
 
 
+def locate(recipe: Recipe, *loc: str | int) -> str:
+    """`FILE:LINE` (or `--set ITEM`) of a recipe key, for errors found after loading (at run time)."""
+    keys = tuple(str(k) for k in loc)
+    for item in recipe.overrides:
+        key_path = item.split("=", 1)[0].split(".")
+        if keys[: len(key_path)] == tuple(key_path) or tuple(key_path[: len(keys)]) == keys:
+            return f"--set {item}"
+    try:
+        root = yaml.compose(Path(recipe.source).read_text())
+    except (OSError, yaml.YAMLError):
+        return recipe.source
+    loc = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in loc)
+    line = _line_of(root, loc)
+    return f"{recipe.source}:{line}" if line else recipe.source
+
+
 def _describe(err: ValidationError, prefix: tuple, where) -> str:
     first = err.errors()[0]
     loc = (*prefix, *first["loc"])

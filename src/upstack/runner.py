@@ -137,6 +137,7 @@ def run(
     recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False
 ) -> list[str]:
     steps = plan(recipe, targets, force)
+    check_stages(recipe, steps)
     if dry_run or not steps:
         hashes = stage_hashes(recipe)
         for name in recipe.resolve_targets(targets) if targets else recipe.stages:
@@ -160,6 +161,16 @@ def run(
             )
             _run_stage(recipe, name, hashes)
     return steps
+
+
+def check_stages(recipe: Recipe, steps: list[str]) -> None:
+    """Let each stage raise the UserErrors that need its inputs (a source model's layer count, say)
+    before anything is written. A module opts in with `check(spec, recipe, name, pending)`;
+    `pending` are the stages this run (re)builds, whose current outputs must not be trusted."""
+    for name in steps:
+        check = getattr(stage_module(recipe.stages[name].kind), "check", None)
+        if check is not None:
+            check(recipe.stages[name], recipe, name, set(steps))
 
 
 def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:

@@ -1,0 +1,410 @@
+"""upscale stage: a deeper model from a base by layer surgery (SOLAR's DUS, Gstack, LLaMA Pro), done by mergekit."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from upstack.errors import UserError
+from upstack.recipe import Recipe, StageSpec, Strict, locate
+
+# The keys each method reads; a key of another method is an error, not silently ignored.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "dus": ("drop_layers", "target_layers"),
+    "stack": ("copies",),
+    "expand": ("new_layers",),
+    "layers": ("slices",),
+}
+# A LLaMA Pro block starts as the identity: with its attention and MLP output projections at
+# zero, both residual branches add nothing, so the grown model computes what the base computes.
+IDENTITY_SCALE = [
+    {"filter": "o_proj", "value": 0.0},
+    {"filter": "down_proj", "value": 0.0},
+    {"value": 1.0},
+]
+# config.json lists with one entry per layer (sliding/full attention, NoPE layers): mergekit
+# sets the layer count but leaves these at the base's length.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)B?$", re.IGNORECASE)
+
+
+class Slice(Strict):
+    """Output layers copied from one source: layers first..end-1 (mergekit's `layer_range`)."""
+
+    model: str | None = Field(
+        None, description="a stage, local dir or Hub id; default: the stage's `model`"
+    )
+    layer_range: tuple[int, int] = Field(description="[first, end), end exclusive, as in mergekit")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"needs 0 <= first < end, got [{value[0]}, {value[1]}]")
+        return value
+
+
+class Spec(StageSpec):
+    kind: Literal["upscale"] = "upscale"
+    model: str = Field(
+        description="the model to grow: a stage of this recipe, a local dir or a Hub id"
+    )
+    method: Literal["dus", "stack", "expand", "layers"] = "dus"
+    # dus: keep [0, n-m) of one copy and [m, n) of another: s = 2(n-m) layers. SOLAR: n=32, m=8 → 48.
+    drop_layers: int | None = Field(
+        None,
+        ge=0,
+        description="dus: layers dropped at the seam of each copy (SOLAR's m); 0 = plain repetition",
+    )
+    target_layers: int | None = Field(
+        None, ge=2, description="dus: layers wanted (SOLAR's s = 2(n-m)), instead of drop_layers"
+    )
+    copies: int | None = Field(
+        None,
+        ge=2,
+        description="stack: times the whole stack repeats (Gstack's g; the paper uses 4)",
+    )
+    new_layers: int | None = Field(
+        None,
+        ge=1,
+        description="expand: identity blocks added, one per group of n/new_layers layers (LLaMA Pro: 8 on 32)",
+    )
+    slices: list[Slice] | None = Field(
+        None, description="layers: output layers as mergekit slices, in order"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="default: the source's"
+    )
+    shard_size: str = Field(
+        "2GB", description="bytes per output shard (mergekit's out_shard_size): bounds memory"
+    )
+
+    @field_validator("drop_layers", "target_layers", "copies", "new_layers", "slices")
+    @classmethod
+    def _belongs_to_method(cls, value: Any, info: ValidationInfo) -> Any:
+        method = info.data.get("method")
+        if value is not None and method and info.field_name not in METHOD_KEYS[method]:
+            owner = next(m for m, keys in METHOD_KEYS.items() if info.field_name in keys)
+            raise ValueError(f"only for method {owner}, not {method}")
+        return value
+
+    @field_validator("target_layers")
+    @classmethod
+    def _even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError(
+                f"must be even: DUS joins two halves of n - drop_layers layers each (got {value})"
+            )
+        return value
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not SIZE.match(value.strip()):
+            raise ValueError(f"expected a size like 2GB, 500MB or 1000000000, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> Spec:
+        if self.method == "dus" and (self.drop_layers is None) == (self.target_layers is None):
+            raise ValueError(
+                "method dus needs exactly one of drop_layers (SOLAR's m) or target_layers (s)"
+            )
+        if self.method == "stack" and self.copies is None:
+            raise ValueError("method stack needs copies (how many times the layer stack repeats)")
+        if self.method == "expand" and self.new_layers is None:
+            raise ValueError("method expand needs new_layers (identity blocks to add)")
+        if self.method == "layers" and not self.slices:
+            raise ValueError("method layers needs slices: [{layer_range: [first, end]}, ...]")
+        return self
+
+    def refs(self) -> dict[str, str]:
+        refs = {"model": self.model}
+        for i, piece in enumerate(self.slices or []):
+            if piece.model is not None:
+                refs[f"slices.{i}.model"] = piece.model
+        return refs
+
+
+@dataclass
+class Source:
+    """A model the stage reads, as found before any weight is touched."""
+
+    key: str  # its key path in the stage, for error messages
+    path: str  # what mergekit and transformers read: a local dir or a Hub id
+    config: Any  # transformers.PretrainedConfig
+    layers: int  # n
+    layer_tensors: list[str]  # tensor names of layer 0, as mergekit's architecture lists them
+
+
+@dataclass
+class Piece:
+    """One mergekit slice of the output: source layers first..end-1, maybe as identity blocks."""
+
+    key: str
+    first: int
+    end: int
+    identity: bool = False
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
+    """Raise the run-time UserErrors (layer counts, architecture, missing source) before the runner
+    writes anything; skipped when the source is a stage this run builds first."""
+    if any(ref in pending for ref in spec.refs().values()):
+        return
+    plan_layers(spec, read_sources(spec, recipe, name), recipe, name)
+
+
+def read_sources(spec: Spec, recipe: Recipe, name: str) -> dict[str, Source]:
+    """Every model the stage reads, by key path, with its config and layer count."""
+    return {key: _read_source(key, ref, recipe, name) for key, ref in spec.refs().items()}
+
+
+def _read_source(key: str, ref: str, recipe: Recipe, name: str) -> Source:
+    from mergekit.architecture import arch_info_for_config
+    from transformers import AutoConfig
+
+    def fail(message: str) -> UserError:
+        return UserError(
+            f"{locate(recipe, 'stages', name, *key.split('.'))}: stages.{name}.{key}: {message}"
+        )
+
+    if ref in recipe.stages:
+        path = recipe.out_dir / ref
+        if not (path / "config.json").is_file():
+            raise fail(f"stage '{ref}' has no finished model at {path}: run it first")
+    elif Path(ref).expanduser().exists():
+        path = Path(ref).expanduser()
+        if not (path / "config.json").is_file():
+            raise fail(f"{path} has no config.json: not a transformers model dir")
+    elif HUB_ID.match(ref):
+        path = ref  # mergekit downloads it; we read only the config now
+    else:
+        raise fail(f"{ref}: no such directory")
+
+    if isinstance(path, Path) and not any(path.glob("*.safetensors")):
+        raise fail(f"{path} has no *.safetensors weights (upstack never loads pickled checkpoints)")
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=recipe.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise fail(f"cannot read the model config of {ref}: {str(err).splitlines()[0]}") from None
+
+    if not config.architectures:
+        raise fail(
+            f"{ref}: config.json names no `architectures`, so mergekit cannot map its weights"
+        )
+    arch = arch_info_for_config(config)
+    if arch is None:
+        raise fail(
+            f"mergekit has no architecture definition for {config.architectures[0]} "
+            "(see mergekit/_data/architectures)"
+        )
+    if list(arch.modules) != ["default"]:
+        raise fail(
+            f"{config.architectures[0]} has several modules ({', '.join(arch.modules)}); "
+            "upscale grows single-stack language models only"
+        )
+    module = arch.modules["default"].architecture
+    return Source(
+        key=key,
+        path=str(path),
+        config=config,
+        layers=module.num_layers(config),
+        layer_tensors=[w.name for w in module.layer_weights(0, config)],
+    )
+
+
+def plan_layers(spec: Spec, sources: dict[str, Source], recipe: Recipe, name: str) -> list[Piece]:
+    """The output as slices of the sources, checked against the source's layer count n."""
+    n = sources["model"].layers
+
+    def fail(key: str, message: str) -> UserError:
+        return UserError(
+            f"{locate(recipe, 'stages', name, *key.split('.'))}: stages.{name}.{key}: {message}"
+        )
+
+    if spec.method == "dus":
+        if spec.target_layers is not None:
+            drop = n - spec.target_layers // 2  # m = n - s/2
+            if not 0 <= drop < n:
+                raise fail(
+                    "target_layers",
+                    f"{spec.target_layers} is not reachable from {n} layers: "
+                    f"DUS gives an even count from 2 to {2 * n}",
+                )
+        else:
+            drop = spec.drop_layers
+            if drop >= n:
+                raise fail(
+                    "drop_layers",
+                    f"must be less than the source's {n} layers (0 <= m < n), got {drop}",
+                )
+        return [Piece("model", 0, n - drop), Piece("model", drop, n)]
+
+    if spec.method == "stack":
+        return [Piece("model", 0, n) for _ in range(spec.copies)]
+
+    if spec.method == "expand":
+        tensors = sources["model"].layer_tensors
+        if not all(any(f["filter"] in t for t in tensors) for f in IDENTITY_SCALE if "filter" in f):
+            raise fail(
+                "method",
+                "expand zeroes o_proj and down_proj, which the layers of "
+                f"{sources['model'].config.architectures[0]} do not have",
+            )
+        if n % spec.new_layers:
+            raise fail(
+                "new_layers",
+                f"must divide the source's {n} layers (one identity block per "
+                f"group of n/new_layers), got {spec.new_layers}",
+            )
+        group = n // spec.new_layers
+        pieces = []
+        for start in range(0, n, group):
+            pieces.append(Piece("model", start, start + group))
+            pieces.append(Piece("model", start + group - 1, start + group, identity=True))
+        return pieces
+
+    pieces = []
+    for i, piece in enumerate(spec.slices):
+        key = f"slices.{i}.model" if piece.model is not None else "model"
+        first, end = piece.layer_range
+        if end > sources[key].layers:
+            raise fail(
+                f"slices.{i}.layer_range",
+                f"[{first}, {end}) goes past the "
+                f"{sources[key].layers} layers of {sources[key].path}",
+            )
+        pieces.append(Piece(key, first, end))
+    return pieces
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(spec: Spec, ctx) -> dict:
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    sources = read_sources(spec, ctx.recipe, ctx.name)
+    pieces = plan_layers(spec, sources, ctx.recipe, ctx.name)
+    layer_map = [(piece.key, j) for piece in pieces for j in range(piece.first, piece.end)]
+    dtype = spec.dtype or _config_dtype(sources["model"].config)
+
+    config = merge_config(pieces, sources, dtype)
+    config_text = yaml.safe_dump(config, sort_keys=False)
+    # Written first, so a failed merge still shows what was attempted (`mergekit-yaml` reruns it).
+    (ctx.out_dir / "mergekit_config.yml").write_text(config_text)
+    ctx.log(f"{spec.method}: {sources['model'].layers} -> {len(layer_map)} layers")
+
+    options = MergeOptions(
+        # A layer placed twice would otherwise be one tensor saved under two names.
+        clone_tensors=len(set(layer_map)) < len(layer_map),
+        copy_tokenizer=True,  # tokenizer files, chat_template.jinja and generation_config.json
+        out_shard_size=parse_size(spec.shard_size),
+        trust_remote_code=ctx.recipe.trust_remote_code,
+        write_model_card=False,  # the push stage writes the card, with the whole lineage
+        lazy_unpickle=False,  # safetensors only: nothing is unpickled
+    )
+    run_merge(MergeConfiguration.model_validate(config), str(ctx.out_dir), options)
+    fix_config(ctx.out_dir, [j for _, j in layer_map], sources["model"].layers, dtype)
+
+    identity = [i for i, piece_layer in enumerate(_output_pieces(pieces)) if piece_layer.identity]
+    metrics = {
+        "method": spec.method,
+        "layers_before": sources["model"].layers,
+        "layers_after": len(layer_map),
+        "parameters_before": count_parameters(_local_dir(sources["model"].path)),
+        "parameters_after": count_parameters(ctx.out_dir),
+        "dtype": dtype,
+        # output layer i <- source layer layer_map[i]
+        "layer_map": [j for _, j in layer_map],
+    }
+    if len(sources) > 1:
+        metrics["layer_sources"] = [sources[key].path for key, _ in layer_map]
+    if identity:
+        metrics["identity_layers"] = identity
+    return metrics
+
+
+def merge_config(pieces: list[Piece], sources: dict[str, Source], dtype: str | None) -> dict:
+    """The mergekit passthrough config: one slice per piece, absolute paths so it reruns anywhere here."""
+    slices = []
+    for piece in pieces:
+        path = sources[piece.key].path
+        source: dict[str, Any] = {
+            "model": str(Path(path).resolve()) if Path(path).exists() else path,
+            "layer_range": [piece.first, piece.end],
+        }
+        if piece.identity:
+            source["parameters"] = {"scale": IDENTITY_SCALE}
+        slices.append({"sources": [source]})
+    config: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
+    if dtype:
+        config["dtype"] = dtype
+    return config
+
+
+def fix_config(out_dir: Path, layer_map: list[int], source_layers: int, dtype: str | None) -> None:
+    """Per-layer config lists follow the layer map; the dtype is the one asked for."""
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key in PER_LAYER_KEYS:
+        value = config.get(key)
+        if isinstance(value, list) and len(value) == source_layers:
+            config[key] = [value[j] for j in layer_map]
+    if dtype:
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)  # the name transformers 5 replaced with `dtype`
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def count_parameters(model_dir: Path | str) -> int:
+    """Parameters of a safetensors checkpoint, from the shard headers: no tensor is loaded."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in Path(model_dir).glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                numel = 1
+                for dim in handle.get_slice(key).get_shape():
+                    numel *= dim
+                total += numel
+    return total
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000 (decimal units, as mergekit's own sizes)."""
+    number, unit = SIZE.match(text.strip()).groups()
+    return int(float(number) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[unit.upper()])
+
+
+def _output_pieces(pieces: list[Piece]) -> list[Piece]:
+    """The piece each output layer comes from, one entry per output layer."""
+    return [piece for piece in pieces for _ in range(piece.first, piece.end)]
+
+
+def _config_dtype(config: Any) -> str | None:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype else None
+
+
+def _local_dir(path: str) -> str:
+    """A Hub id's snapshot in the local cache (mergekit downloaded it); a local dir as is."""
+    if Path(path).exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
