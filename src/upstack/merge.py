@@ -1,0 +1,233 @@
+"""merge stage: any mergekit merge method over stage outputs or outside models, checked at recipe load."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from upstack.recipe import StageSpec, Strict
+
+# Files a checkpoint needs beside its weights that not every mergekit code path carries over
+# (a `tokenizer_source` merge re-serializes the tokenizer and drops generation_config.json).
+CARRIED_FILES = ("generation_config.json", "chat_template.jinja")
+
+
+class MergeModel(Strict):
+    model: str = Field(description="a stage name, a local path or a Hub id")
+    parameters: dict[str, Any] | None = Field(
+        None, description="per-model settings of the method (weight, density, ...)"
+    )
+
+
+class Spec(StageSpec):
+    """mergekit's own config keys, with stage names allowed wherever a model goes."""
+
+    kind: Literal["merge"] = "merge"
+    merge_method: str = Field(description="a mergekit method: linear, slerp, ties, dare_ties, ...")
+    models: list[MergeModel] = Field(min_length=1)
+    base_model: str | None = Field(None, description="needed by slerp, ties, task_arithmetic, ...")
+    parameters: dict[str, Any] | None = Field(
+        None, description="settings for every model (t, normalize, lambda, ...)"
+    )
+    dtype: str | None = Field(None, description="dtype the merge computes in")
+    out_dtype: str | None = Field(None, description="dtype the merged weights are saved in")
+    tokenizer_source: str | None = Field(
+        None, description="base | union | a model; default: the base model's tokenizer is copied"
+    )
+    chat_template: str | None = Field(
+        None, description="a template, a mergekit template name or 'auto'; default: carried over"
+    )
+    # Each shard is written and freed before the next; with lazy per-tensor loading this is
+    # what bounds peak memory, not the model size.
+    out_shard_size: int | str = Field(
+        "5B", description="parameters per output shard: 500M, 5B, ..."
+    )
+
+    def refs(self) -> dict[str, str]:
+        refs = {f"models.{i}.model": entry.model for i, entry in enumerate(self.models)}
+        if self.base_model:
+            refs["base_model"] = self.base_model
+        if self.tokenizer_source not in (None, "base", "union"):
+            refs["tokenizer_source"] = self.tokenizer_source
+        return refs
+
+    @model_validator(mode="after")
+    def _check_against_mergekit(self) -> Spec:
+        problem = mergekit_problem(self)
+        if problem:
+            loc, message = problem
+            error = PydanticCustomError("mergekit", "{message}", {"message": message})
+            raise ValidationError.from_exception_data(
+                "merge", [InitErrorDetails(type=error, loc=loc, input={})]
+            )
+        return self
+
+
+def mergekit_config(spec: Spec, resolve=lambda ref: ref) -> dict[str, Any]:
+    """The mergekit YAML for this stage, with every model reference passed through `resolve`."""
+    config: dict[str, Any] = {
+        "merge_method": spec.merge_method,
+        "models": [
+            {
+                "model": resolve(entry.model),
+                **({"parameters": entry.parameters} if entry.parameters else {}),
+            }
+            for entry in spec.models
+        ],
+    }
+    if spec.base_model:
+        config["base_model"] = resolve(spec.base_model)
+    if spec.tokenizer_source:
+        source = spec.tokenizer_source
+        config["tokenizer_source"] = source if source in ("base", "union") else resolve(source)
+    for key in ("parameters", "dtype", "out_dtype", "chat_template"):
+        if getattr(spec, key) is not None:
+            config[key] = getattr(spec, key)
+    return config
+
+
+def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
+    """(key path, message) for the first thing mergekit would reject when the merge runs, or None.
+
+    mergekit only finds these once it has loaded every model; here they fail at recipe load.
+    """
+    from mergekit.common import parse_kmb
+    from mergekit.config import MergeConfiguration, evaluate_setting
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import BasePolicy, ParameterScope
+
+    methods = {method.spec.name: method for method in registry.registered_methods()}
+    name = spec.merge_method
+    if name not in methods:
+        return (
+            "merge_method",
+        ), f"unknown merge method '{name}' (mergekit has: {', '.join(sorted(methods))})"
+    method = methods[name]
+    contract = method.spec.contract
+
+    try:
+        MergeConfiguration.model_validate(mergekit_config(spec))
+    except ValidationError as err:
+        first = err.errors()[0]
+        return tuple(first["loc"]), f"mergekit: {first['msg']}"
+    try:
+        parse_kmb(spec.out_shard_size)
+    except (ValueError, IndexError):
+        return ("out_shard_size",), f"not a size like 500M or 5B (got {spec.out_shard_size!r})"
+
+    base = spec.base_model
+    if contract.base == BasePolicy.REQUIRED and not base:
+        return ("base_model",), f"merge_method '{name}' needs a base_model"
+    if contract.base == BasePolicy.FORBIDDEN and base:
+        return ("base_model",), f"merge_method '{name}' takes no base_model"
+    # mergekit merges the base model too when it is not among `models` (it adds it as an input).
+    inputs = [entry.model for entry in spec.models]
+    if base and base not in inputs:
+        inputs.append(base)
+    try:
+        method.validate_inputs(inputs, base)
+    except ValueError as err:
+        return ("models",), f"merge_method '{name}': {err} (base_model counts as an input)"
+
+    known = {p.name: p for p in method.spec.parameters}
+    takes = ", ".join(known) or "no parameters"
+    settings = [(("parameters",), spec.parameters or {})]
+    settings += [
+        (("models", i, "parameters"), e.parameters or {}) for i, e in enumerate(spec.models)
+    ]
+    for loc, values in settings:
+        for key, value in values.items():
+            if key not in known:
+                return (*loc, key), f"unknown parameter '{key}' for {name} (takes: {takes})"
+            if loc[0] == "models" and known[key].scope == ParameterScope.SHARED:
+                return (
+                    *loc,
+                    key,
+                ), f"'{key}' applies to the whole {name} merge: set it under parameters"
+            try:
+                evaluate_setting("", value, validate=known[key].validate)
+            except (ValidationError, ValueError, TypeError) as err:
+                return (*loc, key), f"not a valid value for {name}'s '{key}': {err}".splitlines()[0]
+
+    shared = spec.parameters or {}
+    listed = [entry.model for entry in spec.models]
+    for parameter in method.spec.parameters:
+        if not parameter.required or parameter.name in shared:
+            continue
+        if parameter.scope == ParameterScope.SHARED:
+            return ("parameters", parameter.name), f"required by merge_method '{name}'"
+        for i, entry in enumerate(spec.models):
+            skip_base = parameter.scope == ParameterScope.NON_BASE and entry.model == base
+            if not skip_base and parameter.name not in (entry.parameters or {}):
+                return (
+                    ("models", i, "parameters", parameter.name),
+                    f"required by merge_method '{name}' for every model"
+                    + (" but the base" if parameter.scope == ParameterScope.NON_BASE else ""),
+                )
+        if parameter.scope == ParameterScope.INPUT and base and base not in listed:
+            return ("base_model",), (
+                f"'{base}' is merged too and needs '{parameter.name}': list it "
+                f"under models with one, or set parameters.{parameter.name}"
+            )
+    return None
+
+
+def run(spec: Spec, ctx) -> dict:
+    import yaml
+    from mergekit.common import parse_kmb
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = mergekit_config(spec, resolve=ctx.model_path)
+    for ref in spec.refs().values():
+        path = ctx.model_path(ref)
+        if ref in ctx.recipe.stages and not Path(path, "config.json").is_file():
+            raise RuntimeError(f"stage {ref} has no model at {path}: is it a model stage?")
+    # Written before the merge, so a failed merge can be rerun by hand with mergekit-yaml.
+    config_text = yaml.safe_dump(config, sort_keys=False)
+    (ctx.out_dir / "mergekit_config.yml").write_text(config_text)
+    ctx.log(f"{spec.merge_method} over {len(spec.models)} models")
+    run_merge(
+        MergeConfiguration.model_validate(config),
+        str(ctx.out_dir),
+        MergeOptions(
+            copy_tokenizer=True,
+            out_shard_size=parse_kmb(spec.out_shard_size),
+            trust_remote_code=ctx.recipe.trust_remote_code,
+            random_seed=ctx.seed,  # dare/della drop weights at random
+            write_model_card=False,  # the push stage writes the card, with the whole lineage
+            safe_serialization=True,
+        ),
+        config_source=config_text,
+    )
+    donor = Path(config.get("base_model") or config["models"][0]["model"])
+    for file_name in CARRIED_FILES:
+        if (donor / file_name).is_file() and not (ctx.out_dir / file_name).exists():
+            shutil.copy(donor / file_name, ctx.out_dir / file_name)
+    return {
+        "method": spec.merge_method,
+        "models": [entry.model for entry in spec.models],
+        "base_model": spec.base_model,
+        "parameters": count_parameters(ctx.out_dir),
+    }
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters in a checkpoint's safetensors, read from the headers without loading tensors."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                shape = handle.get_slice(key).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                total += count
+    return total
