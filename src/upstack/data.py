@@ -1,0 +1,313 @@
+"""Training data for cpt, sft and dpo: typed dataset sources, filters and seeded mixtures."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from upstack.errors import UserError
+from upstack.recipe import Strict
+
+# What each training format needs, after `columns` renames. `sft` also takes `prompt`/`completion`
+# (and an optional `system`), converted to conversations so one chat template applies to all.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "sft": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+FILE_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".csv": "csv",
+}
+
+
+class Exclude(Strict):
+    """Drop rows whose `column` starts with one of `prefixes` or matches `pattern` (a regex).
+
+    SOLAR removed benchmark-derived tasks from OpenOrca this way (by the task prefix of `id`).
+    """
+
+    column: str
+    prefixes: list[str] = Field(default_factory=list)
+    pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Exclude:
+        if not self.prefixes and self.pattern is None:
+            raise ValueError("give `prefixes` or `pattern`")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern is not a valid regex: {err}") from None
+        return self
+
+    def keeps(self, value: Any) -> bool:
+        text = "" if value is None else str(value)
+        if text.startswith(tuple(self.prefixes)):
+            return False
+        return not (self.pattern and re.search(self.pattern, text))
+
+
+class Arith(Strict):
+    problems: int = Field(
+        ge=1, description="seeded arithmetic word problems (data_synth.arith, train split)"
+    )
+
+
+class Source(Strict):
+    """One entry of a stage's `datasets:` list. Exactly one of hub, path, stage, arith."""
+
+    hub: str | None = Field(None, description="Hub dataset id, org/name")
+    config: str | None = Field(None, description="Hub dataset config name")
+    data_dir: str | None = None
+    path: str | None = Field(
+        None, description="local jsonl/json/parquet/txt/csv file or dataset dir"
+    )
+    stage: str | None = Field(None, description="another stage's output; `split` names its subdir")
+    arith: Arith | None = None
+    split: str = Field("train", description="split to train on (for a stage source: its subdir)")
+    eval_split: str | None = Field(
+        None, description="the source's own held-out split, for eval loss"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="source column -> format column; several sources for one column are joined "
+        "by a blank line (Alpaca: {instruction: prompt, input: prompt, output: completion})",
+    )
+    weight: float = Field(1.0, gt=0, le=1, description="fraction of this source to use")
+    max_samples: int | None = Field(None, ge=1, description="at most this many rows of this source")
+    exclude: list[Exclude] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Source:
+        origins = [k for k in ("hub", "path", "stage", "arith") if getattr(self, k) is not None]
+        if len(origins) != 1:
+            raise ValueError(
+                f"give exactly one of hub, path, stage, arith (got {origins or 'none'})"
+            )
+        if self.weight != 1.0 and self.max_samples is not None:
+            raise ValueError("give weight or max_samples, not both")
+        return self
+
+    def ref(self) -> tuple[str, str] | None:
+        for key in ("hub", "path", "stage"):
+            if getattr(self, key) is not None:
+                return key, getattr(self, key)
+        return None
+
+
+def source_refs(sources: list[Source], key: str = "datasets") -> dict[str, str]:
+    """`Spec.refs()` entries for a datasets list: stage sources become dependencies."""
+    refs = {}
+    for i, source in enumerate(sources):
+        ref = source.ref()
+        if ref:
+            refs[f"{key}.{i}.{ref[0]}"] = ref[1]
+    return refs
+
+
+def build_mixture(
+    sources: list[Source],
+    fmt: Literal["text", "sft", "preference"],
+    ctx,
+    eval_fraction: float = 0.0,
+    key: str = "datasets",
+):
+    """(train, eval or None): every source loaded, filtered, sampled, renamed and checked, then
+    concatenated and shuffled with the recipe seed. Eval rows come from the sources' own eval
+    splits, else `eval_fraction` of the mixture is held out."""
+    from datasets import concatenate_datasets
+
+    train_parts, eval_parts = [], []
+    for i, source in enumerate(sources):
+        where = f"{ctx.recipe.source}: stages.{ctx.name}.{key}[{i}]"
+        rows = _load(source, source.split, fmt, ctx, where)
+        train_parts.append(_prepare(source, rows, fmt, ctx.seed + i, where, sample=True))
+        if source.eval_split:
+            rows = _load(source, source.eval_split, fmt, ctx, where)
+            eval_parts.append(_prepare(source, rows, fmt, ctx.seed + i, where, sample=False))
+
+    train = concatenate_datasets(train_parts).shuffle(seed=ctx.seed)
+    if eval_parts:
+        return train, concatenate_datasets(eval_parts)
+    if eval_fraction > 0 and len(train) > 1:
+        split = train.train_test_split(test_size=eval_fraction, seed=ctx.seed)
+        return split["train"], split["test"]
+    return train, None
+
+
+def _load(source: Source, split: str, fmt: str, ctx, where: str):
+    import datasets
+
+    if source.arith is not None:
+        return datasets.Dataset.from_list(
+            _arith_rows(source.arith.problems, split, fmt, ctx.seed, where)
+        )
+    if source.hub is not None:
+        try:
+            # datasets no longer runs loading scripts: Hub data is files (parquet/json), no code
+            return datasets.load_dataset(
+                source.hub, source.config, data_dir=source.data_dir, split=split
+            )
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(
+                f"{where}.hub: cannot load '{source.hub}' split '{split}': {err}"
+            ) from None
+    if source.stage is not None:
+        # a stage writes <stage>/<split>/train.jsonl and, held out, <stage>/<split>/<eval_split>.jsonl
+        name = "train" if split == source.split else split
+        path = ctx.stage_dir(source.stage) / source.split / f"{name}.jsonl"
+        if not path.is_file():
+            raise UserError(f"{where}: stage '{source.stage}' wrote no {path}")
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    path = Path(source.path)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(str(path), split=split)
+    builder = FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise UserError(
+            f"{where}.path: {path}: expected one of {', '.join(FILE_BUILDERS)} or a dataset dir"
+        )
+    if not path.is_file():
+        raise UserError(f"{where}.path: {path}: file not found")
+    if split != "train":
+        raise UserError(f"{where}.split: a single file has only the split 'train' (got '{split}')")
+    return datasets.load_dataset(builder, data_files=str(path), split="train")
+
+
+def _arith_rows(count: int, split: str, fmt: str, seed: int, where: str) -> list[dict]:
+    import random
+
+    from data_synth import arith
+
+    if split not in ("train", "eval"):
+        raise UserError(f"{where}.split: arith has the splits train and eval (got '{split}')")
+    if fmt == "preference":
+        raise UserError(f"{where}.arith: arith gives text or messages, not preference pairs")
+    if split == "eval":
+        count = max(1, count // 10)
+    if fmt == "text" and split == "train":
+        return [{"text": t} for t in arith.corpus(count, seed)]
+    rows = []
+    for problem in arith.problems(count, seed, split):
+        rng = random.Random(problem.id)  # a fixed but varied wording per problem
+        question, solution = rng.choice(problem.questions()), rng.choice(problem.solutions())
+        if fmt == "text":
+            rows.append({"text": f"Question: {question}\nAnswer: {solution}"})
+        else:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": solution},
+                    ]
+                }
+            )
+    return rows
+
+
+def _prepare(source: Source, rows, fmt: str, seed: int, where: str, sample: bool):
+    for rule in source.exclude:
+        if rule.column not in rows.column_names:
+            raise UserError(
+                f"{where}.exclude: no column '{rule.column}' (has: {', '.join(rows.column_names)})"
+            )
+        rows = rows.filter(lambda value, rule=rule: rule.keeps(value), input_columns=rule.column)
+    if sample:
+        keep = source.max_samples or max(1, round(source.weight * len(rows)))
+        rows = rows.shuffle(seed=seed).select(range(min(keep, len(rows))))
+    rows = _rename(rows, source.columns, where)
+    needed = FORMATS[fmt]
+    if fmt == "sft" and "messages" not in rows.column_names and "prompt" in rows.column_names:
+        needed = ("prompt", "completion")
+    missing = [c for c in needed if c not in rows.column_names]
+    if missing:
+        raise UserError(
+            f"{where}: missing column '{missing[0]}' for {fmt} data (has: {', '.join(rows.column_names)}); "
+            f"map one with `columns: {{<source column>: {missing[0]}}}`"
+        )
+    if fmt == "sft":
+        rows = _to_conversations(rows)
+    elif fmt == "preference":
+        rows = _to_preference(rows)
+    return rows.select_columns(list(FORMATS[fmt]))
+
+
+def _rename(rows, columns: dict[str, str], where: str):
+    for column in columns:
+        if column not in rows.column_names:
+            raise UserError(
+                f"{where}.columns: no column '{column}' (has: {', '.join(rows.column_names)})"
+            )
+    targets: dict[str, list[str]] = {}
+    for column, target in columns.items():
+        targets.setdefault(target, []).append(column)
+    joined = {t: cols for t, cols in targets.items() if len(cols) > 1 or cols[0] != t}
+    if not joined:
+        return rows
+
+    def rename(row: dict) -> dict:
+        out = {}
+        for target, cols in joined.items():
+            values = [row[c] for c in cols if row[c] not in (None, "")]
+            out[target] = values[0] if len(values) == 1 else "\n\n".join(map(str, values))
+        return out
+
+    drop = [c for c in rows.column_names if c in columns or c in joined]
+    return rows.map(rename, remove_columns=drop)
+
+
+def _to_conversations(rows):
+    """prompt/completion (and system) rows become `messages`, so one chat template renders all."""
+    if "messages" in rows.column_names:
+        return rows
+
+    def convert(row: dict) -> dict:
+        system = row.get("system")
+        messages = [{"role": "system", "content": system}] if system else []
+        return {
+            "messages": [
+                *messages,
+                {"role": "user", "content": str(row["prompt"])},
+                {"role": "assistant", "content": str(row["completion"])},
+            ]
+        }
+
+    return rows.map(convert, remove_columns=rows.column_names)
+
+
+def _to_preference(rows):
+    """Conversational prompt/chosen/rejected, whether a source gives strings or message lists
+    (UltraFeedback's chosen/rejected repeat the prompt turn: only the replies are kept)."""
+
+    def as_prompt(value: Any) -> list[dict]:
+        return list(value) if isinstance(value, list) else [{"role": "user", "content": str(value)}]
+
+    def as_reply(value: Any) -> list[dict]:
+        if not isinstance(value, list):
+            return [{"role": "assistant", "content": str(value)}]
+        last_turn = max((i for i, m in enumerate(value) if m["role"] != "assistant"), default=-1)
+        return [{"role": m["role"], "content": m["content"]} for m in value[last_turn + 1 :]]
+
+    def convert(row: dict) -> dict:
+        system = row.get("system")
+        prompt = as_prompt(row["prompt"])
+        if system and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}, *prompt]
+        return {
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+            "chosen": as_reply(row["chosen"]),
+            "rejected": as_reply(row["rejected"]),
+        }
+
+    return rows.map(convert, remove_columns=rows.column_names)

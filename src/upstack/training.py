@@ -1,0 +1,343 @@
+"""What cpt, sft and dpo share: trainer settings, models and adapters, resume, guards, saved checkpoints."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from upstack.errors import UserError
+from upstack.recipe import Strict
+
+# Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
+OWNED = {
+    "output_dir": "checkpoints go to the stage's work dir, the model to runs/<recipe>/<stage>",
+    "resume_from_checkpoint": "a rerun resumes from the last complete checkpoint by itself",
+    "seed": "the recipe's `seed` sets it",
+    "push_to_hub": "the push stage uploads",
+    "hub_model_id": "the push stage uploads",
+    "hub_token": "the push stage uploads",
+    "dataset_text_field": "cpt trains on the `text` column; rename with datasets[].columns",
+    "assistant_only_loss": "sft masks to the assistant turns when the chat template marks them",
+    "completion_only_loss": "sft masks to the completion when the template cannot mark turns",
+    "chat_template_path": "use the stage's `chat_template`",
+    "model_init_kwargs": "the stage loads the model (see `adapter` for 4-bit)",
+}
+CHECKPOINTS = "checkpoints"
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class Adapter(Strict):
+    """Train a LoRA adapter (QLoRA: on a 4-bit NF4 base) instead of every weight.
+
+    The adapter is merged into full-precision weights at the end, so the next stage and mergekit
+    get a plain checkpoint; the adapter itself is kept in `adapter/`.
+    """
+
+    type: Literal["lora", "qlora"] = "lora"
+    r: int = Field(16, ge=1, description="rank of the update matrices")
+    alpha: int = Field(32, ge=1, description="scale alpha/r on the update; 2r is the usual choice")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = (
+        "all-linear"  # QLoRA paper: all linear layers
+    )
+
+
+def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, Any]:
+    """Fail at recipe load, not an hour into a run: every key must be a field of the TRL config."""
+    import dataclasses
+
+    import trl
+
+    fields = {f.name: f for f in dataclasses.fields(getattr(trl, config_name)) if f.init}
+    known = set(fields)
+    settings = dict(settings)
+    for key, value in settings.items():
+        if key in OWNED:
+            raise ValueError(f"{key}: set by the stage, not the recipe ({OWNED[key]})")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"{key}: unknown key (not a field of trl.{config_name}{hint})")
+        # YAML 1.1 reads `2e-5` (no dot) as a string; TRL's own CLI parser would make it a float
+        if isinstance(value, str) and "float" in str(fields[key].type) and FLOAT.fullmatch(value):
+            settings[key] = float(value)
+    return settings
+
+
+def trainer_config(config_cls: type, settings: dict[str, Any], ctx, **stage_defaults):
+    """The TRL config: device defaults, then the stage's, then the recipe's `trainer:` block."""
+    import importlib.util
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    defaults = {
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "fp16": False,
+        # recomputing activations saves GPU memory on big models; on CPU it only costs time
+        "activation_checkpointing": on_gpu,
+        "use_cpu": not on_gpu,
+        "use_liger_kernel": on_gpu and importlib.util.find_spec("liger_kernel") is not None,
+        "report_to": "none",
+        "logging_steps": 10,
+        "logging_first_step": True,
+        "logging_nan_inf_filter": False,  # the NaN guard must see a NaN loss, not an average without it
+        "include_num_input_tokens_seen": "non_padding",
+        "save_steps": 500,
+        "save_total_limit": 2,  # checkpoints are big; resume needs only the last complete one
+        **stage_defaults,
+        **settings,
+        "output_dir": str(ctx.work_dir / CHECKPOINTS),
+        "seed": ctx.seed,
+    }
+    try:
+        return config_cls(**defaults)
+    except (TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{ctx.recipe.source}: stages.{ctx.name}.trainer: {first}") from None
+
+
+def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, trust_remote_code=ctx.recipe.trust_remote_code
+    )
+    if chat_template:
+        if "{%" not in chat_template and "{{" not in chat_template:
+            path = Path(chat_template)
+            if not path.is_file():
+                raise UserError(
+                    f"{ctx.recipe.source}: stages.{ctx.name}.chat_template: {path}: file not found"
+                )
+            chat_template = path.read_text()
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs one; labels mask it anyway
+    return tokenizer
+
+
+def require_chat_template(tokenizer, ctx, model_path: str) -> bool:
+    """Before any training: conversations need a template. True when it marks assistant turns."""
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{ctx.recipe.source}: stages.{ctx.name}: model {model_path} has no chat template; "
+            "set `chat_template:` (a Jinja string or a .jinja file)"
+        )
+    return bool(GENERATION_MARK.search(tokenizer.chat_template))
+
+
+def load_model(model_path: str, adapter: Adapter | None, ctx):
+    """The model to train; for QLoRA its Linear layers in 4-bit NF4 (bitsandbytes, CPU or GPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": ctx.recipe.trust_remote_code}
+    if adapter is not None and adapter.type == "qlora":
+        from accelerate import PartialState
+
+        on_gpu = torch.cuda.is_available()
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        )
+        kwargs["device_map"] = {"": PartialState().local_process_index if on_gpu else "cpu"}
+    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+
+
+def lora_config(adapter: Adapter | None):
+    if adapter is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+# --------------------------------------------------------------------------- guards and resume
+
+
+def nan_guard(ctx):
+    """A TrainerCallback that stops training at the first non-finite loss or gradient norm."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(value):
+                    raise UserError(
+                        f"{ctx.recipe.source}: stages.{ctx.name}: training {key} is {value} at step "
+                        f"{state.global_step}; lower trainer.learning_rate or check the data"
+                    )
+
+    return StopOnNonFinite()
+
+
+def resume_checkpoint(ctx) -> Path | None:
+    """The last complete checkpoint of an earlier attempt with the same settings, if any.
+
+    The Trainer writes trainer_state.json last, after weights, optimizer and RNG state; a
+    checkpoint dir without a readable one for its own step was cut off mid-save and is skipped.
+    """
+    from upstack.runner import is_main_process
+
+    root = ctx.work_dir / CHECKPOINTS
+    stamp = root / "config_hash"
+    if is_main_process():
+        if root.exists() and (not stamp.exists() or stamp.read_text() != ctx.config_hash):
+            shutil.rmtree(root)  # checkpoints of other settings would resume the wrong run
+        root.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(ctx.config_hash)
+
+    def step_of(path: Path) -> int:
+        tail = path.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    for checkpoint in sorted(root.glob("checkpoint-*"), key=step_of, reverse=True):
+        try:
+            state = json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            ctx.log(f"skipping {checkpoint.name}: incomplete (no readable trainer_state.json)")
+            continue
+        if state.get("global_step") == step_of(checkpoint):
+            return checkpoint
+        ctx.log(f"skipping {checkpoint.name}: its trainer_state.json is for another step")
+    return None
+
+
+# --------------------------------------------------------------------------- train and save
+
+
+def train(trainer, ctx) -> dict[str, Any]:
+    """Train (resuming if an earlier attempt left a checkpoint), evaluate; metrics for the manifest."""
+    import resource
+
+    import torch
+
+    checkpoint = resume_checkpoint(ctx)
+    tokens_before = 0
+    if checkpoint is not None:
+        ctx.log(f"resuming from {checkpoint.name}")
+        tokens_before = json.loads((checkpoint / "trainer_state.json").read_text()).get(
+            "num_input_tokens_seen", 0
+        )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - start
+    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = trainer.state.num_input_tokens_seen
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": result.training_loss,
+        "eval_loss": eval_loss,
+        "tokens_seen": tokens,
+        "tokens_per_second": round((tokens - tokens_before) / max(seconds, 1e-9), 1),
+        "train_seconds": round(seconds, 2),
+        "peak_memory_mb": round(peak_mb, 1),
+        "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
+    }
+    for key in ("rewards/accuracies", "rewards/margins"):
+        values = [h[key] for h in history if key in h and "loss" in h]
+        if values:
+            name = key.split("/")[1].rstrip("s").replace("accuracie", "accuracy")
+            metrics[f"reward_{name}_first"], metrics[f"reward_{name}_last"] = values[0], values[-1]
+    return metrics
+
+
+def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> None:
+    """A plain HF checkpoint at the stage dir's root (adapters merged), plus loss.png.
+
+    Every rank calls this (saving a sharded model is collective); only rank 0 writes files.
+    """
+    if adapter is None:
+        trainer.save_model(str(ctx.out_dir))
+    else:
+        trainer.save_model(str(ctx.out_dir / "adapter"))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return
+    if adapter is not None:
+        merge_adapter(model_path, ctx.out_dir / "adapter", ctx.out_dir, ctx)
+    for pickled in ctx.out_dir.rglob("training_args.bin"):
+        pickled.unlink()  # a pickle; the manifest holds the settings as JSON
+    finish_checkpoint(ctx.out_dir, tokenizer)
+    plot_losses(
+        trainer.state.log_history, ctx.out_dir / "loss.png", f"{ctx.recipe.name} / {ctx.name}"
+    )
+    shutil.rmtree(ctx.work_dir / CHECKPOINTS, ignore_errors=True)  # big, and the stage is done
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, ctx) -> None:
+    """Base reloaded in full precision (never the 4-bit copy) + adapter, merged into plain weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype="auto", trust_remote_code=ctx.recipe.trust_remote_code
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+
+
+def finish_checkpoint(out_dir: Path, tokenizer) -> None:
+    """What training leaves wrong for inference: use_cache off, generation config without eos/pad."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(out_dir)
+    config.use_cache = True  # training turns the KV cache off
+    config.save_pretrained(out_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(out_dir)
+    except OSError:
+        generation = GenerationConfig()
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)  # with its chat template
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(
+                *zip(*points, strict=True), marker="." if label == "eval" else None, label=label
+            )
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
