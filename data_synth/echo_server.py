@@ -1,0 +1,136 @@
+"""A loopback OpenAI-compatible chat server with fixed latency and injected failures, for tests and benchmarks.
+
+It answers /v1/chat/completions by echoing: the `Solution:` block of a prompt if there is one
+(so a rephrase_answer request gets a correct answer), else the `Problem:` block. It is not a
+model; it exercises the HTTP path: concurrency, latency, 5xx, timeouts, retries, resume.
+Plain asyncio rather than a web framework, so that one core serves thousands of requests a
+second and a benchmark measures the client, not the server.
+
+    python -m data_synth.echo_server --port 8011 --latency 0.05 --fail-rate 0.3 --log served.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import random
+import re
+import time
+
+
+def reply_text(messages: list[dict]) -> str:
+    prompt = messages[-1]["content"] if messages else ""
+    for label in ("Solution:", "Problem:"):
+        if label in prompt:
+            return prompt.split(label, 1)[1].strip()
+    return prompt
+
+
+class EchoServer:
+    def __init__(self, latency: float, fail_rate: float, hang_s: float, log: str | None, seed: int):
+        self.latency, self.fail_rate, self.hang_s = latency, fail_rate, hang_s
+        self.rng = random.Random(seed)
+        self.log = open(log, "a", buffering=1) if log else None  # noqa: SIM115 - lives as long as the server
+        self.served = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                length = (
+                    int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                    if b"ength:" in head
+                    else 0
+                )
+                body = await reader.readexactly(length) if length else b""
+                status, payload = await self.route(method, path, body)
+                data = json.dumps(payload).encode()
+                writer.write(
+                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (status, len(data), data)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass  # the client closed the connection (or gave up on a request that hung)
+        finally:
+            writer.close()
+
+    async def route(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
+        if method == "GET" and path == "/health":
+            return 200, {"status": "ok"}
+        if method == "GET" and path.endswith("/models"):
+            return 200, {"object": "list", "data": [{"id": "echo", "object": "model"}]}
+        if method != "POST" or not path.endswith("/chat/completions"):
+            return 404, {"error": {"message": f"no route {method} {path}"}}
+        request = json.loads(body)
+        await asyncio.sleep(self.latency)
+        roll = self.rng.random()
+        if roll < self.fail_rate / 2:
+            return 503, {"error": {"message": "injected failure", "type": "server_error"}}
+        if roll < self.fail_rate:
+            await asyncio.sleep(self.hang_s)  # longer than the client's timeout: it sees a timeout
+        text = reply_text(request["messages"])
+        self.served += 1
+        if self.log:
+            key = hashlib.sha256(
+                json.dumps(request["messages"], sort_keys=True).encode()
+            ).hexdigest()[:16]
+            self.log.write(json.dumps({"messages": key, "t": time.time()}) + "\n")
+        return 200, {
+            "id": f"echo-{self.served}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", "echo"),
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+
+
+async def serve(port: int, **settings) -> None:
+    server = EchoServer(**settings)
+    # loopback only: a test server must never be reachable from outside the machine
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", port, backlog=1024)
+    async with listener:
+        await listener.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds added to every completion"
+    )
+    parser.add_argument(
+        "--fail-rate", type=float, default=0.0, help="share of completions that fail"
+    )
+    parser.add_argument(
+        "--hang-s", type=float, default=5.0, help="how long a 'timeout' failure hangs"
+    )
+    parser.add_argument("--log", default=None, help="append one JSON line per answered completion")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve(
+                args.port,
+                latency=args.latency,
+                fail_rate=args.fail_rate,
+                hang_s=args.hang_s,
+                log=args.log,
+                seed=args.seed,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

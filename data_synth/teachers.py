@@ -1,0 +1,322 @@
+"""Teachers that answer rephrasing requests: an OpenAI-compatible fleet, vLLM, a local transformers model, or a script.
+
+Every teacher is one async generator, `stream(spec, requests, ctx)`, yielding `(request, reply)` as
+replies finish (in any order), so the caller can commit each one to the cache the moment it exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from data_synth.seeds import Problem
+from upstack.errors import UserError
+from upstack.recipe import Strict
+
+
+@dataclass(frozen=True)
+class Request:
+    key: str  # data_synth.cache.request_key: teacher, model, messages, sampling, sample
+    task: str  # which prompt made it: rephrase_question, rephrase_answer, solve, ...
+    messages: list[dict[str, str]]
+    sampling: dict[str, Any]  # temperature, top_p, max_tokens
+    sample: int
+    problem: Problem = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str | None  # None: the request failed for good (after retries)
+    retries: int = 0
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- specs
+
+
+class OpenAITeacher(Strict):
+    """Any OpenAI-compatible chat endpoint: vLLM, SGLang, TGI, llama.cpp, `transformers serve`, OpenAI."""
+
+    kind: Literal["openai"] = "openai"
+    model: str = Field(
+        description="the model name the server knows (for `transformers serve`: its path)"
+    )
+    base_urls: list[str] = Field(
+        min_length=1, description="several servers = one fleet, used round-robin"
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="environment variable holding the API key; the key is never stored or printed",
+    )
+    concurrency: int = Field(32, ge=1, description="requests in flight at once, over all servers")
+    max_retries: int = Field(
+        6, ge=0, description="retries on 429, 5xx, timeouts and connection errors"
+    )
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    backoff_s: float = Field(
+        1.0, ge=0, description="first retry waits about this long, doubling each time"
+    )
+    backoff_max_s: float = Field(60.0, ge=0)
+
+
+class VllmTeacher(Strict):
+    """Offline batch generation with `vllm.LLM` on this machine's GPUs (pip install vllm)."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(description="a stage of this recipe, a local path or a Hub id")
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    batch_size: int = Field(
+        1024, ge=1, description="requests per llm.chat call; the cache commits between calls"
+    )
+
+
+class TransformersTeacher(Strict):
+    """A local model through transformers' generate(), batched, with its chat template."""
+
+    kind: Literal["transformers"] = "transformers"
+    model: str = Field(description="a stage of this recipe, a local path or a Hub id")
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, mps ...")
+
+
+class ScriptedTeacher(Strict):
+    """No LLM: answers `arith` seeds from the generator's own wordings, for the tiny recipe and tests.
+
+    A rephrased question is another wording of the same problem; a rephrased or fresh answer is
+    another wording of its worked solution. With probability `error_rate` an answer is deliberately
+    spoiled (wrong boxed number, or no \\boxed{} at all) so verification has something real to
+    drop. Deterministic per request key. It knows nothing but arith problems.
+    """
+
+    kind: Literal["scripted"] = "scripted"
+    error_rate: float = Field(0.1, ge=0, le=1, description="share of answers deliberately spoiled")
+    delay_s: float = Field(
+        0.0, ge=0, description="simulated latency per request (tests of kill/resume)"
+    )
+
+
+TeacherSpec = Annotated[
+    OpenAITeacher | VllmTeacher | TransformersTeacher | ScriptedTeacher, Field(discriminator="kind")
+]
+
+
+def teacher_model(spec: TeacherSpec) -> str:
+    """The model name recorded in request keys and provenance."""
+    return "arith-script" if isinstance(spec, ScriptedTeacher) else spec.model
+
+
+def stream(spec: TeacherSpec, requests: list[Request], ctx) -> AsyncIterator[tuple[Request, Reply]]:
+    streams = {
+        "openai": _openai,
+        "vllm": _vllm,
+        "transformers": _transformers,
+        "scripted": _scripted,
+    }
+    return streams[spec.kind](spec, requests, ctx)
+
+
+# --------------------------------------------------------------------------- openai
+
+
+async def _openai(
+    spec: OpenAITeacher, requests: list[Request], ctx
+) -> AsyncIterator[tuple[Request, Reply]]:
+    from openai import AsyncOpenAI
+
+    api_key = "EMPTY"  # local servers want some key, and ignore it
+    if spec.api_key_env:
+        api_key = os.environ.get(spec.api_key_env, "")
+        if not api_key:
+            raise UserError(
+                f"teacher.api_key_env: environment variable {spec.api_key_env} is not set"
+            )
+    # max_retries=0: the retries (and their count) are ours, spread over the fleet.
+    clients = [
+        AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=spec.timeout_s)
+        for url in spec.base_urls
+    ]
+    pending = iter(enumerate(requests))  # shared by the workers: each pulls the next request
+    done: asyncio.Queue[tuple[Request, Reply]] = asyncio.Queue()
+
+    async def worker() -> None:
+        for index, request in pending:
+            try:
+                reply = await _openai_one(spec, clients, index, request)
+            except Exception as err:  # never lose the request: report it as failed
+                reply = Reply(None, error=f"{type(err).__name__}: {err}")
+            done.put_nowait((request, reply))
+
+    # `concurrency` workers, not one task per request: memory stays flat at a million requests.
+    workers = [asyncio.create_task(worker()) for _ in range(min(spec.concurrency, len(requests)))]
+    try:
+        for _ in range(len(requests)):
+            yield await done.get()
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for client in clients:
+            await client.close()
+
+
+async def _openai_one(spec: OpenAITeacher, clients: list, index: int, request: Request) -> Reply:
+    from openai import APIConnectionError, APIStatusError
+
+    retries = 0
+    while True:
+        client = clients[(index + retries) % len(clients)]  # a retry goes to the next server
+        try:
+            response = await client.chat.completions.create(
+                model=spec.model, messages=request.messages, **request.sampling
+            )
+            return Reply(response.choices[0].message.content or "", retries=retries)
+        except APIConnectionError as err:  # includes timeouts
+            error = f"{type(err).__name__}"
+        except APIStatusError as err:
+            if err.status_code not in (408, 409, 429) and err.status_code < 500:
+                return Reply(
+                    None, retries=retries, error=f"HTTP {err.status_code}"
+                )  # our request is bad
+            error = f"HTTP {err.status_code}"
+        if retries >= spec.max_retries:
+            return Reply(None, retries=retries, error=error)
+        # exponential backoff with jitter, so a fleet hit by the same 429 does not retry in lockstep
+        delay = min(spec.backoff_max_s, spec.backoff_s * 2**retries)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        retries += 1
+
+
+# --------------------------------------------------------------------------- vllm
+
+
+async def _vllm(
+    spec: VllmTeacher, requests: list[Request], ctx
+) -> AsyncIterator[tuple[Request, Reply]]:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise UserError(
+            "teacher.kind: vllm is not installed here (pip install vllm on a GPU machine), "
+            "or serve the model with `vllm serve` and use kind: openai"
+        ) from None
+    llm = LLM(
+        model=ctx.model_path(spec.model),
+        tensor_parallel_size=spec.tensor_parallel_size,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        max_model_len=spec.max_model_len,
+        dtype=spec.dtype,
+        trust_remote_code=ctx.recipe.trust_remote_code,
+        seed=ctx.seed,
+    )
+    for start in range(0, len(requests), spec.batch_size):
+        batch = requests[start : start + spec.batch_size]
+        # a seed per request from its key: the same request gives the same sample on a rerun
+        params = [SamplingParams(**r.sampling, seed=int(r.key[:8], 16)) for r in batch]
+        outputs = await asyncio.to_thread(
+            llm.chat, [r.messages for r in batch], params, use_tqdm=False
+        )
+        for request, output in zip(batch, outputs, strict=True):
+            yield request, Reply(output.outputs[0].text)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+async def _transformers(
+    spec: TransformersTeacher, requests: list[Request], ctx
+) -> AsyncIterator[tuple[Request, Reply]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ctx.model_path(spec.model)
+    trust = ctx.recipe.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust, padding_side="left")
+    dtype = spec.dtype if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(
+        spec.device
+    )
+    model.eval()
+
+    def generate(batch: list[Request]) -> list[str]:
+        sampling = batch[0].sampling
+        inputs = tokenizer.apply_chat_template(
+            [r.messages for r in batch],
+            add_generation_prompt=True,
+            padding=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        inputs = {k: v.to(spec.device) for k, v in inputs.items()}
+        torch.manual_seed(int(batch[0].key[:8], 16))  # same batch, same samples on a rerun
+        sample = sampling["temperature"] > 0
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=sampling["max_tokens"],
+                do_sample=sample,
+                temperature=sampling["temperature"] if sample else None,
+                top_p=sampling.get("top_p") if sample else None,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    # batch only requests with the same sampling settings: generate() takes one set per call
+    by_sampling: dict[str, list[Request]] = {}
+    for request in requests:
+        by_sampling.setdefault(repr(sorted(request.sampling.items())), []).append(request)
+    for group in by_sampling.values():
+        for start in range(0, len(group), spec.batch_size):
+            batch = group[start : start + spec.batch_size]
+            for request, text in zip(batch, await asyncio.to_thread(generate, batch), strict=True):
+                yield request, Reply(text)
+
+
+# --------------------------------------------------------------------------- scripted
+
+
+async def _scripted(
+    spec: ScriptedTeacher, requests: list[Request], ctx
+) -> AsyncIterator[tuple[Request, Reply]]:
+    for request in requests:
+        if spec.delay_s:
+            await asyncio.sleep(spec.delay_s)
+        yield request, Reply(scripted_reply(request, spec.error_rate))
+
+
+SCRIPTED_TASKS = ("rephrase_question", "rephrase_answer", "answer_augmentation", "solve")
+
+
+def scripted_reply(request: Request, error_rate: float) -> str:
+    from data_synth.arith import ArithProblem
+
+    meta = request.problem.metadata
+    problem = ArithProblem(
+        id=request.problem.id,
+        kind=meta["kind"],
+        numbers=tuple(meta["numbers"]),
+        name=meta["name"],
+        item=meta["item"],
+        answer=int(request.problem.answer),
+    )
+    rng = random.Random(request.key)
+    if request.task == "rephrase_question":
+        others = problem.questions()[1:] or problem.questions()
+        return rng.choice(others)
+    text = rng.choice(problem.solutions())
+    if rng.random() < error_rate:  # a deliberately imperfect answer, for verification to catch
+        if rng.random() < 0.5:
+            return text.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{problem.answer + 1}}}")
+        return re.sub(r"\\boxed\{(\d+)\}", r"\1", text)
+    return text
