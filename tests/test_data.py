@@ -1,0 +1,223 @@
+"""Dataset sources and mixtures: loading, renaming, filters, sampling, errors that name the entry."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from conftest import write_recipe
+
+from upstack.data import Source, build_mixture
+from upstack.errors import UserError
+from upstack.recipe import load_recipe
+
+
+def _ctx(tmp_path, seed=7):
+    recipe = SimpleNamespace(source="r.yaml", out_dir=tmp_path / "runs", trust_remote_code=False)
+    return SimpleNamespace(
+        recipe=recipe, name="sft", seed=seed, stage_dir=lambda name: tmp_path / "runs" / name
+    )
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_mixture_renames_joins_filters_and_samples(tmp_path):
+    alpaca = _jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {
+                "instruction": f"Add {i} and 1.",
+                "input": "" if i % 2 else "Be brief.",
+                "output": str(i + 1),
+            }
+            for i in range(10)
+        ],
+    )
+    orca = _jsonl(
+        tmp_path / "orca.jsonl",
+        [
+            {
+                "id": f"{task}.{i}",
+                "system_prompt": "You are helpful.",
+                "question": f"q{task}{i}",
+                "response": "r",
+            }
+            for task in ("flan", "niv", "cot")
+            for i in range(20)
+        ],
+    )
+    sources = [
+        Source(
+            path=alpaca,
+            columns={"instruction": "prompt", "input": "prompt", "output": "completion"},
+        ),
+        Source(
+            path=orca,
+            max_samples=15,
+            columns={"system_prompt": "system", "question": "prompt", "response": "completion"},
+            exclude=[
+                {"column": "id", "prefixes": ["niv."]},
+                {"column": "id", "pattern": r"^cot\.1\d$"},
+            ],
+        ),
+        Source(arith={"problems": 20}, weight=0.5),
+    ]
+    train, held_out = build_mixture(sources, "sft", _ctx(tmp_path))
+    assert held_out is None and train.column_names == ["messages"]
+    assert len(train) == 10 + 15 + 10
+    users = [m[-2]["content"] for m in train["messages"]]
+    assert (
+        "Add 0 and 1.\n\nBe brief." in users and "Add 1 and 1." in users
+    )  # empty input not joined
+    orca_rows = [m for m in train["messages"] if m[0]["role"] == "system"]
+    assert len(orca_rows) == 15
+    dropped = {f"qniv{i}" for i in range(20)} | {f"qcot{i}" for i in range(10, 20)}
+    assert not {m[1]["content"] for m in orca_rows} & dropped
+    assert all(m[-1]["role"] == "assistant" for m in train["messages"])
+    again, _ = build_mixture(sources, "sft", _ctx(tmp_path))
+    assert again["messages"] == train["messages"]  # seeded
+    other, _ = build_mixture(sources, "sft", _ctx(tmp_path, seed=8))
+    assert other["messages"] != train["messages"]
+
+
+def test_text_formats_eval_fraction_and_file_kinds(tmp_path):
+    (tmp_path / "notes.txt").write_text("".join(f"line {i}\n" for i in range(30)))
+    (tmp_path / "more.csv").write_text("body\n" + "".join(f"row {i}\n" for i in range(10)))
+    sources = [
+        Source(path=str(tmp_path / "notes.txt")),
+        Source(path=str(tmp_path / "more.csv"), columns={"body": "text"}),
+        Source(arith={"problems": 10}),
+    ]
+    train, held_out = build_mixture(sources, "text", _ctx(tmp_path), eval_fraction=0.2)
+    assert len(train) + len(held_out) == 50 and len(held_out) == 10
+    assert set(train["text"]).isdisjoint(held_out["text"])
+    assert any(t.startswith("Question: ") for t in [*train["text"], *held_out["text"]])
+
+
+def test_stage_source_reads_split_dir_and_its_test_file(tmp_path):
+    alignment = tmp_path / "runs" / "pairs" / "alignment"
+    alignment.mkdir(parents=True)
+    row = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    _jsonl(alignment / "train.jsonl", [row] * 6)
+    _jsonl(alignment / "test.jsonl", [row] * 2)
+    train, held_out = build_mixture(
+        [Source(stage="pairs", split="alignment", eval_split="test")], "preference", _ctx(tmp_path)
+    )
+    assert (len(train), len(held_out)) == (6, 2)
+    assert train[0] == row
+
+
+def test_preference_rows_become_conversations(tmp_path):
+    ultra = _jsonl(
+        tmp_path / "uf.jsonl",
+        [
+            {
+                "prompt": "Name a prime.",
+                "chosen": [
+                    {"role": "user", "content": "Name a prime."},
+                    {"role": "assistant", "content": "7"},
+                ],
+                "rejected": [
+                    {"role": "user", "content": "Name a prime."},
+                    {"role": "assistant", "content": "8"},
+                ],
+            }
+        ],
+    )
+    orca = _jsonl(
+        tmp_path / "orca.jsonl",
+        [{"system": "Be exact.", "question": "1+1?", "chosen": "2", "rejected": "3"}],
+    )
+    train, _ = build_mixture(
+        [Source(path=ultra), Source(path=orca, columns={"question": "prompt"})],
+        "preference",
+        _ctx(tmp_path),
+    )
+    rows = {r["chosen"][0]["content"]: r for r in train}
+    assert rows["7"]["prompt"] == [{"role": "user", "content": "Name a prime."}]
+    assert rows["7"]["rejected"] == [{"role": "assistant", "content": "8"}]
+    assert rows["2"]["prompt"] == [
+        {"role": "system", "content": "Be exact."},
+        {"role": "user", "content": "1+1?"},
+    ]
+
+
+def test_missing_column_names_the_entry(tmp_path):
+    good = _jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "worse": "c"}])
+    with pytest.raises(UserError, match=r"stages\.sft\.datasets\[1\]: missing column 'rejected'"):
+        build_mixture([Source(path=good), Source(path=bad)], "preference", _ctx(tmp_path))
+    with pytest.raises(UserError, match=r"datasets\[0\]: missing column 'completion'"):
+        build_mixture([Source(path=bad)], "sft", _ctx(tmp_path))
+    with pytest.raises(UserError, match=r"datasets\[0\]\.columns: no column 'answer'"):
+        build_mixture(
+            [Source(path=good, columns={"answer": "chosen"})], "preference", _ctx(tmp_path)
+        )
+
+
+def test_recipe_checks_sources_refs_and_trainer_keys(tmp_path, tiny_model):
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+    path = write_recipe(
+        tmp_path,
+        f"""\
+        name: t
+        stages:
+          sft_b:
+            kind: sft
+            model: sft_a
+            datasets: [{{stage: sft_a, split: instruct}}]
+          sft_a:
+            kind: sft
+            model: {tiny_model}
+            datasets: [{{path: {data}}}]
+            trainer: {{learning_rate: 2e-5, max_steps: 3}}
+        """,
+    )
+    recipe = load_recipe(path)
+    assert recipe.order() == ["sft_a", "sft_b"]
+    assert (
+        recipe.stages["sft_a"].trainer["learning_rate"] == 2e-5
+    )  # YAML's "2e-5" string, as a float
+    for trainer, message in [
+        (
+            "{lerning_rate: 1.0e-5}",
+            r"recipe.yaml:\d+: stages.sft.trainer: lerning_rate: unknown key "
+            r"\(not a field of trl.SFTConfig; did you mean learning_rate\?\)",
+        ),
+        ("{output_dir: /tmp/x}", r"stages.sft.trainer: output_dir: set by the stage"),
+    ]:
+        bad = write_recipe(
+            tmp_path,
+            f"""\
+            name: t
+            stages:
+              sft:
+                model: {tiny_model}
+                datasets: [{{path: {data}}}]
+                trainer: {trainer}
+            """,
+            name="bad.yaml",
+        )
+        with pytest.raises(UserError, match=message.replace("recipe.yaml", "bad.yaml")):
+            load_recipe(bad)
+    two = write_recipe(
+        tmp_path,
+        f"""\
+        name: t
+        stages:
+          dpo:
+            model: {tiny_model}
+            datasets: [{{path: {data}, arith: {{problems: 3}}}}]
+        """,
+        name="two.yaml",
+    )
+    with pytest.raises(
+        UserError, match=r"stages.dpo.datasets.0: give exactly one of hub, path, stage, arith"
+    ):
+        load_recipe(two)
