@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +29,7 @@ IDENTITY_SCALE = [
     {"filter": "down_proj", "value": 0.0},
     {"value": 1.0},
 ]
-# config.json lists with one entry per layer (sliding/full attention, NoPE layers): mergekit
-# sets the layer count but leaves these at the base's length.
+# config.json lists with one entry per layer (sliding/full attention, NoPE layers).
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)B?$", re.IGNORECASE)
@@ -317,8 +318,10 @@ def run(spec: Spec, ctx) -> dict:
         write_model_card=False,  # the push stage writes the card, with the whole lineage
         lazy_unpickle=False,  # safetensors only: nothing is unpickled
     )
-    run_merge(MergeConfiguration.model_validate(config), str(ctx.out_dir), options)
-    fix_config(ctx.out_dir, [j for _, j in layer_map], sources["model"].layers, dtype)
+    source_layers = sources["model"].layers
+    with _per_layer_lists_follow([j for _, j in layer_map], source_layers):
+        run_merge(MergeConfiguration.model_validate(config), str(ctx.out_dir), options)
+    fix_dtype(ctx.out_dir, dtype)
 
     identity = [i for i, piece_layer in enumerate(_output_pieces(pieces)) if piece_layer.identity]
     metrics = {
@@ -356,17 +359,41 @@ def merge_config(pieces: list[Piece], sources: dict[str, Source], dtype: str | N
     return config
 
 
-def fix_config(out_dir: Path, layer_map: list[int], source_layers: int, dtype: str | None) -> None:
-    """Per-layer config lists follow the layer map; the dtype is the one asked for."""
+@contextmanager
+def _per_layer_lists_follow(layer_map: list[int], source_layers: int) -> Iterator[None]:
+    """Remap per-layer config lists (`layer_types`) by the layer map while mergekit builds the output config.
+
+    mergekit 0.1.5 sets the new layer count but leaves these lists at the base's length, and
+    transformers 5 then refuses to save the config (Qwen2/3, Gemma 2/3; Llama and Mistral have
+    none). `run_merge` builds that config in one private function, its only hook, so we wrap it.
+    """
+    import mergekit.merge
+
+    build = mergekit.merge._model_out_config
+
+    def build_and_remap(*args, **kwargs):
+        config = build(*args, **kwargs)
+        for key in PER_LAYER_KEYS:
+            value = getattr(config, key, None)
+            if isinstance(value, list) and len(value) == source_layers:
+                setattr(config, key, [value[j] for j in layer_map])
+        return config
+
+    mergekit.merge._model_out_config = build_and_remap
+    try:
+        yield
+    finally:
+        mergekit.merge._model_out_config = build
+
+
+def fix_dtype(out_dir: Path, dtype: str | None) -> None:
+    """config.json says the dtype asked for, under the name transformers 5 reads (`dtype`)."""
+    if not dtype:
+        return
     path = out_dir / "config.json"
     config = json.loads(path.read_text())
-    for key in PER_LAYER_KEYS:
-        value = config.get(key)
-        if isinstance(value, list) and len(value) == source_layers:
-            config[key] = [value[j] for j in layer_map]
-    if dtype:
-        config["dtype"] = dtype
-        config.pop("torch_dtype", None)  # the name transformers 5 replaced with `dtype`
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
