@@ -16,9 +16,16 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import random
 import re
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def reply_text(messages: list[dict]) -> str:
@@ -102,6 +109,65 @@ async def serve(port: int, **settings) -> None:
     listener = await asyncio.start_server(server.handle, "127.0.0.1", port, backlog=1024)
     async with listener:
         await listener.serve_forever()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Poll GET url until it answers 200; fail early if the server process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def running(
+    latency: float = 0.0,
+    fail_rate: float = 0.0,
+    hang_s: float = 5.0,
+    log: str | None = None,
+    seed: int = 0,
+) -> Iterator[str]:
+    """An echo server in a separate process for the duration of a `with`; yields its base URL."""
+    port = free_port()
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_synth.echo_server",
+        "--port",
+        str(port),
+        "--latency",
+        str(latency),
+        "--fail-rate",
+        str(fail_rate),
+        "--hang-s",
+        str(hang_s),
+        "--seed",
+        str(seed),
+    ]
+    process = subprocess.Popen([*cmd, *(["--log", log] if log else [])], env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout=30)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def main() -> None:

@@ -1,0 +1,171 @@
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_recipe
+
+from data_synth import echo_server
+from data_synth.seeds import Problem
+from data_synth.teachers import OpenAITeacher, Request, stream
+from upstack.errors import UserError
+from upstack.recipe import load_recipe
+from upstack.runner import run
+
+PROBLEM = Problem(id="p", question="q", solution="s", answer="1", source="test")
+
+
+def requests(count: int) -> list[Request]:
+    return [
+        Request(
+            key=f"k{i}",
+            task="rephrase_answer",
+            sample=0,
+            problem=PROBLEM,
+            sampling={"temperature": 0.0, "max_tokens": 8},
+            messages=[{"role": "user", "content": f"Problem:\nq{i}\n\nSolution:\nanswer {i}"}],
+        )
+        for i in range(count)
+    ]
+
+
+def collect(spec, reqs) -> list:
+    async def go():
+        return [item async for item in stream(spec, reqs, ctx=None)]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_openai_teacher_spreads_requests_over_the_fleet(tmp_path):
+    logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    with (
+        echo_server.running(log=str(logs[0])) as url_a,
+        echo_server.running(log=str(logs[1])) as url_b,
+    ):
+        spec = OpenAITeacher(model="echo", base_urls=[url_a, url_b], concurrency=4)
+        replies = collect(spec, requests(20))
+    assert sorted(reply.text for _, reply in replies) == sorted(f"answer {i}" for i in range(20))
+    assert [len(log.read_text().splitlines()) for log in logs] == [10, 10]
+
+
+@pytest.mark.slow
+def test_openai_teacher_survives_a_flaky_endpoint(tmp_path):
+    # 30% of completions fail: half with 503, half hang past the client's timeout
+    with echo_server.running(fail_rate=0.3, hang_s=2.0, seed=1) as url:
+        spec = OpenAITeacher(
+            model="echo",
+            base_urls=[url],
+            concurrency=16,
+            timeout_s=0.5,
+            max_retries=10,
+            backoff_s=0.02,
+            backoff_max_s=0.2,
+        )
+        replies = collect(spec, requests(60))
+    assert len(replies) == 60 and all(reply.text is not None for _, reply in replies)
+    assert {request.key: reply.text for request, reply in replies} == {
+        f"k{i}": f"answer {i}" for i in range(60)
+    }
+    assert sum(reply.retries for _, reply in replies) >= 10  # ~0.3/0.7 retries per request
+
+
+@pytest.mark.slow
+def test_synth_through_a_flaky_endpoint_counts_retries(tmp_path):
+    with echo_server.running(fail_rate=0.3, hang_s=2.0, seed=2) as url:
+        path = write_recipe(
+            tmp_path,
+            f"""
+            name: flaky
+            output_dir: {tmp_path / "runs"}
+            stages:
+              synth:
+                seeds: [{{source: arith, count: 30}}]
+                teacher: {{kind: openai, model: echo, base_urls: ["{url}"], concurrency: 16,
+                           timeout_s: 0.5, max_retries: 10, backoff_s: 0.02, backoff_max_s: 0.2}}
+                augmentations: {{rephrase_question: 0, rephrase_answer: 1}}
+        """,
+        )
+        run(load_recipe(path), ["synth"])
+    stats = json.loads((tmp_path / "runs" / "synth" / "upstack.json").read_text())["metrics"]
+    assert (
+        stats["requests_sent"] == 30
+        and stats["retries"] > 0
+        and "request_failed" not in stats["dropped"]
+    )
+    assert stats["kept"] == 30  # the echo server returns the original solution: a correct answer
+
+
+def test_missing_api_key_is_a_user_error(monkeypatch):
+    monkeypatch.delenv("UPSTACK_TEST_KEY", raising=False)
+    spec = OpenAITeacher(
+        model="m", base_urls=["http://127.0.0.1:9/v1"], api_key_env="UPSTACK_TEST_KEY"
+    )
+    with pytest.raises(UserError, match="UPSTACK_TEST_KEY is not set"):
+        collect(spec, requests(1))
+
+
+def test_vllm_teacher_without_vllm_is_a_user_error(tmp_path):
+    from data_synth.teachers import VllmTeacher
+
+    if "vllm" in sys.modules or any((Path(p) / "vllm").exists() for p in sys.path):
+        pytest.skip("vllm is installed here")
+    with pytest.raises(UserError, match="vllm is not installed"):
+        collect(VllmTeacher(model="org/model"), requests(1))
+
+
+@pytest.mark.slow
+def test_synth_and_pairs_against_transformers_serve(tmp_path, tiny_model):
+    """The real thing: `transformers serve` on the tiny model, through the openai teacher."""
+    port = echo_server.free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "transformers"),
+            "serve",
+            str(tiny_model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        echo_server.wait_healthy(f"http://127.0.0.1:{port}/health", server, timeout=120)
+        path = write_recipe(
+            tmp_path,
+            f"""
+            name: served
+            output_dir: {tmp_path / "runs"}
+            stages:
+              synth:
+                seeds: [{{source: arith, count: 6}}]
+                teacher: {{kind: openai, model: "{tiny_model}", base_urls: ["http://127.0.0.1:{port}/v1"],
+                           concurrency: 4, timeout_s: 60, max_retries: 1}}
+                augmentations: {{rephrase_question: 1, rephrase_answer: 1}}
+                sampling: {{max_tokens: 24}}
+              pairs: {{records: synth}}
+        """,
+        )
+        run(load_recipe(path), ["pairs"])
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+    stats = json.loads((tmp_path / "runs" / "synth" / "upstack.json").read_text())["metrics"]
+    # every request was answered by the server (the tiny model's answers are noise, so most are dropped)
+    assert stats["requests"] >= 12 and stats["requests_sent"] == stats["requests"]
+    assert "request_failed" not in stats["dropped"]
+    assert stats["kept"] + sum(stats["dropped"].values()) >= 12
+    served = (tmp_path / "serve.log").read_text().count('POST /v1/chat/completions HTTP/1.1" 200')
+    assert served == stats["requests_sent"]
+    assert (tmp_path / "runs" / "synth" / "records.jsonl").exists()
+    assert (tmp_path / "runs" / "pairs" / "upstack.json").exists()
