@@ -42,6 +42,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="JSON instead of YAML")
 
+    recipe_command(
+        "report", "eval tables of the finished eval stages; writes <output_dir>/report.md"
+    )
+    push = recipe_command(
+        "push", "upload a finished stage (model, or synth/pairs data) with a card"
+    )
+    push.add_argument("stage", help="the stage to push")
+    push.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="repository on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument(
+        "--license", help="license for the card (default: the base model's, if known)"
+    )
+    push.add_argument(
+        "--dry-run", action="store_true", help="list the files, print the card, send nothing"
+    )
+
     # Internal: one stage in this process; what each `accelerate launch` worker runs.
     stage = recipe_command("_stage", argparse.SUPPRESS)
     stage.add_argument("stage")
@@ -80,6 +96,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False),
             end="",
         )
+    elif args.command == "report":
+        from upstack.report import report
+
+        print(report(recipe))
+    elif args.command == "push":
+        from upstack.hub import cli_push
+
+        cli_push(recipe, args.stage, args.repo_id, args.private, args.dry_run, args.license)
     elif args.command == "_stage":
         _run_worker(recipe, args)
     return 0

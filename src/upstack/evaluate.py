@@ -1,0 +1,375 @@
+"""eval stage: math accuracy (greedy, math-verify), held-out loss and lm-eval tasks for every model, as one table."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from data_synth.seeds import ArithSeeds, SeedSource
+from upstack.errors import UserError
+from upstack.recipe import StageSpec, Strict
+
+MODEL_KINDS = ("init", "upscale", "cpt", "sft", "dpo", "merge")
+RESULTS = "results.json"
+REPORT = "report.md"
+PLOT = "eval.png"
+PLAIN_PROMPT = "Question: {question}\nAnswer:"  # the pretraining corpus format of data_synth.arith
+
+
+class MathEval(Strict):
+    problems: SeedSource = Field(
+        default_factory=lambda: ArithSeeds(split="eval", count=100),
+        description="held-out problems: arith eval split, MATH/GSM8K test (hf), CHAMP, a jsonl",
+    )
+    prompt: Literal["chat", "plain"] = Field(
+        "chat", description="chat: the model's chat template; plain: 'Question: ...\\nAnswer:'"
+    )
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class LossEval(Strict):
+    path: str | None = Field(
+        None,
+        description="jsonl (a `text` field) or .txt (one row a line); default: arith eval split",
+    )
+    text_field: str = "text"
+    count: int = Field(100, ge=1, description="rows of the arith eval split when no path is given")
+    max_length: int = Field(512, ge=8, description="tokens per row; longer rows are cut")
+    batch_size: int = Field(16, ge=1)
+
+
+class LmEval(Strict):
+    """lm-evaluation-harness (`pip install upstack[lm-eval]`); its tasks download from the Hub."""
+
+    tasks: list[str] = Field(min_length=1, description="e.g. arc_challenge, hellaswag, mmlu, gsm8k")
+    num_fewshot: int | None = None
+    limit: int | None = Field(None, ge=1, description="examples per task, for a quick look")
+    batch_size: int = 8
+    include_path: str | None = Field(None, description="a dir of your own task YAMLs")
+
+
+class Spec(StageSpec):
+    kind: Literal["eval"] = "eval"
+    models: list[str] | None = Field(
+        None, description="stage names or paths; default: every model stage listed in `after`"
+    )
+    math: MathEval | None = Field(default_factory=MathEval)
+    loss: LossEval | None = Field(default_factory=LossEval)
+    lm_eval: LmEval | None = None
+
+    def refs(self) -> dict[str, str]:
+        refs = {f"models.{i}": model for i, model in enumerate(self.models or [])}
+        if self.math and hasattr(self.math.problems, "refs"):
+            refs.update({f"math.problems.{k}": v for k, v in self.math.problems.refs().items()})
+        if self.loss and self.loss.path:
+            path = self.loss.path
+            refs["loss.path"] = path if "/" in path else f"./{path}"
+        return refs
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> Spec:
+        if self.models is None and not self.after:
+            raise ValueError("list `models`, or the model stages in `after`")
+        if not (self.math or self.loss or self.lm_eval):
+            raise ValueError("nothing to measure: set math, loss or lm_eval")
+        return self
+
+
+def run(spec: Spec, ctx) -> dict:
+    from data_synth.seeds import describe, load_problems
+
+    models = spec.models or [n for n in spec.after if ctx.recipe.stages[n].kind in MODEL_KINDS]
+    if not models:
+        raise UserError(f"stages.{ctx.name}.after: none of {spec.after} is a model stage")
+    problems = load_problems(spec.math.problems, ctx.seed, ctx.model_path) if spec.math else []
+    texts = loss_texts(spec.loss, ctx) if spec.loss else []
+
+    rows = []
+    for name in models:
+        started = time.perf_counter()
+        path = ctx.model_path(name)
+        row: dict[str, Any] = {"model": name}
+        model, tokenizer = load_model(path, ctx.recipe.trust_remote_code)
+        if problems:
+            records = solve(model, tokenizer, problems, spec.math, desc=name)
+            write_jsonl(ctx.out_dir / "predictions" / f"{_file_name(name)}.jsonl", records)
+            correct = sum(r["correct"] for r in records)
+            row.update(
+                math_accuracy=round(correct / len(records), 4),
+                math_correct=correct,
+                math_total=len(records),
+            )
+        if texts:
+            loss = mean_loss(model, tokenizer, texts, spec.loss)
+            row.update(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 3))
+        del model
+        if spec.lm_eval:
+            row.update(lm_eval_scores(path, spec.lm_eval, ctx.recipe.trust_remote_code))
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        ctx.log(", ".join(f"{k}={v}" for k, v in row.items()))
+        rows.append(row)
+
+    results = {
+        "rows": rows,
+        "problems": describe(spec.math.problems) if spec.math else None,
+        "loss_rows": len(texts),
+    }
+    (ctx.out_dir / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    plot(rows, ctx.out_dir / PLOT)
+    (ctx.out_dir / REPORT).write_text(
+        f"# Eval: {ctx.recipe.name}/{ctx.name}\n\n{results_table(results)}\n\n![eval]({PLOT})\n"
+    )
+    best = max(rows, key=lambda r: r.get("math_accuracy", -1))
+    return {
+        "models": len(rows),
+        "best": best["model"],
+        **({"best_math_accuracy": best["math_accuracy"]} if "math_accuracy" in best else {}),
+        "rows": rows,
+    }
+
+
+# --------------------------------------------------------------------------- math accuracy
+
+
+def load_model(path: str, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
+    ).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def prompts_for(tokenizer, questions: list[str], style: str) -> list[str]:
+    if style == "chat" and tokenizer.chat_template:
+        return [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in questions
+        ]
+    return [PLAIN_PROMPT.format(question=q) for q in questions]
+
+
+def solve(model, tokenizer, problems, settings: MathEval, desc: str = "eval") -> list[dict]:
+    """Greedy answers to every problem, in batches, each scored against its gold answer."""
+    import torch
+    from tqdm.auto import tqdm
+
+    records = []
+    with tqdm(total=len(problems), desc=f"math {desc}", unit="problem") as bar:
+        for start in range(0, len(problems), settings.batch_size):
+            batch = problems[start : start + settings.batch_size]
+            prompts = prompts_for(tokenizer, [p.question for p in batch], settings.prompt)
+            # the chat template already holds the special tokens it needs
+            encoded = tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            encoded = encoded.to(model.device)
+            with torch.inference_mode():
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            answers = tokenizer.batch_decode(
+                output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            for problem, prediction in zip(batch, answers, strict=True):
+                extracted, correct = score(problem.answer, prediction)
+                records.append(
+                    {
+                        "id": problem.id,
+                        "question": problem.question,
+                        "gold": problem.answer,
+                        "prediction": prediction,
+                        "extracted": extracted,
+                        "correct": correct,
+                    }
+                )
+            bar.update(len(batch))
+    return records
+
+
+def score(gold: str, prediction: str) -> tuple[str, bool]:
+    """(the answer math-verify read from `prediction`, whether it equals `gold`)."""
+    from math_verify import parse, verify
+
+    # math-verify bounds its work with SIGALRM, which exists only on the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
+    predicted = parse(prediction, parsing_timeout=timeout)
+    if not predicted:
+        return "", False
+    return str(predicted[-1]), bool(verify(gold_parsed, predicted, timeout_seconds=timeout))
+
+
+# --------------------------------------------------------------------------- held-out loss
+
+
+def loss_texts(settings: LossEval, ctx) -> list[str]:
+    if settings.path is None:
+        from data_synth import arith
+
+        return [
+            f"Question: {p.question}\nAnswer: {p.solution}"
+            for p in arith.problems(settings.count, ctx.seed, "eval")
+        ]
+    path = Path(ctx.model_path(settings.path))
+    if not path.is_file():
+        raise UserError(f"stages.{ctx.name}.loss.path: {path}: file not found")
+    if path.suffix != ".jsonl":
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    texts = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(str(json.loads(line)[settings.text_field]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(
+                f"{path}:{lineno}: expected a JSON object with a "
+                f"'{settings.text_field}' field (loss.text_field)"
+            ) from None
+    return texts
+
+
+def mean_loss(model, tokenizer, texts: list[str], settings: LossEval) -> float:
+    """Token-weighted mean next-token loss over `texts` (perplexity is its exp)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "right"
+    total, tokens = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(texts), settings.batch_size), desc="loss", unit="batch"):
+            batch = tokenizer(
+                texts[start : start + settings.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=settings.max_length,
+            )
+            batch = batch.to(model.device)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            with torch.inference_mode():
+                logits = model(**batch).logits.float()
+            shifted = labels[:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                shifted.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += losses.item()
+            tokens += int((shifted != -100).sum())
+    finally:
+        tokenizer.padding_side = "left"
+    return total / max(tokens, 1)
+
+
+# --------------------------------------------------------------------------- lm-eval-harness
+
+
+def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict[str, float]:
+    """Each task's headline metric, as lm-eval reports it: {'arc_challenge/acc_norm': 0.61, ...}."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError(
+            "eval.lm_eval: lm-eval is not installed: pip install 'upstack[lm-eval]'"
+        ) from None
+    manager = (
+        TaskManager(include_path=settings.include_path) if settings.include_path else TaskManager()
+    )
+    output = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": path, "trust_remote_code": trust_remote_code},
+        tasks=settings.tasks,
+        num_fewshot=settings.num_fewshot,
+        limit=settings.limit,
+        batch_size=settings.batch_size,
+        task_manager=manager,
+    )
+    scores = {}
+    for task, metrics in output["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and "stderr" not in key and key != "alias":
+                scores[f"{task}/{key.split(',')[0]}"] = round(float(value), 4)
+                break  # the first metric is the task's headline one
+    return scores
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def results_table(results: dict) -> str:
+    from upstack.tables import markdown_table
+
+    rows = results["rows"]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Bars per model: math accuracy and held-out loss, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (key, label)
+        for key, label in (("math_accuracy", "math accuracy"), ("loss", "held-out loss"))
+        if any(key in row for row in rows)
+    ]
+    if not panels:
+        return
+    names = [row["model"] for row in rows]
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4 + 1.2 * len(rows) * len(panels), 4), squeeze=False
+    )
+    for axis, (key, label) in zip(axes[0], panels, strict=True):
+        values = [row.get(key, 0) for row in rows]
+        bars = axis.bar(names, values, color="tab:blue" if key == "math_accuracy" else "tab:orange")
+        axis.bar_label(bars, fmt="%.3g")
+        axis.set_title(label)
+        axis.tick_params(axis="x", rotation=30)
+        if key == "math_accuracy":
+            axis.set_ylim(0, 1)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _file_name(model: str) -> str:
+    return model.strip("/").replace("/", "__")

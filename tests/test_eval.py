@@ -1,0 +1,121 @@
+"""eval stage: math-verify scoring, a real greedy run end to end, held-out loss, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+import torch
+from conftest import write_recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_synth import arith
+from upstack.evaluate import score
+from upstack.recipe import load_recipe
+from upstack.report import report
+from upstack.runner import run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two torch threads on two shared, busy cores spin against each other: the tiny model's
+    # matmuls ran ~50x slower than on one thread here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _accuracy(pairs) -> float:
+    return sum(score(gold, prediction)[1] for gold, prediction in pairs) / len(pairs)
+
+
+def test_scoring_gives_100_percent_to_right_answers_and_0_to_wrong_ones():
+    problems = arith.problems(20, seed=3, split="eval")
+    right = [(str(p.answer), p.solution) for p in problems]
+    wrong = [
+        (str(p.answer), p.solution.replace(f"\\boxed{{{p.answer}}}", f"\\boxed{{{p.answer + 1}}}"))
+        for p in problems
+    ]
+    assert _accuracy(right) == 1.0
+    assert _accuracy(wrong) == 0.0
+    # math-verify's equivalences, not string equality; no answer at all is wrong, not an error
+    assert score("\\frac{3}{4}", "so it is \\boxed{0.75}") == ("0.75", True)
+    assert score("1234", "#### 1,234")[1] is True
+    assert score("7", "I do not know") == ("", False)
+    # off the main thread (no SIGALRM there) it still scores
+    results = []
+    worker = threading.Thread(target=lambda: results.append(_accuracy(right[:5] + wrong[:5])))
+    worker.start()
+    worker.join()
+    assert results == [0.5]
+
+
+def test_eval_stage_generates_greedily_scores_and_reports(tmp_path, tiny_model):
+    recipe_path = write_recipe(
+        tmp_path,
+        f"""\
+        name: e
+        output_dir: {tmp_path / "runs"}
+        stages:
+          eval:
+            models: [{tiny_model}]
+            math:
+              problems: {{source: arith, split: eval, count: 12}}
+              max_new_tokens: 16
+              batch_size: 5
+            loss: {{count: 20}}
+        """,
+    )
+    run(load_recipe(recipe_path), ["eval"])
+    out = tmp_path / "runs" / "eval"
+    results = json.loads((out / "results.json").read_text())
+    [row] = results["rows"]
+    assert row["model"] == str(tiny_model) and row["math_total"] == 12
+    # a random 1k-vocab model: loss near ln(vocab), and finite
+    assert 4.0 < row["loss"] < 9.0 and math.isclose(
+        row["perplexity"], math.exp(row["loss"]), rel_tol=1e-3
+    )
+
+    records = [json.loads(line) for line in next((out / "predictions").glob("*.jsonl")).open()]
+    problems = arith.problems(12, seed=42, split="eval")
+    assert [r["id"] for r in records] == [p.id for p in problems]
+    assert {"id", "question", "gold", "prediction", "extracted", "correct"} <= records[0].keys()
+    assert sum(r["correct"] for r in records) == row["math_correct"]
+
+    # Batched, left-padded generation gives what the model says to each prompt alone.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for record in (records[0], records[7]):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": record["question"]}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.inference_mode():
+            alone = model.generate(
+                ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        assert (
+            tokenizer.decode(alone[0, ids.shape[1] :], skip_special_tokens=True)
+            == record["prediction"]
+        )
+
+    assert (out / "eval.png").stat().st_size > 1000
+    assert "math_accuracy" in (out / "report.md").read_text()
+
+    text = report(load_recipe(recipe_path))
+    assert "## Stages" in text and "math_accuracy" in text and str(tiny_model) in text
+    assert (tmp_path / "runs" / "report.md").read_text() == text
+    assert (tmp_path / "runs" / "eval-eval.png").is_file()
+
+
+def test_eval_without_models_or_after_fails_at_load(tmp_path):
+    from upstack.errors import UserError
+
+    path = write_recipe(tmp_path, "name: e\nstages:\n  eval: {}\n")
+    with pytest.raises(UserError, match=r"recipe.yaml:3: stages.eval: list `models`"):
+        load_recipe(path)
