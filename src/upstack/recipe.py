@@ -163,19 +163,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping with at least `name` and `stages`")
 
-    overridden: dict[tuple[str, ...], str] = {}
     for item in overrides:
         key_path, value = _parse_override(item)
         _set_path(raw, key_path, value, item)
-        overridden[key_path] = item
 
     def where(loc: tuple[str | int, ...]) -> str:
-        keys = tuple(str(k) for k in loc)
-        for key_path, item in overridden.items():
-            if keys[: len(key_path)] == key_path or key_path[: len(keys)] == keys:
-                return f"--set {item}"
-        line = _line_of(root, loc)
-        return f"{path}:{line}" if line else str(path)
+        return _locate(root, str(path), overrides, loc)
 
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
@@ -230,18 +223,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def locate(recipe: Recipe, *loc: str | int) -> str:
     """`FILE:LINE` (or `--set ITEM`) of a recipe key, for errors found after loading (at run time)."""
-    keys = tuple(str(k) for k in loc)
-    for item in recipe.overrides:
-        key_path = item.split("=", 1)[0].split(".")
-        if keys[: len(key_path)] == tuple(key_path) or tuple(key_path[: len(keys)]) == keys:
-            return f"--set {item}"
     try:
         root = yaml.compose(Path(recipe.source).read_text())
     except (OSError, yaml.YAMLError):
-        return recipe.source
+        root = None
     loc = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in loc)
+    return _locate(root, recipe.source, recipe.overrides, loc)
+
+
+def _locate(root: yaml.Node | None, source: str, overrides, loc: tuple[str | int, ...]) -> str:
+    """Where a key came from: the `--set` that touched it, else the file and line that hold it."""
+    keys = tuple(str(k) for k in loc)
+    for item in overrides:
+        key_path = tuple(item.split("=", 1)[0].split("."))
+        if keys[: len(key_path)] == key_path or key_path[: len(keys)] == keys:
+            return f"--set {item}"
     line = _line_of(root, loc)
-    return f"{recipe.source}:{line}" if line else recipe.source
+    return f"{source}:{line}" if line else source
 
 
 def _describe(err: ValidationError, prefix: tuple, where) -> str:
