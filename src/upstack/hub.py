@@ -1,0 +1,368 @@
+"""push stage and `upstack push`: a finished stage to the Hub with a model card that tells its whole lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from upstack.errors import UserError
+from upstack.recipe import Recipe, StageSpec, Strict
+
+REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+MODEL_KINDS = ("init", "upscale", "cpt", "sft", "dpo", "merge")
+DATA_KINDS = ("synth", "pairs")
+NOT_UPLOADED = (
+    "upstack.json",
+    "README.md",
+)  # the manifest holds local paths; README.md is the card
+TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)s?($|_)", re.I)  # not "tokenizer"
+
+
+class DatasetPush(Strict):
+    stage: str = Field(description="a synth or pairs stage")
+    repo_id: str | None = Field(None, pattern=REPO_ID, description="default: <repo_id>-<stage>")
+
+
+class Spec(StageSpec):
+    kind: Literal["push"] = "push"
+    model: str = Field(description="the model stage to push")
+    repo_id: str = Field(pattern=REPO_ID, description="org/name on the Hub")
+    private: bool = True  # a first push is a draft; make it public on the Hub when it is ready
+    license: str | None = Field(
+        None, description="default: the base model's, when its card is local"
+    )
+    datasets: list[DatasetPush] = Field(default_factory=list)
+
+    def refs(self) -> dict[str, str]:
+        refs = {"model": self.model}
+        refs.update({f"datasets.{i}.stage": d.stage for i, d in enumerate(self.datasets)})
+        return refs
+
+
+def run(spec: Spec, ctx) -> dict:
+    for i, dataset in enumerate(spec.datasets):
+        if getattr(ctx.recipe.stages.get(dataset.stage), "kind", None) not in DATA_KINDS:
+            raise UserError(
+                f"stages.{ctx.name}.datasets.{i}.stage: '{dataset.stage}' is not a synth or pairs stage"
+            )
+    staging = ctx.work_dir / "upload"
+    pushed = [
+        push_stage(
+            ctx.recipe,
+            spec.model,
+            spec.repo_id,
+            private=spec.private,
+            license=spec.license,
+            staging=staging,
+            log=ctx.log,
+        )
+    ]
+    for dataset in spec.datasets:
+        repo_id = dataset.repo_id or f"{spec.repo_id}-{dataset.stage}"
+        pushed.append(
+            push_stage(
+                ctx.recipe,
+                dataset.stage,
+                repo_id,
+                private=spec.private,
+                license=spec.license,
+                staging=staging,
+                log=ctx.log,
+            )
+        )
+    (ctx.out_dir / "README.md").write_text(pushed[0].pop("card"))
+    for entry in pushed[1:]:
+        entry.pop("card")
+    (ctx.out_dir / "pushed.json").write_text(json.dumps(pushed, indent=2) + "\n")
+    return {"repos": [p["repo_id"] for p in pushed], "files": sum(len(p["files"]) for p in pushed)}
+
+
+def push_stage(
+    recipe: Recipe,
+    stage: str,
+    repo_id: str,
+    *,
+    private: bool = True,
+    license: str | None = None,
+    dry_run: bool = False,
+    staging: Path | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Upload a finished stage (a model, or a synth/pairs data set) with its card; or, on a dry
+    run, print what would be uploaded and the card, and send nothing."""
+    from upstack import runner
+
+    if not re.match(REPO_ID, repo_id):
+        raise UserError(f"--repo-id {repo_id}: expected org/name")
+    if stage not in recipe.stages:
+        raise UserError(f"{recipe.source}: no stage '{stage}' (stages: {', '.join(recipe.stages)})")
+    state = runner.stage_state(recipe, stage, runner.stage_hashes(recipe)[stage])
+    if state != "done":
+        raise UserError(
+            f"{recipe.source}: stages.{stage} is {state}: run `upstack run {recipe.source} {stage}` first"
+        )
+    stage_dir = recipe.out_dir / stage
+    repo_type = "dataset" if recipe.stages[stage].kind in DATA_KINDS else "model"
+    card = (dataset_card if repo_type == "dataset" else model_card)(recipe, stage, repo_id, license)
+    _refuse_tokens(card)
+    files = stage_files(stage_dir)
+
+    if dry_run:
+        print(
+            f"would create {'private' if private else 'public'} {repo_type} repo {repo_id} and upload:"
+        )
+        for name in [*files, "README.md"]:
+            size = (stage_dir / name).stat().st_size if name in files else len(card.encode())
+            print(f"  {name}  ({size:,} bytes)")
+        print(f"\n--- README.md (model card) ---\n{card}")
+        return {
+            "repo_id": repo_id,
+            "repo_type": repo_type,
+            "files": [*files, "README.md"],
+            "card": card,
+        }
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # The stage's files and the card go up as one commit from a folder of hard links (no copy of
+    # the weights); upload_folder hashes, chunks and batches big files and resumes when rerun.
+    staging = Path(staging or tempfile.mkdtemp(prefix=".push-", dir=recipe.out_dir))
+    folder = staging / repo_type / stage
+    shutil.rmtree(folder, ignore_errors=True)
+    for name in files:
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(stage_dir / name, target)
+        except OSError:
+            shutil.copy2(stage_dir / name, target)
+    (folder / "README.md").write_text(card)
+
+    api = (
+        HfApi()
+    )  # the token comes from HF_TOKEN or the user's login: never passed, printed or written
+    log(f"uploading {len(files) + 1} files to {repo_type} repo {repo_id}")
+    try:
+        url = api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type=repo_type,
+            commit_message=f"upstack: {recipe.name}/{stage}",
+        )
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", "?")
+        hint = " (log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
+        raise UserError(f"push {repo_id}: the Hub answered {status}{hint}") from None
+    return {
+        "repo_id": repo_id,
+        "repo_type": repo_type,
+        "url": str(url),
+        "commit": getattr(commit, "oid", None),
+        "files": [*files, "README.md"],
+        "card": card,
+    }
+
+
+def stage_files(stage_dir: Path) -> list[str]:
+    """What a stage dir holds for the Hub: everything but the runner's manifest and an old card."""
+    return sorted(
+        str(p.relative_to(stage_dir))
+        for p in stage_dir.rglob("*")
+        if p.is_file() and p.name not in NOT_UPLOADED and not p.name.startswith(".")
+    )
+
+
+# --------------------------------------------------------------------------- cards
+
+
+def lineage(recipe: Recipe, stage: str) -> list[str]:
+    """`stage` and every stage it came from, in run order."""
+    wanted: set[str] = set()
+    todo = [stage]
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(recipe.deps(name))
+    return [name for name in recipe.order() if name in wanted]
+
+
+def model_card(recipe: Recipe, stage: str, repo_id: str, license: str | None = None) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    stages = lineage(recipe, stage)
+    kinds = {recipe.stages[name].kind for name in stages}
+    models, data = _outside_sources(recipe, stages)
+    tags = ["upstack", "solar"]
+    tags += ["depth-upscaling"] if "upscale" in kinds else []
+    tags += ["merge", "mergekit"] if "merge" in kinds else []
+    tags += [k for k in ("sft", "dpo") if k in kinds] + (
+        ["trl"] if kinds & {"cpt", "sft", "dpo"} else []
+    )
+    data_card = ModelCardData(
+        model_name=repo_id,
+        base_model=models[0] if len(models) == 1 else (models or None),
+        datasets=data or None,
+        license=license or _local_license(models),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        f"Built with upstack from recipe `{recipe.name}`, stage `{stage}`: "
+        + " → ".join(f"{n} ({recipe.stages[n].kind})" for n in stages)
+        + ".",
+        _lineage_section(recipe, stages),
+        _eval_section(recipe, stage),
+        f"## Reproduce\n\n```bash\nupstack run {Path(recipe.source).name} {stage}\n```",
+    ]
+    return str(
+        ModelCard(f"---\n{data_card.to_yaml()}\n---\n\n" + "\n\n".join(s for s in body if s) + "\n")
+    )
+
+
+def dataset_card(recipe: Recipe, stage: str, repo_id: str, license: str | None = None) -> str:
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    stages = lineage(recipe, stage)
+    models, data = _outside_sources(recipe, stages)
+    rows = sum(_count_lines(p) for p in (recipe.out_dir / stage).rglob("*.jsonl"))
+    data_card = DatasetCardData(
+        pretty_name=repo_id.split("/")[-1],
+        license=license,
+        source_datasets=data or None,
+        task_categories=["text-generation"],
+        tags=["upstack", "synthetic", "math", recipe.stages[stage].kind],
+    )
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        f"Synthetic data from upstack recipe `{recipe.name}`, stage `{stage}` "
+        f"({recipe.stages[stage].kind}): {rows:,} jsonl rows."
+        + (f" Teacher/source models: {', '.join(models)}." if models else ""),
+        _lineage_section(recipe, stages),
+    ]
+    return str(DatasetCard(f"---\n{data_card.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n"))
+
+
+def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
+    from upstack.runner import read_manifest
+
+    parts = ["## Lineage"]
+    for i, name in enumerate(stages, 1):
+        spec = recipe.stages[name]
+        manifest = read_manifest(recipe.out_dir / name) or {}
+        settings = _scrub(
+            spec.model_dump(mode="json", exclude={"kind", "after"}, exclude_defaults=True)
+        )
+        parts.append(f"### {i}. `{name}` ({spec.kind})")
+        if settings:
+            parts.append("```yaml\n" + yaml.safe_dump(settings, sort_keys=False).rstrip() + "\n```")
+        metrics = {
+            k: v for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float | str)
+        }
+        if metrics:
+            parts.append("Results: " + ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
+        # upscale and merge leave the exact mergekit config: the layer map or the merge recipe
+        merge_config = recipe.out_dir / name / "mergekit_config.yml"
+        if merge_config.is_file():
+            parts.append(
+                "mergekit config:\n\n```yaml\n" + merge_config.read_text().rstrip() + "\n```"
+            )
+    return "\n\n".join(parts)
+
+
+def _eval_section(recipe: Recipe, stage: str) -> str:
+    """The table of every finished eval stage that scored this model."""
+    from upstack.evaluate import RESULTS, results_table
+
+    tables = []
+    for name, spec in recipe.stages.items():
+        results_file = recipe.out_dir / name / RESULTS
+        if spec.kind != "eval" or not results_file.is_file():
+            continue
+        results = json.loads(results_file.read_text())
+        if any(row["model"] == stage for row in results["rows"]):
+            tables.append(
+                f"From stage `{name}` (this model is `{stage}`):\n\n{results_table(results)}"
+            )
+    return "## Evaluation\n\n" + "\n\n".join(tables) if tables else ""
+
+
+def _outside_sources(recipe: Recipe, stages: list[str]) -> tuple[list[str], list[str]]:
+    """Hub ids the lineage reads from outside the recipe: (models, data sets)."""
+    models, data = [], []
+    for name in stages:
+        for key, ref in recipe.stages[name].refs().items():
+            if ref in recipe.stages or Path(ref).exists() or ref.startswith((".", "/")):
+                continue
+            (models if "model" in key.rsplit(".", 1)[-1] or key == "teacher" else data).append(ref)
+    return list(dict.fromkeys(models)), list(dict.fromkeys(data))
+
+
+def _local_license(models: list[str]) -> str | None:
+    from huggingface_hub import ModelCard
+
+    for model in models:
+        card = Path(model) / "README.md"
+        if card.is_file():
+            return ModelCard.load(card).data.license
+    return None
+
+
+def _scrub(value: Any) -> Any:
+    """Settings as shown on a card: any key that smells of a secret loses its value."""
+    if isinstance(value, dict):
+        return {
+            k: "<redacted>" if SECRET_KEY.search(str(k)) else _scrub(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _refuse_tokens(text: str) -> None:
+    for var in TOKEN_VARS:
+        token = os.environ.get(var)
+        if token and len(token) > 3 and token in text:
+            raise UserError(
+                f"push: the card would contain the value of {var}: remove it from the recipe"
+            )
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cli_push(
+    recipe: Recipe, stage: str, repo_id: str, private: bool, dry_run: bool, license: str | None
+) -> None:
+    """`upstack push RECIPE STAGE --repo-id ORG/NAME`."""
+    result = push_stage(
+        recipe,
+        stage,
+        repo_id,
+        private=private,
+        license=license,
+        dry_run=dry_run,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    if not dry_run:
+        print(f"pushed {len(result['files'])} files to {result['url']}")
