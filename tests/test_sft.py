@@ -1,0 +1,257 @@
+"""sft (and the shared training machinery): training, loss masks, adapters, guards, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from upstack import sft
+from upstack.errors import UserError
+from upstack.recipe import load_recipe
+from upstack.runner import StageContext, run
+
+FAST = {
+    "per_device_train_batch_size": 8,
+    "learning_rate": 3e-3,
+    "max_length": 128,
+    "logging_steps": 1,
+}
+CHAT = [
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": "Ana has 3 apples and buys 2."},
+    {"role": "assistant", "content": "3 + 2 = 5. \\boxed{5}"},
+    {"role": "user", "content": "And then eats one?"},
+    {"role": "assistant", "content": "5 - 1 = 4. \\boxed{4}"},
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A 1.9M-parameter model gains nothing from threads, and they thrash on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _recipe(tmp_path, stages: dict, name: str = "recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(
+        yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": stages})
+    )
+    return path
+
+
+def _sft(model, steps=12, **settings):
+    return {
+        "model": str(model),
+        "datasets": [{"arith": {"problems": 96}}],
+        "trainer": {**FAST, "max_steps": steps},
+        **settings,
+    }
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def _first_last(curve, n=3):
+    losses = [loss for _, loss in curve]
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n
+
+
+def _generates(path):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.use_cache is True
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Ben has 4 pens."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_sft_trains_and_saves_a_plain_checkpoint(tmp_path, tiny_model):
+    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(tiny_model)}))
+    run(recipe, ["sft"])
+    out = tmp_path / "runs" / "sft"
+    metrics = json.loads((out / "upstack.json").read_text())["metrics"]
+    assert metrics["steps"] == 12 and metrics["resumed_from_step"] == 0
+    first, last = _first_last(metrics["loss_curve"])
+    assert last < first - 0.3, metrics["loss_curve"]
+    before, after = _weights(tiny_model), _weights(out)
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[k], after[k]) for k in before if "layers" in k)
+    _generates(out)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # no pickles
+    assert not (tmp_path / "runs" / ".work" / "sft" / "checkpoints").exists()
+
+
+def _ctx(tmp_path, recipe, name):
+    return StageContext(
+        recipe=recipe,
+        name=name,
+        out_dir=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        config_hash="test",
+    )
+
+
+@pytest.mark.parametrize("template", ["marks", "plain"])
+def test_sft_loss_covers_exactly_the_assistant_tokens(tmp_path, tiny_model, template):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT}) + "\n")
+    settings = _sft(tiny_model, datasets=[{"path": str(data)}])
+    if template == "plain":  # no {% generation %} marks: the loss falls back to the last turn
+        settings["chat_template"] = (
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        )
+    recipe = load_recipe(_recipe(tmp_path, {"sft": settings}))
+    trainer = sft.build_trainer(recipe.stages["sft"], _ctx(tmp_path, recipe, "sft"))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    decode = trainer.processing_class.decode
+    if template == "marks":
+        expected = "3 + 2 = 5. \\boxed{5}<|im_end|>5 - 1 = 4. \\boxed{4}<|im_end|>"
+    else:
+        expected = "5 - 1 = 4. \\boxed{4}<|im_end|>\n"  # all the template renders after the prompt
+    assert decode(ids[labels != -100]) == expected
+    assert "Ana has" in decode(ids)  # the prompt is there, just not in the loss
+
+
+def test_sft_without_a_chat_template_fails_before_training(tmp_path, tiny_model):
+    bare = tmp_path / "bare"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.save_pretrained(bare)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(bare)}))
+    with pytest.raises(
+        UserError, match=r"stages.sft: model .*bare has no chat template; set `chat_template:`"
+    ):
+        run(recipe, ["sft"])
+    assert not (tmp_path / "runs" / "sft").exists()
+
+
+def test_lora_output_equals_base_plus_merged_adapter(tmp_path, tiny_model):
+    from peft import PeftModel
+
+    adapter = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(tiny_model, steps=8, adapter=adapter)}))
+    run(recipe, ["sft"])
+    out = tmp_path / "runs" / "sft"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    ids = torch.tensor([[5, 60, 61, 62, 100, 200, 300, 7]])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        peft = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        torch.testing.assert_close(merged(ids).logits, peft(ids).logits, atol=1e-4, rtol=0)
+    assert (merged(ids).logits - base_logits).abs().max() > 1e-3  # the adapter learned something
+    assert not any("lora" in k for k in _weights(out))
+
+
+def test_qlora_trains_4bit_on_cpu_and_saves_full_weights(tmp_path, tiny_model):
+    adapter = {"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}
+    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(tiny_model, steps=10, adapter=adapter)}))
+    run(recipe, ["sft"])
+    out = tmp_path / "runs" / "sft"
+    metrics = json.loads((out / "upstack.json").read_text())["metrics"]
+    first, last = _first_last(metrics["loss_curve"])
+    assert last < first, metrics["loss_curve"]
+    weights = _weights(out)
+    assert all(w.dtype == torch.float32 for w in weights.values())  # merged into full precision
+    assert not torch.equal(
+        weights["model.layers.0.self_attn.q_proj.weight"],
+        _weights(tiny_model)["model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    _generates(out)
+
+
+def test_nan_loss_stops_with_the_step(tmp_path, tiny_model):
+    settings = _sft(tiny_model, steps=30)
+    settings["trainer"].update(learning_rate=1e4, max_grad_norm=0.0)
+    recipe = load_recipe(_recipe(tmp_path, {"sft": settings}))
+    with pytest.raises(
+        UserError, match=r"stages.sft: training (loss|grad_norm) is (nan|inf) at step \d+"
+    ):
+        run(recipe, ["sft"])
+    assert not (tmp_path / "runs" / "sft").exists()
+
+
+@pytest.mark.slow
+def test_killed_sft_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_model):
+    steps = 24
+    settings = _sft(tiny_model, steps=steps)
+    settings["trainer"].update(save_steps=4, save_total_limit=3)
+    path = _recipe(tmp_path, {"sft": settings})
+    checkpoints = tmp_path / "runs" / ".work" / "sft" / "checkpoints"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "upstack", "run", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (checkpoints / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a real crash: no handler runs
+    proc.wait()
+    complete = max(
+        int(p.parent.name.split("-")[1])
+        for p in checkpoints.glob("checkpoint-*/trainer_state.json")
+    )
+    assert complete < steps and not (tmp_path / "runs" / "sft").exists()
+    # A save cut off by the crash: weights written, trainer_state.json never was.
+    half = checkpoints / f"checkpoint-{complete + 4}"
+    half.mkdir(exist_ok=True)
+    (half / "model.safetensors").write_bytes(b"partial")
+    (half / "trainer_state.json").unlink(missing_ok=True)
+
+    run(load_recipe(path), ["sft"])
+    metrics = json.loads((tmp_path / "runs" / "sft" / "upstack.json").read_text())["metrics"]
+    assert metrics["resumed_from_step"] == complete and metrics["steps"] == steps
+    resumed = dict(map(tuple, metrics["loss_curve"]))
+    assert sorted(resumed) == list(
+        range(1, steps + 1)
+    )  # history before the kill came back with the state
+
+    # Same data order and optimizer state: the steps after the resume match an uninterrupted run.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    run(load_recipe(_recipe(fresh, {"sft": settings})), ["sft"])
+    reference = dict(
+        map(
+            tuple,
+            json.loads((fresh / "runs" / "sft" / "upstack.json").read_text())["metrics"][
+                "loss_curve"
+            ],
+        )
+    )
+    for step in range(complete + 1, steps + 1):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-4), step
