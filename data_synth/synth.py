@@ -8,6 +8,7 @@ import json
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Literal
@@ -99,28 +100,21 @@ def run(spec: Spec, ctx) -> dict:
     dropped: Counter[str] = Counter()
     seeds = _dedupe_seeds(_load(spec.seeds, ctx), dropped)
     seeds = _decontaminate(seeds, spec.decontaminate, ctx, dropped)
-    if isinstance(spec.teacher, ScriptedTeacher):
-        if any(p.source != "arith" for p in seeds):
-            raise UserError(
-                f"stages.{ctx.name}.teacher: the scripted teacher only knows `arith` seeds"
-            )
-        if spec.augmentations.fobar or spec.augmentations.self_verification:
-            raise UserError(
-                f"stages.{ctx.name}.augmentations: the scripted teacher cannot do fobar or "
-                "self_verification; set them to 0"
-            )
+    _check_scripted(spec, seeds, ctx)
     ctx.log(f"{len(seeds)} seeds after dedup and decontamination ({dict(dropped)} dropped)")
 
-    cache = Cache(ctx.work_dir / CACHE)
-    stats = Counter()
+    # Round one asks what needs only the seed; round two solves the questions round one wrote
+    # (and FOBAR's), since a new question is kept only if its solution reaches the gold answer.
+    cache, stats, verdicts = Cache(ctx.work_dir / CACHE), Counter(), {}
     first = [r for p in seeds for r in _first_round(p, spec, ctx.seed)]
     bar = tqdm(total=len(first), unit="req", desc="synth", dynamic_ncols=True, mininterval=0.5)
     try:
-        replies = _ask(first, spec, cache, ctx, bar, stats, dropped)
-        records, second = _judge_first(first, replies, spec, ctx.seed, dropped)
+        replies = _ask(first, spec, cache, ctx, bar, stats, verdicts)
+        records, questions = _judge_first(first, replies, verdicts, spec, ctx.seed, dropped)
+        second = [_solve_request(q, spec) for q in questions]
         bar.total += len(second)
-        replies.update(_ask([item[0] for item in second], spec, cache, ctx, bar, stats, dropped))
-        records += _judge_second(second, replies, spec, dropped)
+        replies.update(_ask(second, spec, cache, ctx, bar, stats, verdicts))
+        records += _judge_second(second, questions, replies, verdicts, spec, dropped)
     finally:
         bar.close()
         cache.close()
@@ -131,13 +125,8 @@ def run(spec: Spec, ctx) -> dict:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     kept = Counter(r["augmentation"] for r in records)
-    ctx.log(
-        "summary\n"
-        + markdown_table(
-            ["augmentation", "kept"],
-            [[a, n] for a, n in sorted(kept.items())] + [["total", len(records)]],
-        )
-    )
+    rows = [[a, n] for a, n in sorted(kept.items())] + [["total", len(records)]]
+    ctx.log("kept\n" + markdown_table(["augmentation", "records"], rows))
     ctx.log("dropped\n" + markdown_table(["reason", "count"], sorted(dropped.items())))
     return {
         "seeds": len(seeds),
@@ -151,6 +140,18 @@ def run(spec: Spec, ctx) -> dict:
         "teacher": spec.teacher.kind,
         "model": teacher_model(spec.teacher),
     }
+
+
+def _check_scripted(spec: Spec, seeds: list[Problem], ctx) -> None:
+    if not isinstance(spec.teacher, ScriptedTeacher):
+        return
+    if any(p.source != "arith" for p in seeds):
+        raise UserError(f"stages.{ctx.name}.teacher: the scripted teacher only knows `arith` seeds")
+    if spec.augmentations.fobar or spec.augmentations.self_verification:
+        raise UserError(
+            f"stages.{ctx.name}.augmentations: the scripted teacher cannot do fobar or "
+            "self_verification; set them to 0"
+        )
 
 
 # --------------------------------------------------------------------------- seeds
@@ -209,8 +210,26 @@ def _prompt(name: str, **slots: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
+@dataclass(frozen=True)
+class NewQuestion:
+    """A question written in round one (or by FOBAR's template), waiting for its solve in round two."""
+
+    problem: Problem
+    augmentation: str
+    sample: int
+    text: str
+    gold: str  # the seed's answer, or the masked number for a backward question
+    request_key: str | None  # the request that wrote it; None for FOBAR's template
+
+
 def _request(
-    task: str, messages: list[dict], sample: int, temperature: float, problem: Problem, spec: Spec
+    task: str,
+    messages: list[dict],
+    sample: int,
+    temperature: float,
+    problem: Problem,
+    gold: str | None,
+    spec: Spec,
 ):
     from data_synth.cache import request_key
     from data_synth.teachers import Request
@@ -222,12 +241,18 @@ def _request(
     }
     key = request_key(spec.teacher.kind, teacher_model(spec.teacher), messages, sampling, sample)
     return Request(
-        key=key, task=task, messages=messages, sampling=sampling, sample=sample, problem=problem
+        key=key,
+        task=task,
+        messages=messages,
+        sampling=sampling,
+        sample=sample,
+        problem=problem,
+        gold=gold,
     )
 
 
 def _mask_number(problem: Problem, seed: int) -> tuple[str, str] | None:
-    """The question with one number replaced by X, and that number: what a backward question asks for."""
+    """The question with one number replaced by X, and that number: what a backward question asks."""
     numbers = list(re.finditer(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", problem.question))
     if not numbers:
         return None
@@ -236,47 +261,63 @@ def _mask_number(problem: Problem, seed: int) -> tuple[str, str] | None:
 
 
 def _first_round(problem: Problem, spec: Spec, seed: int) -> list:
-    """Requests that need only the seed. Questions they produce are solved in the second round."""
-    aug, temperature = spec.augmentations, spec.sampling.temperature
+    """Requests that need only the seed."""
+    aug, temperature, question = spec.augmentations, spec.sampling.temperature, problem.question
     out = []
     for i in range(aug.rephrase_question):
-        out.append(
-            _request(
-                "rephrase_question",
-                _prompt("rephrase_question", question=problem.question),
-                i,
-                temperature,
-                problem,
-                spec,
-            )
-        )
+        messages = _prompt("rephrase_question", question=question)
+        out.append(_request("rephrase_question", messages, i, temperature, problem, None, spec))
     for i in range(aug.rephrase_answer):
-        messages = _prompt("rephrase_answer", question=problem.question, solution=problem.solution)
-        out.append(_request("rephrase_answer", messages, i, temperature, problem, spec))
-    for i in range(aug.answer_augmentation):
+        messages = _prompt("rephrase_answer", question=question, solution=problem.solution)
         out.append(
-            _request(
-                "answer_augmentation",
-                _prompt("solve", question=problem.question),
-                i,
-                temperature,
-                problem,
-                spec,
-            )
+            _request("rephrase_answer", messages, i, temperature, problem, problem.answer, spec)
+        )
+    for i in range(aug.answer_augmentation):
+        messages = _prompt(
+            "solve", question=question
+        )  # a fresh solution: the solve prompt, sampled
+        out.append(
+            _request("answer_augmentation", messages, i, temperature, problem, problem.answer, spec)
         )
     masked = _mask_number(problem, seed) if aug.self_verification else None
     for i in range(aug.self_verification if masked else 0):
         messages = _prompt("self_verification", question=masked[0], answer=problem.answer)
-        out.append(_request("self_verification", messages, i, temperature, problem, spec))
+        out.append(_request("self_verification", messages, i, temperature, problem, None, spec))
     return out
 
 
-def _ask(requests: list, spec: Spec, cache, ctx, bar, stats: Counter, dropped: Counter) -> dict:
-    """key -> reply text (None if it failed) for every request: from the cache, else from the teacher."""
+def _solve_request(question: NewQuestion, spec: Spec):
+    # FOBAR's question is the same for every sample, so its samples are sampled solves; a
+    # rephrased question is its own sample, solved greedily.
+    fobar = question.augmentation == "fobar"
+    temperature = spec.sampling.temperature if fobar else spec.sampling.solve_temperature
+    return _request(
+        "solve",
+        _prompt("solve", question=question.text),
+        question.sample if fobar else 0,
+        temperature,
+        question.problem,
+        question.gold,
+        spec,
+    )
+
+
+def _ask(requests: list, spec: Spec, cache, ctx, bar, stats: Counter, verdicts: dict) -> dict:
+    """key -> reply text (None if it failed), from the cache or else the teacher; each reply that
+    must reach a gold answer is checked as it arrives, into `verdicts` (key -> drop reason or None)."""
     from data_synth.teachers import stream
+    from data_synth.verify import check
+
+    def judge(request, text: str | None) -> None:
+        if request.gold is not None:
+            verdicts[request.key] = "request_failed" if text is None else check(request.gold, text)
+            stats["dropped" if verdicts[request.key] else "kept"] += 1
 
     unique = list({r.key: r for r in requests}.values())
     replies: dict[str, str | None] = cache.get_many([r.key for r in unique])
+    for request in unique:
+        if request.key in replies:
+            judge(request, replies[request.key])
     stats["requests"] += len(unique)
     stats["cache_hits"] += len(replies)
     bar.update(len(requests) - len(unique) + len(replies))
@@ -286,16 +327,18 @@ def _ask(requests: list, spec: Spec, cache, ctx, bar, stats: Counter, dropped: C
         async for request, reply in stream(spec.teacher, todo, ctx):
             stats["sent"] += 1
             stats["retries"] += reply.retries
-            if reply.text is not None:
+            if (
+                reply.text is not None
+            ):  # only finished requests are cached: a failed one is retried next run
                 cache.put(request.key, request.task, request.messages, reply.text, reply.retries)
-            else:
-                stats["failed"] += 1
             replies[request.key] = reply.text
+            judge(request, reply.text)
             bar.update(1)
             bar.set_postfix(
+                kept=stats["kept"],
+                dropped=stats["dropped"],
                 cached=stats["cache_hits"],
                 retries=stats["retries"],
-                failed=stats["failed"],
                 refresh=False,
             )
 
@@ -331,58 +374,49 @@ def _record(
         "original_solution": problem.solution,
         "teacher": spec.teacher.kind,
         "model": teacher_model(spec.teacher),
-        "request_hash": answer_key,
-        "question_request_hash": question_key,
+        "request_hash": answer_key,  # the reply that is `answer`
+        "question_request_hash": question_key,  # the reply that is `question`, if a teacher wrote it
     }
 
 
 def _judge_first(
-    requests: list, replies: dict, spec: Spec, seed: int, dropped: Counter
-) -> tuple[list[dict], list[tuple]]:
-    """Keep verified answers; turn each usable new question into a `solve` request for round two.
-
-    Round two items: (solve request, seed problem, augmentation, sample, question, gold, question key).
-    """
-    from data_synth.verify import check
-
+    requests: list, replies: dict, verdicts: dict, spec: Spec, seed: int, dropped: Counter
+) -> tuple[list[dict], list[NewQuestion]]:
+    """Records of verified answers, and the usable new questions (to be solved in round two)."""
     records, questions = [], []
     for request in requests:
         problem, text = request.problem, replies.get(request.key)
-        if text is None:
-            dropped["request_failed"] += 1
-            continue
-        if request.task in ("rephrase_answer", "answer_augmentation"):
-            reason = check(problem.answer, text)
-            if reason:
-                dropped[reason] += 1
-                continue
-            records.append(
-                _record(
-                    problem,
-                    request.task,
-                    request.sample,
-                    problem.question,
-                    text,
-                    problem.answer,
-                    request.key,
-                    spec,
+        if request.gold is not None:  # an answer: verified as it arrived
+            if verdicts[request.key]:
+                dropped[verdicts[request.key]] += 1
+            else:
+                records.append(
+                    _record(
+                        problem,
+                        request.task,
+                        request.sample,
+                        problem.question,
+                        text,
+                        problem.answer,
+                        request.key,
+                        spec,
+                    )
                 )
-            )
-            continue
-        question = text.strip()
-        if not question:
+        elif text is None:
+            dropped["request_failed"] += 1
+        elif not text.strip():
             dropped["empty"] += 1
-        elif _words(question) == _words(problem.question):
-            dropped["unchanged_question"] += (
-                1  # a "rephrasing" that says the same thing adds nothing
-            )
+        elif _words(text) == _words(problem.question):
+            dropped["unchanged_question"] += 1  # a "rephrasing" that says the same adds nothing
         else:
             gold = (
                 problem.answer
                 if request.task == "rephrase_question"
                 else _mask_number(problem, seed)[1]
             )
-            questions.append((problem, request.task, request.sample, question, gold, request.key))
+            questions.append(
+                NewQuestion(problem, request.task, request.sample, text.strip(), gold, request.key)
+            )
 
     # FOBAR's backward question comes from a fixed template, not from the teacher.
     for problem in (
@@ -392,61 +426,47 @@ def _judge_first(
         if masked is None:
             dropped["no_number_to_mask"] += spec.augmentations.fobar
             continue
-        question = (
-            Template((PROMPTS / "fobar.txt").read_text())
-            .substitute(question=masked[0], answer=problem.answer)
-            .strip()
-        )
+        template = Template((PROMPTS / "fobar.txt").read_text())
+        text = template.substitute(question=masked[0], answer=problem.answer).strip()
         questions += [
-            (problem, "fobar", i, question, masked[1], None)
+            NewQuestion(problem, "fobar", i, text, masked[1], None)
             for i in range(spec.augmentations.fobar)
         ]
-
-    # Sample index = the augmentation's sample, so two fobar samples are two solves of one question.
-    solve = [
-        (
-            _request(
-                "solve",
-                _prompt("solve", question=q),
-                sample if task == "fobar" else 0,
-                spec.sampling.solve_temperature if task != "fobar" else spec.sampling.temperature,
-                problem,
-                spec,
-            ),
-            problem,
-            task,
-            sample,
-            q,
-            gold,
-            key,
-        )
-        for problem, task, sample, q, gold, key in questions
-    ]
-    return records, solve
+    return records, questions
 
 
-def _judge_second(solve: list[tuple], replies: dict, spec: Spec, dropped: Counter) -> list[dict]:
+def _judge_second(
+    solves: list,
+    questions: list[NewQuestion],
+    replies: dict,
+    verdicts: dict,
+    spec: Spec,
+    dropped: Counter,
+) -> list[dict]:
     """A new question is kept only if the teacher's own solution of it reaches the gold answer."""
-    from data_synth.verify import check
-
     records = []
-    for request, problem, task, sample, question, gold, question_key in solve:
-        text = replies.get(request.key)
-        if text is None:
-            dropped["request_failed"] += 1
-            continue
-        reason = check(gold, text)
-        if reason:
-            dropped[reason] += 1
+    for request, question in zip(solves, questions, strict=True):
+        if verdicts[request.key]:
+            dropped[verdicts[request.key]] += 1
             continue
         records.append(
-            _record(problem, task, sample, question, text, gold, request.key, spec, question_key)
+            _record(
+                question.problem,
+                question.augmentation,
+                question.sample,
+                question.text,
+                replies[request.key],
+                question.gold,
+                request.key,
+                spec,
+                question.request_key,
+            )
         )
     return records
 
 
 def _dedupe_records(records: list[dict], seeds: list[Problem], dropped: Counter) -> list[dict]:
-    """One record per (augmentation, question, answer), in seed order, then augmentation, then sample:
+    """One record per (augmentation, question, answer), ordered by seed, augmentation, sample:
     the same file whatever order the replies came back in."""
     position = {p.id: i for i, p in enumerate(seeds)}
     order = {a: i for i, a in enumerate(Augmentations.model_fields)}
@@ -455,11 +475,8 @@ def _dedupe_records(records: list[dict], seeds: list[Problem], dropped: Counter)
     )
     seen, out = set(), []
     for record in records:
-        key = hashlib.sha256(
-            json.dumps(
-                [record["augmentation"], _words(record["question"]), _words(record["answer"])]
-            ).encode()
-        ).digest()
+        identity = [record["augmentation"], _words(record["question"]), _words(record["answer"])]
+        key = hashlib.sha256(json.dumps(identity).encode()).digest()
         if key in seen:
             dropped["duplicate"] += 1
             continue

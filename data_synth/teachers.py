@@ -30,6 +30,7 @@ class Request:
     sampling: dict[str, Any]  # temperature, top_p, max_tokens
     sample: int
     problem: Problem = field(compare=False)
+    gold: str | None = None  # the final answer the reply must reach; None when it writes a question
 
 
 @dataclass(frozen=True)

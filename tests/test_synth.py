@@ -1,11 +1,8 @@
 import json
-from collections import Counter
 
 import pytest
 from conftest import run_cli, write_recipe
 
-from data_synth.seeds import Problem
-from data_synth.synth import Spec, _first_round, _judge_first, _judge_second
 from data_synth.verify import check
 from upstack.errors import UserError
 from upstack.recipe import load_recipe
@@ -74,59 +71,62 @@ def test_scripted_synth_verifies_counts_and_builds_solar_tuples(tmp_path):
         ]
 
 
-def _problem():
-    return Problem(
-        id="p1",
-        question="Ana has 3 apples and buys 4 more. How many?",
-        solution="3 + 4 = \\boxed{7}",
-        answer="7",
-        source="arith",
+def fake_teacher(make_reply):
+    """A teacher stream that answers every request with make_reply(request): text, or None for a failure."""
+    from data_synth.teachers import Reply
+
+    async def stream(spec, requests, ctx):
+        for request in requests:
+            text = make_reply(request)
+            yield request, Reply(text, error=None if text is not None else "HTTP 500")
+
+    return stream
+
+
+def run_synth(tmp_path, monkeypatch, make_reply) -> dict:
+    monkeypatch.setattr("data_synth.teachers.stream", fake_teacher(make_reply))
+    path = write_recipe(
+        tmp_path,
+        f"""
+        name: malformed
+        output_dir: {tmp_path / "runs"}
+        stages:
+          synth:
+            seeds: [{{source: arith, count: 5}}]
+            teacher: {{kind: scripted}}
+            augmentations: {{rephrase_question: 1, rephrase_answer: 1}}
+    """,
     )
+    run(load_recipe(path), ["synth"])
+    return metrics(tmp_path / "runs" / "synth")
 
 
 @pytest.mark.parametrize(
     "reply, reason",
     [
         ("", "empty"),
-        ("   ", "empty"),
-        ("So the total is 7.", "no_boxed_answer"),
-        ("So \\boxed{8}.", "wrong_answer"),
-        ("So \\boxed{7", "no_boxed_answer"),
+        ("So the total is some number.", "no_boxed_answer"),
+        ("So \\boxed{999}.", "wrong_answer"),
+        ("Cut off: \\boxed{12", "no_boxed_answer"),
         (None, "request_failed"),
     ],
 )
-def test_malformed_teacher_output_is_dropped_and_counted(reply, reason):
-    spec = Spec.model_validate(
-        {
-            "seeds": [{"source": "arith"}],
-            "teacher": {"kind": "scripted"},
-            "augmentations": {"rephrase_question": 1, "rephrase_answer": 1},
-        }
-    )
-    first = _first_round(_problem(), spec, seed=0)
-    dropped = Counter()
-    # both round-one replies malformed: the answer is judged directly ...
-    records, second = _judge_first(first, {r.key: reply for r in first}, spec, 0, dropped)
-    assert records == []
-    # ... and a malformed question never reaches round two, or its solve is judged there
-    solve_replies = {item[0].key: reply for item in second}
-    assert _judge_second(second, solve_replies, spec, dropped) == []
-    assert sum(dropped.values()) == 2 and dropped[reason] >= 1
+def test_malformed_teacher_output_is_dropped_and_counted(tmp_path, monkeypatch, reply, reason):
+    stats = run_synth(tmp_path, monkeypatch, lambda request: reply)
+    # 5 rephrased answers dropped in round one; 5 rephrased questions dropped in round one
+    # (empty, failed) or, being usable text, sent to round two and their solves dropped there
+    assert stats["kept"] == 0 and stats["dropped"] == {reason: 10}
+    assert (tmp_path / "runs" / "synth" / "records.jsonl").read_text() == ""
 
 
-def test_good_answer_in_latex_form_is_kept():
-    spec = Spec.model_validate(
-        {
-            "seeds": [{"source": "arith"}],
-            "teacher": {"kind": "scripted"},
-            "augmentations": {"rephrase_question": 0, "rephrase_answer": 1},
-        }
-    )
-    first = _first_round(_problem(), spec, seed=0)
-    records, _ = _judge_first(
-        first, {first[0].key: "3+4 gives \\boxed{\\frac{14}{2}}"}, spec, 0, Counter()
-    )
-    assert len(records) == 1 and records[0]["gold"] == "7"
+def test_equivalent_answer_in_another_form_is_kept(tmp_path, monkeypatch):
+    def reply(request):  # "7" as \frac{14}{2}: math-verify, not string equality, decides
+        if request.gold is None:
+            return f"Reworded question {request.problem.id}?"
+        return f"Therefore \\boxed{{\\frac{{{2 * int(request.gold)}}}{{2}}}}"
+
+    stats = run_synth(tmp_path, monkeypatch, reply)
+    assert stats["kept"] == 10 and stats["dropped"] == {}
 
 
 def test_scripted_teacher_refuses_other_seeds(tmp_path):
