@@ -119,3 +119,65 @@ def test_eval_without_models_or_after_fails_at_load(tmp_path):
     path = write_recipe(tmp_path, "name: e\nstages:\n  eval: {}\n")
     with pytest.raises(UserError, match=r"recipe.yaml:3: stages.eval: list `models`"):
         load_recipe(path)
+
+
+LM_EVAL_TASK = """\
+task: upstack_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_task_from_a_local_yaml_scores_like_our_own_loglikelihoods(tmp_path, tiny_model):
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
+    problems = arith.problems(8, seed=5, split="eval")
+    docs = [
+        {"question": p.question, "choices": [str(p.answer), str(p.answer + 3)], "label": 0}
+        for p in problems
+    ]
+    (tmp_path / "toy.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "toy.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "toy.jsonl"))
+    recipe_path = write_recipe(
+        tmp_path,
+        f"""\
+        name: e
+        output_dir: {tmp_path / "runs"}
+        stages:
+          eval:
+            models: [{tiny_model}]
+            math: null
+            loss: null
+            lm_eval: {{tasks: [upstack_toy], include_path: {tasks}, batch_size: 4}}
+        """,
+    )
+    run(load_recipe(recipe_path), ["eval"])
+    [row] = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())["rows"]
+
+    # lm-eval's multiple choice: the choice whose continuation " <choice>" is most likely wins
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def loglikelihood(context: str, continuation: str) -> float:
+        context_ids = tokenizer(context, add_special_tokens=False).input_ids
+        whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+        with torch.inference_mode():
+            logprobs = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+        return sum(logprobs[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
+
+    right = [
+        max(range(2), key=lambda c, d=d: loglikelihood(d["question"], " " + d["choices"][c])) == 0
+        for d in docs
+    ]
+    assert row["upstack_toy/acc"] == round(sum(right) / len(docs), 4)

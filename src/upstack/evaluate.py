@@ -287,7 +287,9 @@ def mean_loss(model, tokenizer, texts: list[str], settings: LossEval) -> float:
 
 
 def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict[str, float]:
-    """Each task's headline metric, as lm-eval reports it: {'arc_challenge/acc_norm': 0.61, ...}."""
+    """Each asked task's metrics as lm-eval reports them: {'arc_challenge/acc_norm': 0.61, ...}."""
+    import torch
+
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -295,12 +297,23 @@ def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict
         raise UserError(
             "eval.lm_eval: lm-eval is not installed: pip install 'upstack[lm-eval]'"
         ) from None
-    manager = (
-        TaskManager(include_path=settings.include_path) if settings.include_path else TaskManager()
-    )
+    # Indexing lm-eval's ~15k built-in task files takes ~20 s: skip it when the user's dir has them all.
+    manager = None
+    if settings.include_path:
+        manager = TaskManager(include_path=settings.include_path, include_defaults=False)
+        if not all(task in manager.all_tasks for task in settings.tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=settings.include_path)
+    unknown = [task for task in settings.tasks if task not in manager.all_tasks]
+    if unknown:
+        raise UserError(
+            f"eval.lm_eval.tasks: lm-eval has no task {', '.join(unknown)}"
+            + (f" (nor {settings.include_path})" if settings.include_path else "")
+        )
     output = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": path, "trust_remote_code": trust_remote_code},
+        device="cuda" if torch.cuda.is_available() else "cpu",  # lm-eval assumes cuda
         tasks=settings.tasks,
         num_fewshot=settings.num_fewshot,
         limit=settings.limit,
@@ -308,11 +321,12 @@ def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict
         task_manager=manager,
     )
     scores = {}
-    for task, metrics in output["results"].items():
-        for key, value in metrics.items():
-            if isinstance(value, int | float) and "stderr" not in key and key != "alias":
-                scores[f"{task}/{key.split(',')[0]}"] = round(float(value), 4)
-                break  # the first metric is the task's headline one
+    for task in settings.tasks:  # a group (mmlu) also reports its subtasks: keep what was asked
+        for key, value in output["results"].get(task, {}).items():
+            metric, _, filter_name = key.partition(",")
+            if filter_name and "_stderr" not in metric and isinstance(value, int | float):
+                suffix = "" if filter_name == "none" else f"[{filter_name}]"
+                scores[f"{task}/{metric}{suffix}"] = round(float(value), 4)
     return scores
 
 
