@@ -252,6 +252,8 @@ def train(trainer, ctx) -> dict[str, Any]:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics = {
         "steps": trainer.state.global_step,
+        "processes": trainer.accelerator.num_processes,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
         "resumed_from_step": int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,

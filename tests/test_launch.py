@@ -1,0 +1,58 @@
+"""Training stages under `accelerate launch`: two CPU processes (gloo), one output, one manifest."""
+
+import json
+
+import pytest
+import yaml
+from conftest import ROOT, run_cli
+
+
+@pytest.mark.slow
+def test_sft_with_two_processes_writes_one_output(tmp_path, tiny_model):
+    # The shipped DDP config; on a machine without GPUs the workers fall back to CPU and gloo.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "output_dir": str(tmp_path / "runs"),
+                "stages": {
+                    "sft": {
+                        "model": str(tiny_model),
+                        "datasets": [{"arith": {"problems": 64}}],
+                        "trainer": {
+                            "max_steps": 6,
+                            "per_device_train_batch_size": 4,
+                            "learning_rate": 3e-3,
+                            "max_length": 128,
+                            "logging_steps": 1,
+                        },
+                    }
+                },
+            }
+        )
+    )
+    result = run_cli(
+        "run",
+        str(recipe),
+        "sft",
+        cwd=tmp_path,
+        timeout=300,
+        env={
+            "ACCELERATE": str(ROOT / "recipes/accelerate/ddp.yaml"),
+            "NPROC": "2",
+            "OMP_NUM_THREADS": "1",
+        },
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [".lock", ".work", "sft"]  # no temp dirs left
+    assert len(list(runs.rglob("upstack.json"))) == 1
+    out = runs / "sft"
+    assert not (out / ".metrics.json").exists() and len(list(out.glob("*.safetensors"))) == 1
+    metrics = json.loads((out / "upstack.json").read_text())["metrics"]
+    assert metrics["processes"] == 2 and metrics["steps"] == 6
+    # Both ranks consumed data: 6 steps x 4 rows x 2 processes = 48 of 64 rows, not 24.
+    assert metrics["epochs"] == pytest.approx(48 / 64)
+    losses = [loss for _, loss in metrics["loss_curve"]]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
