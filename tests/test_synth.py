@@ -171,3 +171,43 @@ def test_bad_seed_file_exits_2_naming_file_and_line(tmp_path):
     assert "seeds.jsonl:2: field 'answer' (columns.answer) is missing" in last
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "r" / "synth").exists()
+
+
+def test_backward_questions_fobar_and_self_verification(tmp_path, monkeypatch):
+    def reply(request):
+        if request.task == "self_verification":  # the teacher's restatement of question + answer
+            return f"Knowing the total for {request.problem.id}, find X."
+        return f"X is \\boxed{{{request.gold}}}"  # a correct solve of whatever was asked
+
+    monkeypatch.setattr("data_synth.teachers.stream", fake_teacher(reply))
+    path = write_recipe(
+        tmp_path,
+        f"""
+        name: backward
+        output_dir: {tmp_path / "runs"}
+        stages:
+          synth:
+            seeds: [{{source: arith, count: 4}}]
+            teacher: {{kind: openai, model: m, base_urls: ["http://127.0.0.1:9/v1"]}}
+            augmentations: {{rephrase_question: 0, rephrase_answer: 0, fobar: 1, self_verification: 1}}
+    """,
+    )
+    run(load_recipe(path), ["synth"])
+    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
+    fobar = [r for r in records if r["augmentation"] == "fobar"]
+    verification = [r for r in records if r["augmentation"] == "self_verification"]
+    assert len(fobar) == len(verification) == 4
+    for record in fobar:
+        # one number of the original question became X; the answer is given; X is the gold
+        assert (
+            f"the above question is {record['original_solution'].split('boxed{')[1].split('}')[0]}"
+            in record["question"]
+        )
+        assert record["question"].count("X") >= 2 and record["gold"] in record["original_question"]
+        assert (
+            record["question_request_hash"] is None
+        )  # FOBAR's question is a template, not a reply
+    assert all(
+        r["question"].startswith("Knowing the total") and r["question_request_hash"]
+        for r in verification
+    )
