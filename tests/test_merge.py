@@ -159,6 +159,10 @@ BAD = [
         "stages.merge.models.0.parameters.wieght: unknown parameter 'wieght' for linear",
     ),
     (
+        "merge_method: linear\n    dtype: float33\n    models: [{model: x/a, parameters: {weight: 1}}]",
+        "stages.merge.dtype: not a dtype mergekit knows",
+    ),
+    (
         "merge_method: linear\n    models: [{model: x/a, parameters: {weight: heavy}}]",
         "stages.merge.models.0.parameters.weight: not a valid value",
     ),

@@ -95,7 +95,7 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
 
     mergekit only finds these once it has loaded every model; here they fail at recipe load.
     """
-    from mergekit.common import parse_kmb
+    from mergekit.common import dtype_from_name, parse_kmb
     from mergekit.config import MergeConfiguration, evaluate_setting
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import BasePolicy, ParameterScope
@@ -114,6 +114,15 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
     except ValidationError as err:
         first = err.errors()[0]
         return tuple(first["loc"]), f"mergekit: {first['msg']}"
+    for key in ("dtype", "out_dtype"):
+        try:
+            if getattr(spec, key) is not None:
+                dtype_from_name(getattr(spec, key))
+        except RuntimeError:
+            return (
+                (key,),
+                f"not a dtype mergekit knows (float32, bfloat16, float16, ...): {getattr(spec, key)!r}",
+            )
     try:
         parse_kmb(spec.out_shard_size)
     except (ValueError, IndexError):
