@@ -159,7 +159,8 @@ def test_lm_eval_task_from_a_local_yaml_scores_like_our_own_loglikelihoods(tmp_p
             models: [{tiny_model}]
             math: null
             loss: null
-            lm_eval: {{tasks: [upstack_toy], include_path: {tasks}, batch_size: 4}}
+            lm_eval: {{tasks: [upstack_toy], num_fewshot: {{upstack_toy: 0}}, include_path: {tasks},
+                      batch_size: 4}}
         """,
     )
     run(load_recipe(recipe_path), ["eval"])

@@ -49,7 +49,9 @@ class LmEval(Strict):
     """lm-evaluation-harness (`pip install upstack[lm-eval]`); its tasks download from the Hub."""
 
     tasks: list[str] = Field(min_length=1, description="e.g. arc_challenge, hellaswag, mmlu, gsm8k")
-    num_fewshot: int | None = None
+    num_fewshot: int | dict[str, int] | None = Field(
+        None, description="shots for every task, or per task ({arc_challenge: 25, hellaswag: 10})"
+    )
     limit: int | None = Field(None, ge=1, description="examples per task, for a quick look")
     batch_size: int = 8
     include_path: str | None = Field(None, description="a dir of your own task YAMLs")
@@ -310,23 +312,28 @@ def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict
             f"eval.lm_eval.tasks: lm-eval has no task {', '.join(unknown)}"
             + (f" (nor {settings.include_path})" if settings.include_path else "")
         )
-    output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": path, "trust_remote_code": trust_remote_code},
-        device="cuda" if torch.cuda.is_available() else "cpu",  # lm-eval assumes cuda
-        tasks=settings.tasks,
-        num_fewshot=settings.num_fewshot,
-        limit=settings.limit,
-        batch_size=settings.batch_size,
-        task_manager=manager,
-    )
+    shots = settings.num_fewshot
+    by_shots: dict[int | None, list[str]] = {}
+    for task in settings.tasks:
+        by_shots.setdefault(shots.get(task) if isinstance(shots, dict) else shots, []).append(task)
     scores = {}
-    for task in settings.tasks:  # a group (mmlu) also reports its subtasks: keep what was asked
-        for key, value in output["results"].get(task, {}).items():
-            metric, _, filter_name = key.partition(",")
-            if filter_name and "_stderr" not in metric and isinstance(value, int | float):
-                suffix = "" if filter_name == "none" else f"[{filter_name}]"
-                scores[f"{task}/{metric}{suffix}"] = round(float(value), 4)
+    for num_fewshot, tasks in by_shots.items():  # one lm-eval run per shot count
+        output = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": path, "trust_remote_code": trust_remote_code},
+            device="cuda" if torch.cuda.is_available() else "cpu",  # lm-eval assumes cuda
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=settings.limit,
+            batch_size=settings.batch_size,
+            task_manager=manager,
+        )
+        for task in tasks:  # a group (mmlu) also reports its subtasks: keep what was asked
+            for key, value in output["results"].get(task, {}).items():
+                metric, _, filter_name = key.partition(",")
+                if filter_name and "_stderr" not in metric and isinstance(value, int | float):
+                    suffix = "" if filter_name == "none" else f"[{filter_name}]"
+                    scores[f"{task}/{metric}{suffix}"] = round(float(value), 4)
     return scores
 
 
