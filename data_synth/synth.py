@@ -13,17 +13,19 @@ from pathlib import Path
 from string import Template
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from data_synth.seeds import Problem, SeedSource, load_problems
+from data_synth import teachers, verify
+from data_synth.cache import Cache, request_key
+from data_synth.seeds import ArithSeeds, Problem, SeedSource, load_problems
 from data_synth.teachers import (
+    Request,
     ScriptedTeacher,
     TeacherSpec,
     TransformersTeacher,
     VllmTeacher,
     teacher_model,
 )
-from upstack.errors import UserError
 from upstack.recipe import StageSpec, Strict
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -80,6 +82,19 @@ class Spec(StageSpec):
     sampling: Sampling = Field(default_factory=Sampling)
     decontaminate: Decontaminate = Field(default_factory=Decontaminate)
 
+    @model_validator(mode="after")
+    def _scripted_knows_only_arith(self) -> Spec:
+        if isinstance(self.teacher, ScriptedTeacher):
+            if any(not isinstance(s, ArithSeeds) for s in self.seeds):
+                raise ValueError(
+                    "the scripted teacher only knows `arith` seeds: use another teacher kind"
+                )
+            if self.augmentations.fobar or self.augmentations.self_verification:
+                raise ValueError(
+                    "the scripted teacher cannot do fobar or self_verification: set them to 0"
+                )
+        return self
+
     def refs(self) -> dict[str, str]:
         refs = {}
         for i, source in enumerate(self.seeds):
@@ -94,26 +109,24 @@ class Spec(StageSpec):
 def run(spec: Spec, ctx) -> dict:
     from tqdm import tqdm
 
-    from data_synth.cache import Cache
     from upstack.tables import markdown_table
 
     dropped: Counter[str] = Counter()
     seeds = _dedupe_seeds(_load(spec.seeds, ctx), dropped)
     seeds = _decontaminate(seeds, spec.decontaminate, ctx, dropped)
-    _check_scripted(spec, seeds, ctx)
     ctx.log(f"{len(seeds)} seeds after dedup and decontamination ({dict(dropped)} dropped)")
 
     # Round one asks what needs only the seed; round two solves the questions round one wrote
     # (and FOBAR's), since a new question is kept only if its solution reaches the gold answer.
-    cache, stats, verdicts = Cache(ctx.work_dir / CACHE), Counter(), {}
+    cache, stats, verdicts, errors = Cache(ctx.work_dir / CACHE), Counter(), {}, Counter()
     first = [r for p in seeds for r in _first_round(p, spec, ctx.seed)]
     bar = tqdm(total=len(first), unit="req", desc="synth", dynamic_ncols=True, mininterval=0.5)
     try:
-        replies = _ask(first, spec, cache, ctx, bar, stats, verdicts)
+        replies = _ask(first, spec, cache, ctx, bar, stats, verdicts, errors)
         records, questions = _judge_first(first, replies, verdicts, spec, ctx.seed, dropped)
         second = [_solve_request(q, spec) for q in questions]
         bar.total += len(second)
-        replies.update(_ask(second, spec, cache, ctx, bar, stats, verdicts))
+        replies.update(_ask(second, spec, cache, ctx, bar, stats, verdicts, errors))
         records += _judge_second(second, questions, replies, verdicts, spec, dropped)
     finally:
         bar.close()
@@ -128,6 +141,8 @@ def run(spec: Spec, ctx) -> dict:
     rows = [[a, n] for a, n in sorted(kept.items())] + [["total", len(records)]]
     ctx.log("kept\n" + markdown_table(["augmentation", "records"], rows))
     ctx.log("dropped\n" + markdown_table(["reason", "count"], sorted(dropped.items())))
+    if errors:  # requests that failed for good, after retries: they are retried on the next run
+        ctx.log("failed requests\n" + markdown_table(["error", "count"], errors.most_common()))
     return {
         "seeds": len(seeds),
         "requests": stats["requests"],
@@ -137,21 +152,10 @@ def run(spec: Spec, ctx) -> dict:
         "kept": len(records),
         "kept_by_augmentation": dict(sorted(kept.items())),
         "dropped": dict(sorted(dropped.items())),
+        "request_errors": dict(errors.most_common()),
         "teacher": spec.teacher.kind,
         "model": teacher_model(spec.teacher),
     }
-
-
-def _check_scripted(spec: Spec, seeds: list[Problem], ctx) -> None:
-    if not isinstance(spec.teacher, ScriptedTeacher):
-        return
-    if any(p.source != "arith" for p in seeds):
-        raise UserError(f"stages.{ctx.name}.teacher: the scripted teacher only knows `arith` seeds")
-    if spec.augmentations.fobar or spec.augmentations.self_verification:
-        raise UserError(
-            f"stages.{ctx.name}.augmentations: the scripted teacher cannot do fobar or "
-            "self_verification; set them to 0"
-        )
 
 
 # --------------------------------------------------------------------------- seeds
@@ -231,9 +235,6 @@ def _request(
     gold: str | None,
     spec: Spec,
 ):
-    from data_synth.cache import request_key
-    from data_synth.teachers import Request
-
     sampling = {
         "temperature": temperature,
         "top_p": spec.sampling.top_p,
@@ -260,7 +261,7 @@ def _mask_number(problem: Problem, seed: int) -> tuple[str, str] | None:
     return problem.question[: hit.start()] + "X" + problem.question[hit.end() :], hit.group()
 
 
-def _first_round(problem: Problem, spec: Spec, seed: int) -> list:
+def _first_round(problem: Problem, spec: Spec, seed: int) -> list[Request]:
     """Requests that need only the seed."""
     aug, temperature, question = spec.augmentations, spec.sampling.temperature, problem.question
     out = []
@@ -286,7 +287,7 @@ def _first_round(problem: Problem, spec: Spec, seed: int) -> list:
     return out
 
 
-def _solve_request(question: NewQuestion, spec: Spec):
+def _solve_request(question: NewQuestion, spec: Spec) -> Request:
     # FOBAR's question is the same for every sample, so its samples are sampled solves; a
     # rephrased question is its own sample, solved greedily.
     fobar = question.augmentation == "fobar"
@@ -302,15 +303,24 @@ def _solve_request(question: NewQuestion, spec: Spec):
     )
 
 
-def _ask(requests: list, spec: Spec, cache, ctx, bar, stats: Counter, verdicts: dict) -> dict:
+def _ask(
+    requests: list[Request],
+    spec: Spec,
+    cache: Cache,
+    ctx,
+    bar,
+    stats: Counter,
+    verdicts: dict,
+    errors: Counter,
+) -> dict:
     """key -> reply text (None if it failed), from the cache or else the teacher; each reply that
     must reach a gold answer is checked as it arrives, into `verdicts` (key -> drop reason or None)."""
-    from data_synth.teachers import stream
-    from data_synth.verify import check
 
     def judge(request, text: str | None) -> None:
         if request.gold is not None:
-            verdicts[request.key] = "request_failed" if text is None else check(request.gold, text)
+            verdicts[request.key] = (
+                "request_failed" if text is None else verify.check(request.gold, text)
+            )
             stats["dropped" if verdicts[request.key] else "kept"] += 1
 
     unique = list({r.key: r for r in requests}.values())
@@ -324,7 +334,7 @@ def _ask(requests: list, spec: Spec, cache, ctx, bar, stats: Counter, verdicts: 
     todo = [r for r in unique if r.key not in replies]
 
     async def drive() -> None:
-        async for request, reply in stream(spec.teacher, todo, ctx):
+        async for request, reply in teachers.stream(spec.teacher, todo, ctx):
             stats["sent"] += 1
             stats["retries"] += reply.retries
             if (

@@ -145,8 +145,10 @@ def test_scripted_teacher_refuses_other_seeds(tmp_path):
             teacher: {{kind: scripted}}
     """,
     )
-    with pytest.raises(UserError, match="scripted teacher only knows `arith`"):
-        run(load_recipe(path), ["synth"])
+    with pytest.raises(
+        UserError, match=r"recipe.yaml:\d+: stages.synth: .*scripted teacher only knows `arith`"
+    ):
+        load_recipe(path)
 
 
 @pytest.mark.slow
@@ -162,7 +164,7 @@ def test_bad_seed_file_exits_2_naming_file_and_line(tmp_path):
         stages:
           synth:
             seeds: [{source: jsonl, path: seeds.jsonl}]
-            teacher: {kind: scripted}
+            teacher: {kind: openai, model: m, base_urls: ["http://127.0.0.1:9/v1"]}
     """,
     )
     result = run_cli("run", "recipe.yaml", cwd=tmp_path)

@@ -24,12 +24,12 @@ RECIPE = """
 
 
 def cached_keys(cache_file) -> set[str]:
-    if not cache_file.exists():
+    """Keys committed so far, read beside the writer (WAL lets a reader in at any time)."""
+    try:
+        with sqlite3.connect(f"file:{cache_file}?mode=ro", uri=True) as db:
+            return {key for (key,) in db.execute("SELECT key FROM replies")}
+    except sqlite3.OperationalError:  # the file or its table does not exist yet
         return set()
-    with sqlite3.connect(
-        f"file:{cache_file}?mode=ro", uri=True
-    ) as db:  # a reader beside the writer: WAL
-        return {key for (key,) in db.execute("SELECT key FROM replies")}
 
 
 @pytest.mark.slow
