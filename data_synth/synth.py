@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -17,8 +19,9 @@ from pydantic import Field, model_validator
 
 from data_synth import teachers, verify
 from data_synth.cache import Cache, request_key
-from data_synth.seeds import ArithSeeds, Problem, SeedSource, load_problems
+from data_synth.seeds import ArithSeeds, JsonlSeeds, Problem, SeedSource, load_problems
 from data_synth.teachers import (
+    OpenAITeacher,
     Request,
     ScriptedTeacher,
     TeacherSpec,
@@ -26,6 +29,7 @@ from data_synth.teachers import (
     VllmTeacher,
     teacher_model,
 )
+from upstack.errors import UserError
 from upstack.recipe import StageSpec, Strict
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -104,6 +108,32 @@ class Spec(StageSpec):
         if isinstance(self.teacher, VllmTeacher | TransformersTeacher):
             refs["teacher.model"] = self.teacher.model  # a local model: a stage or a path
         return refs
+
+
+def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+    """Before the run starts (not hours in, after the stages planned before this one), fail on what
+    can be known now: a teacher that cannot start here, a missing API key, a broken seed file."""
+    from upstack.recipe import locate
+
+    teacher = spec.teacher
+    if isinstance(teacher, VllmTeacher) and importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            f"{locate(recipe, 'stages', name, 'teacher', 'kind')}: stages.{name}.teacher.kind: vllm is "
+            "not installed here (pip install vllm on a GPU machine), or serve the model with "
+            "`vllm serve` and use kind: openai"
+        )
+    if (
+        isinstance(teacher, OpenAITeacher)
+        and teacher.api_key_env
+        and not os.environ.get(teacher.api_key_env)
+    ):
+        raise UserError(
+            f"{locate(recipe, 'stages', name, 'teacher', 'api_key_env')}: stages.{name}.teacher.api_key_env: "
+            f"environment variable {teacher.api_key_env} is not set"
+        )
+    for source in [*spec.seeds, *spec.decontaminate.against]:
+        if isinstance(source, JsonlSeeds) and source.path not in recipe.stages:
+            load_problems(source, recipe.seed)  # a bad line is a UserError naming file and line
 
 
 def run(spec: Spec, ctx) -> dict:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from data_synth.seeds import Problem
 from upstack.errors import UserError
@@ -66,6 +66,14 @@ class OpenAITeacher(Strict):
         1.0, ge=0, description="first retry waits about this long, doubling each time"
     )
     backoff_max_s: float = Field(60.0, ge=0)
+
+    @field_validator("base_urls")
+    @classmethod
+    def _http(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"'{url}' is not an http(s) URL, e.g. http://localhost:8000/v1")
+        return urls
 
 
 class VllmTeacher(Strict):

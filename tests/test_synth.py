@@ -206,10 +206,36 @@ def test_backward_questions_fobar_and_self_verification(tmp_path, monkeypatch):
             in record["question"]
         )
         assert record["question"].count("X") >= 2 and record["gold"] in record["original_question"]
-        assert (
-            record["question_request_hash"] is None
-        )  # FOBAR's question is a template, not a reply
+        # FOBAR's question is a template, not a reply
+        assert record["question_request_hash"] is None
     assert all(
         r["question"].startswith("Knowing the total") and r["question_request_hash"]
         for r in verification
     )
+
+
+@pytest.mark.slow
+def test_missing_api_key_fails_before_any_stage_runs(tmp_path):
+    write_recipe(
+        tmp_path,
+        """
+        name: r
+        stages:
+          init: {}
+          synth:
+            after: [init]
+            seeds: [{source: arith, count: 5}]
+            teacher:
+              kind: openai
+              model: m
+              base_urls: ["http://127.0.0.1:9/v1"]
+              api_key_env: UPSTACK_TEST_MISSING_KEY
+    """,
+    )
+    result = run_cli("run", "recipe.yaml", cwd=tmp_path, env={"UPSTACK_TEST_MISSING_KEY": ""})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: recipe.yaml:12: stages.synth.teacher.api_key_env: "
+        "environment variable UPSTACK_TEST_MISSING_KEY is not set"
+    )
+    assert not (tmp_path / "runs" / "r" / "init").exists()  # failed before the first stage ran
