@@ -111,7 +111,8 @@ def run(spec: Spec, ctx) -> dict:
         if texts:
             loss = mean_loss(model, tokenizer, texts, spec.loss)
             row.update(loss=round(loss, 4), perplexity=round(math.exp(min(loss, 50)), 3))
-        del model
+        del model  # before the next one loads: two big models need not fit at once
+        free_accelerator_memory()
         if spec.lm_eval:
             row.update(lm_eval_scores(path, spec.lm_eval, ctx.recipe.trust_remote_code))
         row["seconds"] = round(time.perf_counter() - started, 1)
@@ -154,6 +155,16 @@ def load_model(path: str, trust_remote_code: bool):
     ).to(device)
     model.eval()
     return model, tokenizer
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def prompts_for(tokenizer, questions: list[str], style: str) -> list[str]:

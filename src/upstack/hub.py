@@ -278,9 +278,12 @@ def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
         # upscale and merge leave the exact mergekit config: the layer map or the merge recipe
         merge_config = recipe.out_dir / name / "mergekit_config.yml"
         if merge_config.is_file():
-            parts.append(
-                "mergekit config:\n\n```yaml\n" + merge_config.read_text().rstrip() + "\n```"
-            )
+            text = merge_config.read_text().rstrip()
+            # local stage dirs become stage names: the card should not show this machine's paths
+            for other in sorted(recipe.stages, key=len, reverse=True):
+                for path in (recipe.out_dir / other, (recipe.out_dir / other).resolve()):
+                    text = text.replace(str(path), other)
+            parts.append(f"mergekit config:\n\n```yaml\n{text}\n```")
     return "\n\n".join(parts)
 
 

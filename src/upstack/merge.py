@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from upstack.errors import UserError
 from upstack.recipe import StageSpec, Strict
 
 # Files a checkpoint needs beside its weights that not every mergekit code path carries over
@@ -103,9 +104,8 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
     methods = {method.spec.name: method for method in registry.registered_methods()}
     name = spec.merge_method
     if name not in methods:
-        return (
-            "merge_method",
-        ), f"unknown merge method '{name}' (mergekit has: {', '.join(sorted(methods))})"
+        known_methods = ", ".join(sorted(methods))
+        return ("merge_method",), f"unknown merge method '{name}' (mergekit has: {known_methods})"
     method = methods[name]
     contract = method.spec.contract
 
@@ -115,14 +115,11 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
         first = err.errors()[0]
         return tuple(first["loc"]), f"mergekit: {first['msg']}"
     for key in ("dtype", "out_dtype"):
+        value = getattr(spec, key)
         try:
-            if getattr(spec, key) is not None:
-                dtype_from_name(getattr(spec, key))
+            dtype_from_name(value)
         except RuntimeError:
-            return (
-                (key,),
-                f"not a dtype mergekit knows (float32, bfloat16, float16, ...): {getattr(spec, key)!r}",
-            )
+            return (key,), f"not a dtype mergekit knows (float32, bfloat16, ...): {value!r}"
     try:
         parse_kmb(spec.out_shard_size)
     except (ValueError, IndexError):
@@ -153,10 +150,8 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
             if key not in known:
                 return (*loc, key), f"unknown parameter '{key}' for {name} (takes: {takes})"
             if loc[0] == "models" and known[key].scope == ParameterScope.SHARED:
-                return (
-                    *loc,
-                    key,
-                ), f"'{key}' applies to the whole {name} merge: set it under parameters"
+                message = f"'{key}' applies to the whole {name} merge: set it under parameters"
+                return (*loc, key), message
             try:
                 evaluate_setting("", value, validate=known[key].validate)
             except (ValidationError, ValueError, TypeError) as err:
@@ -196,8 +191,10 @@ def run(spec: Spec, ctx) -> dict:
     for ref in spec.refs().values():
         path = ctx.model_path(ref)
         if ref in ctx.recipe.stages and not Path(path, "config.json").is_file():
-            raise RuntimeError(f"stage {ref} has no model at {path}: is it a model stage?")
-    # Written before the merge, so a failed merge can be rerun by hand with mergekit-yaml.
+            raise UserError(
+                f"stages.{ctx.name}: stage '{ref}' wrote no model (no {path}/config.json)"
+            )
+    # The exact config mergekit ran, paths resolved: `mergekit-yaml mergekit_config.yml OUT` redoes it.
     config_text = yaml.safe_dump(config, sort_keys=False)
     (ctx.out_dir / "mergekit_config.yml").write_text(config_text)
     ctx.log(f"{spec.merge_method} over {len(spec.models)} models")
