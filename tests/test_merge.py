@@ -128,6 +128,31 @@ def test_ties_merge_over_stage_outputs_has_every_tensor_and_no_nan(tmp_path, tin
     assert str(tmp_path / "runs" / "base") in (out / "mergekit_config.yml").read_text()
 
 
+def test_models_of_different_shapes_fail_before_anything_is_written(tmp_path, tiny_model):
+    shallow = tmp_path / "shallow"
+    shutil.copytree(tiny_model, shallow)
+    config = json.loads((shallow / "config.json").read_text())
+    (shallow / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    recipe = write_recipe(
+        tmp_path,
+        f"""\
+        name: m
+        output_dir: {tmp_path / "runs"}
+        stages:
+          merge:
+            merge_method: linear
+            models:
+              - {{model: {tiny_model}, parameters: {{weight: 0.5}}}}
+              - {{model: {shallow}, parameters: {{weight: 0.5}}}}
+        """,
+    )
+    with pytest.raises(
+        UserError, match=r"recipe.yaml:8: stages.merge.models.1.model: .*num_hidden_layers: 4 vs 8"
+    ):
+        run(load_recipe(recipe), ["merge"])
+    assert not (tmp_path / "runs" / "merge").exists()
+
+
 BAD = [
     (
         "merge_method: lineer\n    models: [{model: x/a, parameters: {weight: 1}}]",

@@ -159,3 +159,11 @@ def test_push_of_an_unfinished_stage_is_a_user_error(tmp_path):
         push_stage(recipe, "merge", "me/x", dry_run=True)
     with pytest.raises(UserError, match="expected org/name"):
         push_stage(recipe, "merge", "not-a-repo-id", dry_run=True)
+    # the push stage's own inputs are checked before any stage runs
+    wrong = RECIPE.replace("datasets: [{{stage: synth}}]", "datasets: [{{stage: init}}]")
+    recipe = load_recipe(write_recipe(tmp_path, wrong.format(out=tmp_path / "runs")))
+    with pytest.raises(
+        UserError, match=r"stages.push.datasets.0.stage: 'init' is not a synth or pairs"
+    ):
+        run(recipe, ["push"])
+    assert not (tmp_path / "runs" / "init").exists()

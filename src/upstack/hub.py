@@ -49,12 +49,22 @@ class Spec(StageSpec):
         return refs
 
 
+def check(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
+    """Before anything runs: `model` is a model stage, each of `datasets` a synth or pairs stage."""
+    from upstack.recipe import locate
+
+    wanted = [("model", spec.model, MODEL_KINDS, "a model stage (" + ", ".join(MODEL_KINDS) + ")")]
+    wanted += [
+        (f"datasets.{i}.stage", d.stage, DATA_KINDS, "a synth or pairs stage")
+        for i, d in enumerate(spec.datasets)
+    ]
+    for key, ref, kinds, what in wanted:
+        if getattr(recipe.stages.get(ref), "kind", None) not in kinds:
+            where = locate(recipe, "stages", name, *key.split("."))
+            raise UserError(f"{where}: stages.{name}.{key}: '{ref}' is not {what} of this recipe")
+
+
 def run(spec: Spec, ctx) -> dict:
-    for i, dataset in enumerate(spec.datasets):
-        if getattr(ctx.recipe.stages.get(dataset.stage), "kind", None) not in DATA_KINDS:
-            raise UserError(
-                f"stages.{ctx.name}.datasets.{i}.stage: '{dataset.stage}' is not a synth or pairs stage"
-            )
     staging = ctx.work_dir / "upload"
     pushed = [
         push_stage(

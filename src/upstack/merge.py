@@ -180,6 +180,54 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
     return None
 
 
+# Config fields that must agree for tensors to line up, tensor by tensor.
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+    """Before the runner writes anything: every local input is a safetensors checkpoint and all
+    of them have the same shapes. Inputs this run rebuilds, and Hub ids, are checked by mergekit."""
+    import json
+
+    from upstack.recipe import locate
+
+    shapes: dict[str, tuple[str, dict]] = {}
+    for key, ref in spec.refs().items():
+        if ref in pending or key == "tokenizer_source":
+            continue
+        path = recipe.out_dir / ref if ref in recipe.stages else Path(ref).expanduser()
+        if ref not in recipe.stages and not path.exists():
+            continue  # a Hub id
+        where = f"{locate(recipe, 'stages', name, *key.split('.'))}: stages.{name}.{key}"
+        if not (path / "config.json").is_file():
+            raise UserError(f"{where}: no model at {path} (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise UserError(
+                f"{where}: {path} has no *.safetensors weights (pickles are never loaded)"
+            )
+        config = json.loads((path / "config.json").read_text())
+        # a tokenizer_source merge aligns the vocabularies; everything else must match as is
+        keys = [k for k in SHAPE_KEYS if not (k == "vocab_size" and spec.tokenizer_source)]
+        shape = {k: config.get(k) for k in keys}
+        for other_key, (other_ref, other_shape) in shapes.items():
+            differ = [
+                f"{k}: {shape[k]} vs {other_shape[k]}" for k in keys if shape[k] != other_shape[k]
+            ]
+            if differ:
+                raise UserError(
+                    f"{where}: '{ref}' does not match '{other_ref}' ({other_key}): "
+                    f"{', '.join(differ)}; merged models need the same shapes"
+                )
+        shapes[key] = (ref, shape)
+
+
 def run(spec: Spec, ctx) -> dict:
     import yaml
     from mergekit.common import parse_kmb
