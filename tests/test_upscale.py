@@ -308,3 +308,48 @@ def test_cli_reports_a_bad_drop_layers_with_exit_2_and_no_output(tmp_path, tiny_
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def _hub_files(files):
+    def list_repo_files(repo_id, **kwargs):
+        if isinstance(files, Exception):
+            raise files
+        return files
+
+    return list_repo_files
+
+
+@pytest.mark.parametrize(
+    ("listing", "message"),
+    [
+        (["config.json", "pytorch_model.bin"], "has no *.safetensors weights on the Hub"),
+        (
+            OSError("We couldn't connect to 'https://huggingface.co'"),
+            "cannot list someorg/base on the Hub",
+        ),
+    ],
+)
+def test_hub_sources_must_be_listable_and_safetensors(listing, message, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", _hub_files(listing))
+    recipe = write_recipe(
+        tmp_path,
+        f"name: hub\noutput_dir: {tmp_path}/runs\nstages:\n  up: {{kind: upscale, model: someorg/base, drop_layers: 2}}\n",
+    )
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        run(load_recipe(recipe), [])
+    assert f"{recipe}:4: stages.up.model: " in str(caught.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_model / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded, ever")
+    recipe = mistake_recipe(
+        tmp_path, f"model: {pickled}\n    drop_layers: 2", tiny_model, tiny_model
+    )
+    with pytest.raises(UserError, match=r"stages\.up\.model: .* has no \*\.safetensors weights"):
+        run(load_recipe(recipe), [])

@@ -8,12 +8,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from upstack.errors import UserError
 from upstack.recipe import Recipe, StageSpec, Strict, locate
+
+if TYPE_CHECKING:
+    from upstack.runner import StageContext
 
 # The keys each method reads; a key of another method is an error, not silently ignored.
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
@@ -82,8 +85,10 @@ class Spec(StageSpec):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="default: the source's"
     )
+    # mergekit holds a whole output shard in memory before writing it: 500MB keeps the stage's
+    # allocated memory under 1 GiB whatever the model size (bench/upscale.py).
     shard_size: str = Field(
-        "2GB", description="bytes per output shard (mergekit's out_shard_size): bounds memory"
+        "500MB", description="bytes per output shard (mergekit's out_shard_size)"
     )
 
     @field_validator("drop_layers", "target_layers", "copies", "new_layers", "slices")
@@ -137,7 +142,6 @@ class Spec(StageSpec):
 class Source:
     """A model the stage reads, as found before any weight is touched."""
 
-    key: str  # its key path in the stage, for error messages
     path: str  # what mergekit and transformers read: a local dir or a Hub id
     config: Any  # transformers.PretrainedConfig
     layers: int  # n
@@ -171,6 +175,7 @@ def read_sources(spec: Spec, recipe: Recipe, name: str) -> dict[str, Source]:
 
 
 def _read_source(key: str, ref: str, recipe: Recipe, name: str) -> Source:
+    import huggingface_hub
     from mergekit.architecture import arch_info_for_config
     from transformers import AutoConfig
 
@@ -188,7 +193,15 @@ def _read_source(key: str, ref: str, recipe: Recipe, name: str) -> Source:
         if not (path / "config.json").is_file():
             raise fail(f"{path} has no config.json: not a transformers model dir")
     elif HUB_ID.match(ref):
-        path = ref  # mergekit downloads it; we read only the config now
+        path = ref  # mergekit downloads it; now we read only the file list and the config
+        try:
+            files = huggingface_hub.list_repo_files(ref)
+        except Exception as err:  # offline, no such repo, gated: the user's to fix, all alike
+            raise fail(f"cannot list {ref} on the Hub: {str(err).splitlines()[0]}") from None
+        if not any(name.endswith(".safetensors") for name in files):
+            raise fail(
+                f"{ref} has no *.safetensors weights on the Hub (upstack never loads pickled checkpoints)"
+            )
     else:
         raise fail(f"{ref}: no such directory")
 
@@ -216,7 +229,6 @@ def _read_source(key: str, ref: str, recipe: Recipe, name: str) -> Source:
         )
     module = arch.modules["default"].architecture
     return Source(
-        key=key,
         path=str(path),
         config=config,
         layers=module.num_layers(config),
@@ -292,7 +304,7 @@ def plan_layers(spec: Spec, sources: dict[str, Source], recipe: Recipe, name: st
 # --------------------------------------------------------------------------- the stage
 
 
-def run(spec: Spec, ctx) -> dict:
+def run(spec: Spec, ctx: StageContext) -> dict:
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -300,18 +312,20 @@ def run(spec: Spec, ctx) -> dict:
 
     sources = read_sources(spec, ctx.recipe, ctx.name)
     pieces = plan_layers(spec, sources, ctx.recipe, ctx.name)
-    layer_map = [(piece.key, j) for piece in pieces for j in range(piece.first, piece.end)]
+    # output layer i <- (piece, source layer j)
+    by_layer = [(piece, j) for piece in pieces for j in range(piece.first, piece.end)]
+    layer_map = [j for _, j in by_layer]
     dtype = spec.dtype or _config_dtype(sources["model"].config)
 
     config = merge_config(pieces, sources, dtype)
     config_text = yaml.safe_dump(config, sort_keys=False)
-    # Written first, so a failed merge still shows what was attempted (`mergekit-yaml` reruns it).
+    # Beside the weights, so a user can see the surgery and rerun it with `mergekit-yaml`.
     (ctx.out_dir / "mergekit_config.yml").write_text(config_text)
     ctx.log(f"{spec.method}: {sources['model'].layers} -> {len(layer_map)} layers")
 
     options = MergeOptions(
         # A layer placed twice would otherwise be one tensor saved under two names.
-        clone_tensors=len(set(layer_map)) < len(layer_map),
+        clone_tensors=len({(p.key, j) for p, j in by_layer}) < len(by_layer),
         copy_tokenizer=True,  # tokenizer files, chat_template.jinja and generation_config.json
         out_shard_size=parse_size(spec.shard_size),
         trust_remote_code=ctx.recipe.trust_remote_code,
@@ -319,11 +333,10 @@ def run(spec: Spec, ctx) -> dict:
         lazy_unpickle=False,  # safetensors only: nothing is unpickled
     )
     source_layers = sources["model"].layers
-    with _per_layer_lists_follow([j for _, j in layer_map], source_layers):
+    with _per_layer_lists_follow(layer_map, source_layers):
         run_merge(MergeConfiguration.model_validate(config), str(ctx.out_dir), options)
     fix_dtype(ctx.out_dir, dtype)
 
-    identity = [i for i, piece_layer in enumerate(_output_pieces(pieces)) if piece_layer.identity]
     metrics = {
         "method": spec.method,
         "layers_before": sources["model"].layers,
@@ -331,13 +344,12 @@ def run(spec: Spec, ctx) -> dict:
         "parameters_before": count_parameters(_local_dir(sources["model"].path)),
         "parameters_after": count_parameters(ctx.out_dir),
         "dtype": dtype,
-        # output layer i <- source layer layer_map[i]
-        "layer_map": [j for _, j in layer_map],
+        "layer_map": layer_map,  # output layer i <- source layer layer_map[i]
     }
     if len(sources) > 1:
-        metrics["layer_sources"] = [sources[key].path for key, _ in layer_map]
-    if identity:
-        metrics["identity_layers"] = identity
+        metrics["layer_sources"] = [sources[piece.key].path for piece, _ in by_layer]
+    if spec.method == "expand":
+        metrics["identity_layers"] = [i for i, (piece, _) in enumerate(by_layer) if piece.identity]
     return metrics
 
 
@@ -416,11 +428,6 @@ def parse_size(text: str) -> int:
     """'2GB' -> 2_000_000_000 (decimal units, as mergekit's own sizes)."""
     number, unit = SIZE.match(text.strip()).groups()
     return int(float(number) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[unit.upper()])
-
-
-def _output_pieces(pieces: list[Piece]) -> list[Piece]:
-    """The piece each output layer comes from, one entry per output layer."""
-    return [piece for piece in pieces for _ in range(piece.first, piece.end)]
 
 
 def _config_dtype(config: Any) -> str | None:
