@@ -113,12 +113,20 @@ def test_eval_stage_generates_greedily_scores_and_reports(tmp_path, tiny_model):
     assert (tmp_path / "runs" / "eval-eval.png").is_file()
 
 
-def test_eval_without_models_or_after_fails_at_load(tmp_path):
+def test_eval_without_a_model_fails_before_anything_runs(tmp_path):
     from upstack.errors import UserError
 
     path = write_recipe(tmp_path, "name: e\nstages:\n  eval: {}\n")
     with pytest.raises(UserError, match=r"recipe.yaml:3: stages.eval: list `models`"):
         load_recipe(path)
+    path = write_recipe(
+        tmp_path,
+        f"name: e\noutput_dir: {tmp_path / 'runs'}\nstages:\n  synth:\n    seeds: [{{source: arith}}]\n"
+        "    teacher: {kind: scripted}\n  eval: {after: [synth]}\n",
+    )
+    with pytest.raises(UserError, match=r"recipe.yaml:7: stages.eval.after: none of \['synth'\]"):
+        run(load_recipe(path), ["eval"])
+    assert not (tmp_path / "runs").exists()
 
 
 LM_EVAL_TASK = """\

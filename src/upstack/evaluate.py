@@ -84,12 +84,31 @@ class Spec(StageSpec):
         return self
 
 
+def models_of(spec: Spec, recipe) -> list[str]:
+    """The models to evaluate: `models`, or else every model stage in `after`."""
+    return spec.models or [n for n in spec.after if recipe.stages[n].kind in MODEL_KINDS]
+
+
+def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+    """Before anything runs: each model is a model stage or a path, and there is at least one."""
+    from upstack.recipe import locate
+
+    if not models_of(spec, recipe):
+        where = locate(recipe, "stages", name, "after")
+        raise UserError(f"{where}: stages.{name}.after: none of {spec.after} is a model stage")
+    for i, model in enumerate(spec.models or []):
+        kind = getattr(recipe.stages.get(model), "kind", None)
+        if model in recipe.stages and kind not in MODEL_KINDS:
+            where = locate(recipe, "stages", name, "models", i)
+            raise UserError(
+                f"{where}: stages.{name}.models.{i}: '{model}' is a {kind} stage, not a model"
+            )
+
+
 def run(spec: Spec, ctx) -> dict:
     from data_synth.seeds import describe, load_problems
 
-    models = spec.models or [n for n in spec.after if ctx.recipe.stages[n].kind in MODEL_KINDS]
-    if not models:
-        raise UserError(f"stages.{ctx.name}.after: none of {spec.after} is a model stage")
+    models = models_of(spec, ctx.recipe)
     problems = load_problems(spec.math.problems, ctx.seed, ctx.model_path) if spec.math else []
     texts = loss_texts(spec.loss, ctx) if spec.loss else []
 
