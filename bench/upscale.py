@@ -395,19 +395,45 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.barh(names, [results[n]["seconds"] for n in names], color="tab:blue")
-    left.set_xlabel("wall seconds")
-    right.barh(names, [results[n]["peak_rss_bytes"] / 1024**3 for n in names], color="tab:orange")
+    rows = range(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    left.barh(
+        [r - 0.2 for r in rows],
+        [results[n]["seconds"] for n in names],
+        0.4,
+        label="wall (fastest run)",
+    )
+    left.barh(
+        [r + 0.2 for r in rows],
+        [results[n]["cpu_seconds"] for n in names],
+        0.4,
+        label="CPU (user+sys)",
+    )
+    left.set_xlabel("seconds")
+    gib = 1024**3
+    right.barh(
+        [r - 0.2 for r in rows],
+        [results[n]["peak_rss_bytes"] / gib for n in names],
+        0.4,
+        label="peak RSS (incl. mapped source pages)",
+    )
+    right.barh(
+        [r + 0.2 for r in rows],
+        [results[n]["peak_anon_bytes"] / gib for n in names],
+        0.4,
+        label="peak anonymous (allocated)",
+    )
     right.axvline(
         TARGETS["upstack peak RSS GiB"], color="gray", linestyle="--", label="1.5 GiB target"
     )
-    right.set_xlabel("peak RSS, GiB")
-    right.legend()
+    right.set_xlabel("GiB")
+    left.set_yticks(list(rows), names)
+    left.invert_yaxis()
     for axis in (left, right):
-        axis.invert_yaxis()
-    right.set_yticklabels([])
-    fig.suptitle("upscale (DUS): upstack vs mergekit CLI vs plain copy vs naive transformers")
+        axis.legend(loc="lower right", fontsize=8)
+    fig.suptitle(
+        "upscale (DUS), each contender in its own process: upstack vs mergekit CLI vs copy vs transformers"
+    )
     fig.tight_layout()
     fig.savefig(OUT / "upscale.png", dpi=120)
 

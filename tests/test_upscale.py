@@ -353,3 +353,35 @@ def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model):
     )
     with pytest.raises(UserError, match=r"stages\.up\.model: .* has no \*\.safetensors weights"):
         run(load_recipe(recipe), [])
+
+
+def test_a_source_stage_without_output_and_an_override_are_named(tmp_path, tiny_model):
+    from upstack import upscale
+
+    recipe_path = write_recipe(
+        tmp_path,
+        f"""
+        name: order
+        output_dir: {tmp_path}/runs
+        stages:
+          init: {{}}
+          up: {{kind: upscale, model: init, drop_layers: 2}}
+          other: {{kind: upscale, model: {tiny_model}, drop_layers: 2}}
+        """,
+    )
+    recipe = load_recipe(recipe_path)
+    with pytest.raises(
+        UserError, match=r":6: stages\.up\.model: stage 'init' has no finished model"
+    ):
+        upscale.check(recipe.stages["up"], recipe, "up", pending=set())
+    upscale.check(
+        recipe.stages["up"], recipe, "up", pending={"init", "up"}
+    )  # init runs first: not yet
+
+    overridden = load_recipe(recipe_path, ["stages.other.drop_layers=8"])
+    with pytest.raises(UserError) as caught:
+        run(overridden, ["other"])
+    assert str(caught.value).startswith(
+        "--set stages.other.drop_layers=8: stages.other.drop_layers: "
+    )
+    assert not (tmp_path / "runs").exists()
