@@ -8,13 +8,12 @@ import threading
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import run_cli, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_synth import arith
 from upstack.evaluate import score
 from upstack.recipe import load_recipe
-from upstack.report import report
 from upstack.runner import run
 
 
@@ -107,8 +106,11 @@ def test_eval_stage_generates_greedily_scores_and_reports(tmp_path, tiny_model):
     assert (out / "eval.png").stat().st_size > 1000
     assert "math_accuracy" in (out / "report.md").read_text()
 
-    text = report(load_recipe(recipe_path))
-    assert "## Stages" in text and "math_accuracy" in text and str(tiny_model) in text
+    result = run_cli("report", str(recipe_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "## Stages" in text and "| eval " in text and "math_accuracy" in text
+    assert str(tiny_model) in text
     assert (tmp_path / "runs" / "report.md").read_text() == text
     assert (tmp_path / "runs" / "eval-eval.png").is_file()
 

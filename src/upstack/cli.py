@@ -99,7 +99,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "report":
         from upstack.report import report
 
-        print(report(recipe))
+        print(report(recipe), end="")
     elif args.command == "push":
         from upstack.hub import cli_push
 
