@@ -75,6 +75,11 @@ def grown(tiny_model, tmp_path_factory) -> Path:
             model: {tiny_model}
             method: layers
             slices: [{{layer_range: [0, 2]}}, {{layer_range: [6, 8]}}, {{layer_range: [1, 2]}}]
+          mixed:  # slices of another stage's output and of the stage's own model
+            kind: upscale
+            model: {tiny_model}
+            method: layers
+            slices: [{{model: dus, layer_range: [8, 10]}}, {{layer_range: [0, 1]}}]
     """,
     )
     run(load_recipe(recipe), [])
@@ -104,6 +109,14 @@ def test_stack_repeats_the_whole_stack_in_the_asked_dtype(grown, tiny_model):
 
 def test_layers_method_takes_explicit_slices(grown, tiny_model):
     assert_copied(grown / "custom", tiny_model, [0, 1, 6, 7, 1])
+
+
+def test_layers_method_mixes_sources_and_orders_after_them(grown, tiny_model):
+    # dus layers 8, 9 are tiny layers 6, 7 (its map: 0 1 2 3 4 3 4 5 6 7)
+    assert_copied(grown / "mixed", tiny_model, [6, 7, 0])
+    metrics = json.loads((grown / "mixed" / "upstack.json").read_text())["metrics"]
+    assert metrics["layer_map"] == [8, 9, 0]
+    assert [Path(p).name for p in metrics["layer_sources"]] == ["dus", "dus", tiny_model.name]
 
 
 def test_expanded_model_computes_what_the_base_computes(grown, tiny_model):
@@ -197,6 +210,11 @@ def test_upscales_a_stage_and_remaps_per_layer_config_lists(tmp_path, tiny_model
                   tokenizer: {{corpus_problems: 50}}}}
           upscale: {{model: init, drop_layers: 0}}
           qwen: {{kind: upscale, model: {qwen}, drop_layers: 1}}
+          qwen_mixed:
+            kind: upscale
+            model: {qwen}
+            method: layers
+            slices: [{{model: qwen, layer_range: [4, 6]}}, {{layer_range: [0, 1]}}]
     """,
     )
     run(load_recipe(recipe), [])
@@ -213,6 +231,10 @@ def test_upscales_a_stage_and_remaps_per_layer_config_lists(tmp_path, tiny_model
         "sliding_attention",
     ]
     assert_copied(tmp_path / "runs" / "qwen", qwen, [0, 1, 2, 1, 2, 3])
+    # layers 4, 5 of the grown stage (sliding), then layer 0 of the base (full)
+    mixed = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "qwen_mixed")
+    assert mixed.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    assert_copied(tmp_path / "runs" / "qwen_mixed", qwen, [2, 3, 0])
 
 
 # --------------------------------------------------------------------------- mistakes

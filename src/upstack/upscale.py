@@ -332,8 +332,7 @@ def run(spec: Spec, ctx: StageContext) -> dict:
         write_model_card=False,  # the push stage writes the card, with the whole lineage
         lazy_unpickle=False,  # safetensors only: nothing is unpickled
     )
-    source_layers = sources["model"].layers
-    with _per_layer_lists_follow(layer_map, source_layers):
+    with _output_config_lists(per_layer_lists(by_layer, sources)):
         run_merge(MergeConfiguration.model_validate(config), str(ctx.out_dir), options)
     fix_dtype(ctx.out_dir, dtype)
 
@@ -371,9 +370,24 @@ def merge_config(pieces: list[Piece], sources: dict[str, Source], dtype: str | N
     return config
 
 
+def per_layer_lists(
+    by_layer: list[tuple[Piece, int]], sources: dict[str, Source]
+) -> dict[str, list]:
+    """The output's per-layer config lists (`layer_types`): entry i is its source layer's entry."""
+    lists = {}
+    for key in PER_LAYER_KEYS:
+        values = [getattr(sources[piece.key].config, key, None) for piece, _ in by_layer]
+        if all(
+            isinstance(v, list) and len(v) == sources[p.key].layers
+            for v, (p, _) in zip(values, by_layer, strict=True)
+        ):
+            lists[key] = [v[j] for v, (_, j) in zip(values, by_layer, strict=True)]
+    return lists
+
+
 @contextmanager
-def _per_layer_lists_follow(layer_map: list[int], source_layers: int) -> Iterator[None]:
-    """Remap per-layer config lists (`layer_types`) by the layer map while mergekit builds the output config.
+def _output_config_lists(lists: dict[str, list]) -> Iterator[None]:
+    """Set the per-layer config lists while mergekit builds the output config.
 
     mergekit 0.1.5 sets the new layer count but leaves these lists at the base's length, and
     transformers 5 then refuses to save the config (Qwen2/3, Gemma 2/3; Llama and Mistral have
@@ -383,15 +397,13 @@ def _per_layer_lists_follow(layer_map: list[int], source_layers: int) -> Iterato
 
     build = mergekit.merge._model_out_config
 
-    def build_and_remap(*args, **kwargs):
+    def build_with_lists(*args, **kwargs):
         config = build(*args, **kwargs)
-        for key in PER_LAYER_KEYS:
-            value = getattr(config, key, None)
-            if isinstance(value, list) and len(value) == source_layers:
-                setattr(config, key, [value[j] for j in layer_map])
+        for key, value in lists.items():
+            setattr(config, key, value)
         return config
 
-    mergekit.merge._model_out_config = build_and_remap
+    mergekit.merge._model_out_config = build_with_lists
     try:
         yield
     finally:
