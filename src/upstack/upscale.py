@@ -163,9 +163,13 @@ class Piece:
 
 def check(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
     """Raise the run-time UserErrors (layer counts, architecture, missing source) before the runner
-    writes anything; skipped when the source is a stage this run builds first."""
-    if any(ref in pending for ref in spec.refs().values()):
-        return
+    writes anything. Skipped for a source this run builds first, and for a Hub source: a dry run
+    stays offline, and the stage itself checks it before fetching any weight."""
+    for ref in spec.refs().values():
+        if ref in pending or (
+            ref not in recipe.stages and not Path(ref).expanduser().exists() and HUB_ID.match(ref)
+        ):
+            return
     plan_layers(spec, read_sources(spec, recipe, name), recipe, name)
 
 
