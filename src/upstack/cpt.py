@@ -43,8 +43,15 @@ def build_trainer(spec: Spec, ctx):
     tokenizer = training.load_tokenizer(model_path, ctx)
     train, held_out = build_mixture(spec.datasets, "text", ctx, spec.eval_fraction)
     # Packing: documents are short next to the context; padding them would waste most of each batch.
+    # bfd keeps documents whole and needs padding-free attention (flash-attn); without it
+    # transformers masks each document apart, 3x slower per step on CPU than `wrapped`, which
+    # concatenates and cuts: the classic pretraining layout.
+    if training.flash_attention():
+        packing = {"packing_strategy": "bfd", "padding_free": True}
+    else:
+        packing = {"packing_strategy": "wrapped"}
     config = training.trainer_config(
-        SFTConfig, spec.trainer, ctx, packing=True, dataset_text_field="text"
+        SFTConfig, spec.trainer, ctx, packing=True, **packing, dataset_text_field="text"
     )
     return SFTTrainer(
         model=training.load_model(model_path, spec.adapter, ctx),

@@ -53,7 +53,10 @@ def build_trainer(spec: Spec, ctx):
     tokenizer = training.load_tokenizer(model_path, ctx, spec.chat_template)
     training.require_chat_template(tokenizer, ctx, model_path)
     train, held_out = build_mixture(spec.datasets, "preference", ctx, spec.eval_fraction)
-    config = training.trainer_config(DPOConfig, spec.trainer, ctx, precompute_ref_log_probs=True)
+    fast = {"padding_free": True} if training.flash_attention() else {}
+    config = training.trainer_config(
+        DPOConfig, spec.trainer, ctx, **fast, precompute_ref_log_probs=True
+    )
     return DPOTrainer(
         model=training.load_model(model_path, spec.adapter, ctx),
         ref_model=None,

@@ -56,7 +56,8 @@ def build_trainer(spec: Spec, ctx):
         # No marks: loss on the last (assistant) turn only, as a prompt/completion pair.
         train, held_out = (_as_completion(d) if d is not None else None for d in (train, held_out))
         loss_mask = {"completion_only_loss": True}
-    config = training.trainer_config(SFTConfig, spec.trainer, ctx, **loss_mask)
+    fast = {"padding_free": True} if training.flash_attention() else {}
+    config = training.trainer_config(SFTConfig, spec.trainer, ctx, **fast, **loss_mask)
     return SFTTrainer(
         model=training.load_model(model_path, spec.adapter, ctx),
         args=config,

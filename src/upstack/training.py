@@ -142,6 +142,8 @@ def load_model(model_path: str, adapter: Adapter | None, ctx):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": ctx.recipe.trust_remote_code}
+    if flash_attention():
+        kwargs["attn_implementation"] = "flash_attention_2"  # what padding-free batches need
     if adapter is not None and adapter.type == "qlora":
         from accelerate import PartialState
 
@@ -154,6 +156,15 @@ def load_model(model_path: str, adapter: Adapter | None, ctx):
         )
         kwargs["device_map"] = {"": PartialState().local_process_index if on_gpu else "cpu"}
     return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+
+
+def flash_attention() -> bool:
+    """On a GPU with flash-attn installed: sequences are concatenated without padding (padding_free)."""
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def lora_config(adapter: Adapter | None):
@@ -251,14 +262,15 @@ def train(trainer, ctx) -> dict[str, Any]:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics = {
+        # the first four scalars are what `upstack status` shows
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "eval_loss": eval_loss,
         "steps": trainer.state.global_step,
+        "train_loss_mean": result.training_loss,
         "processes": trainer.accelerator.num_processes,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "resumed_from_step": int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0,
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
-        "train_loss_mean": result.training_loss,
-        "eval_loss": eval_loss,
         "tokens_seen": tokens,
         "tokens_per_second": round((tokens - tokens_before) / max(seconds, 1e-9), 1),
         "train_seconds": round(seconds, 2),
