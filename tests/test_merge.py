@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import run_cli, write_recipe
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from upstack.errors import UserError
 from upstack.recipe import load_recipe
@@ -92,11 +93,22 @@ def test_slerp_endpoints_return_the_endpoint_models(tmp_path, variants, t):
     base_model: {a}
     models: [{{model: {a}}}, {{model: {b}}}]
     parameters: {{t: {t}}}
+    tokenizer: {{source: base, pad_to_multiple_of: 64}}
 """,
     )
     expected = _weights(a if t == 0 else b)
+    # mergekit rebuilds the vocabulary from the tokenizer and pads it as asked: the rows of real
+    # tokens come from the endpoint, the padding rows are mergekit's own
+    tokenizer = AutoTokenizer.from_pretrained(out)
     for name, tensor in _weights(out).items():
-        torch.testing.assert_close(tensor, expected[name])
+        rows = len(tokenizer) if "embed_tokens" in name or "lm_head" in name else None
+        assert tensor.shape == expected[name].shape
+        torch.testing.assert_close(tensor[:rows], expected[name][:rows])
+    # the chat template and the generation config arrive
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(a).chat_template
+    assert (out / "generation_config.json").read_text() == (
+        a / "generation_config.json"
+    ).read_text()
 
 
 def test_ties_merge_over_stage_outputs_has_every_tensor_and_no_nan(tmp_path, tiny_model, variants):
@@ -154,6 +166,11 @@ def test_models_of_different_shapes_fail_before_anything_is_written(tmp_path, ti
 
 
 BAD = [
+    (
+        "merge_method: linear\n    tokenizer_source: base\n    tokenizer: {source: base}\n"
+        "    models: [{model: x/a, parameters: {weight: 1}}]",
+        "stages.merge: mergekit: Cannot specify both tokenizer_source and tokenizer",
+    ),
     (
         "merge_method: lineer\n    models: [{model: x/a, parameters: {weight: 1}}]",
         "stages.merge.merge_method: unknown merge method 'lineer'",

@@ -24,6 +24,18 @@ class MergeModel(Strict):
     )
 
 
+class MergeTokenizer(Strict):
+    """mergekit's `tokenizer:` block: build the merged vocabulary, and pad it as the model wants."""
+
+    source: str = Field("union", description="union | base | a model (stage name, path, Hub id)")
+    pad_to_multiple_of: int | None = Field(
+        None, ge=1, description="e.g. 64, as init pads its vocab"
+    )
+    tokens: dict[str, Any] | None = Field(
+        None, description="per-token embedding sources (mergekit)"
+    )
+
+
 class Spec(StageSpec):
     """mergekit's own config keys, with stage names allowed wherever a model goes."""
 
@@ -38,6 +50,9 @@ class Spec(StageSpec):
     out_dtype: str | None = Field(None, description="dtype the merged weights are saved in")
     tokenizer_source: str | None = Field(
         None, description="base | union | a model; default: the base model's tokenizer is copied"
+    )
+    tokenizer: MergeTokenizer | None = Field(
+        None, description="instead of tokenizer_source, with pad_to_multiple_of / tokens"
     )
     chat_template: str | None = Field(
         None, description="a template, a mergekit template name or 'auto'; default: carried over"
@@ -54,6 +69,8 @@ class Spec(StageSpec):
             refs["base_model"] = self.base_model
         if self.tokenizer_source not in (None, "base", "union"):
             refs["tokenizer_source"] = self.tokenizer_source
+        if self.tokenizer and self.tokenizer.source not in ("base", "union"):
+            refs["tokenizer.source"] = self.tokenizer.source
         return refs
 
     @model_validator(mode="after")
@@ -85,6 +102,11 @@ def mergekit_config(spec: Spec, resolve=lambda ref: ref) -> dict[str, Any]:
     if spec.tokenizer_source:
         source = spec.tokenizer_source
         config["tokenizer_source"] = source if source in ("base", "union") else resolve(source)
+    if spec.tokenizer:
+        tokenizer = spec.tokenizer.model_dump(exclude_none=True)
+        if tokenizer["source"] not in ("base", "union"):
+            tokenizer["source"] = resolve(tokenizer["source"])
+        config["tokenizer"] = tokenizer
     for key in ("parameters", "dtype", "out_dtype", "chat_template"):
         if getattr(spec, key) is not None:
             config[key] = getattr(spec, key)
@@ -114,6 +136,8 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
     except ValidationError as err:
         first = err.errors()[0]
         return tuple(first["loc"]), f"mergekit: {first['msg']}"
+    except RuntimeError as err:  # mergekit's cross-field checks raise RuntimeError, not ValueError
+        return (), f"mergekit: {err}"
     for key in ("dtype", "out_dtype"):
         value = getattr(spec, key)
         try:
@@ -200,7 +224,7 @@ def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
 
     shapes: dict[str, tuple[str, dict]] = {}
     for key, ref in spec.refs().items():
-        if ref in pending or key == "tokenizer_source":
+        if ref in pending or key in ("tokenizer_source", "tokenizer.source"):
             continue
         path = recipe.out_dir / ref if ref in recipe.stages else Path(ref).expanduser()
         if ref not in recipe.stages and not path.exists():
@@ -214,7 +238,8 @@ def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
             )
         config = json.loads((path / "config.json").read_text())
         # a tokenizer_source merge aligns the vocabularies; everything else must match as is
-        keys = [k for k in SHAPE_KEYS if not (k == "vocab_size" and spec.tokenizer_source)]
+        aligned = spec.tokenizer_source or spec.tokenizer
+        keys = [k for k in SHAPE_KEYS if not (k == "vocab_size" and aligned)]
         shape = {k: config.get(k) for k in keys}
         for other_key, (other_ref, other_shape) in shapes.items():
             differ = [
