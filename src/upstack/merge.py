@@ -178,7 +178,7 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
                 return (*loc, key), message
             try:
                 evaluate_setting("", value, validate=known[key].validate)
-            except (ValidationError, ValueError, TypeError) as err:
+            except (ValidationError, ValueError, TypeError, RuntimeError) as err:
                 return (*loc, key), f"not a valid value for {name}'s '{key}': {err}".splitlines()[0]
 
     shared = spec.parameters or {}
