@@ -53,24 +53,48 @@ class Adapter(Strict):
 
 def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, Any]:
     """Fail at recipe load, not an hour into a run: every key must be a field of the TRL config."""
-    import dataclasses
-
-    import trl
-
-    fields = {f.name: f for f in dataclasses.fields(getattr(trl, config_name)) if f.init}
-    known = set(fields)
+    if not settings:
+        return settings
+    fields = trainer_fields(config_name)
     settings = dict(settings)
     for key, value in settings.items():
         if key in OWNED:
             raise ValueError(f"{key}: set by the stage, not the recipe ({OWNED[key]})")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"{key}: unknown key (not a field of trl.{config_name}{hint})")
         # YAML 1.1 reads `2e-5` (no dot) as a string; TRL's own CLI parser would make it a float
-        if isinstance(value, str) and "float" in str(fields[key].type) and FLOAT.fullmatch(value):
+        if isinstance(value, str) and "float" in fields[key] and FLOAT.fullmatch(value):
             settings[key] = float(value)
     return settings
+
+
+def trainer_fields(config_name: str) -> dict[str, str]:
+    """Field name -> type of a TRL config class. Importing trl takes seconds (torch comes with it),
+    so the names are cached per TRL version and `upstack status` stays quick."""
+    import os
+    from importlib import metadata
+
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = cache_home / "upstack" / f"trl-{metadata.version('trl')}-{config_name}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    import dataclasses
+
+    import trl
+
+    fields = {f.name: str(f.type) for f in dataclasses.fields(getattr(trl, config_name)) if f.init}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(fields))
+        partial.replace(cache)  # atomic: a concurrent reader sees all of it or nothing
+    except OSError:
+        pass  # a read-only home only costs the import next time
+    return fields
 
 
 def trainer_config(config_cls: type, settings: dict[str, Any], ctx, **stage_defaults):
