@@ -105,7 +105,7 @@ def trainer_config(config_cls: type, settings: dict[str, Any], ctx, **stage_defa
 
     on_gpu = torch.cuda.is_available()
     defaults = {
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+        "bf16": on_gpu and torch.cuda.is_bf16_supported() and not settings.get("fp16"),
         "fp16": False,
         # recomputing activations saves GPU memory on big models; on CPU it only costs time
         "activation_checkpointing": on_gpu,
