@@ -117,10 +117,12 @@ def test_sft_loss_covers_exactly_the_assistant_tokens(tmp_path, tiny_model, temp
     data.write_text(json.dumps({"messages": CHAT}) + "\n")
     settings = _sft(tiny_model, datasets=[{"path": str(data)}])
     if template == "plain":  # no {% generation %} marks: the loss falls back to the last turn
-        settings["chat_template"] = (
+        plain = tmp_path / "plain.jinja"  # given as a file, the other way `chat_template:` takes one
+        plain.write_text(
             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
         )
+        settings["chat_template"] = str(plain)
     recipe = load_recipe(_recipe(tmp_path, {"sft": settings}))
     trainer = sft.build_trainer(recipe.stages["sft"], _ctx(tmp_path, recipe, "sft"))
     batch = trainer.data_collator([trainer.train_dataset[0]])
