@@ -9,10 +9,13 @@ from conftest import write_recipe
 from upstack.data import Source, build_mixture
 from upstack.errors import UserError
 from upstack.recipe import load_recipe
+from upstack.runner import run
 
 
 def _ctx(tmp_path, seed=7):
-    recipe = SimpleNamespace(source="r.yaml", out_dir=tmp_path / "runs", trust_remote_code=False)
+    recipe = SimpleNamespace(
+        source="r.yaml", overrides=[], out_dir=tmp_path / "runs", trust_remote_code=False
+    )
     return SimpleNamespace(
         recipe=recipe, name="sft", seed=seed, stage_dir=lambda name: tmp_path / "runs" / name
     )
@@ -221,3 +224,29 @@ def test_recipe_checks_sources_refs_and_trainer_keys(tmp_path, tiny_model):
         UserError, match=r"stages.dpo.datasets.0: give exactly one of hub, path, stage, arith"
     ):
         load_recipe(two)
+
+
+def test_a_missing_file_in_a_later_stage_fails_before_anything_runs(tmp_path, tiny_model):
+    good = _jsonl(tmp_path / "good.jsonl", [{"text": "x"}])
+    path = write_recipe(
+        tmp_path,
+        f"""\
+        name: t
+        output_dir: {tmp_path / "runs"}
+        stages:
+          cpt:
+            model: {tiny_model}
+            datasets: [{{path: {good}}}]
+          sft:
+            model: cpt
+            datasets:
+              - arith: {{problems: 5}}
+              - path: {tmp_path}/typo.jsonl
+        """,
+    )
+    with pytest.raises(
+        UserError,
+        match=r"recipe.yaml:11: stages.sft.datasets\[1\].path: .*typo.jsonl: no such file",
+    ):
+        run(load_recipe(path), [])
+    assert not (tmp_path / "runs" / "cpt").exists()

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from upstack.errors import UserError
-from upstack.recipe import Strict
+from upstack.recipe import Strict, locate
 
 # What each training format needs, after `columns` renames. `sft` also takes `prompt`/`completion`
 # (and an optional `system`), converted to conversations so one chat template applies to all.
@@ -113,6 +113,27 @@ def source_refs(sources: list[Source], key: str = "datasets") -> dict[str, str]:
     return refs
 
 
+def check_sources(
+    sources: list[Source], recipe, name: str, pending: set[str], key: str = "datasets"
+) -> None:
+    """Before a run writes anything: local files exist, finished stages wrote the split named.
+    A typo in the last stage's data then fails at once, not after an hour of the stages before."""
+    for i, source in enumerate(sources):
+        where = f"{locate(recipe, 'stages', name, key, i)}: stages.{name}.{key}[{i}]"
+        if source.path is not None:
+            path = Path(source.path)
+            if not path.exists():
+                raise UserError(f"{where}.path: {path}: no such file or dataset dir")
+            if path.is_file() and path.suffix not in FILE_BUILDERS:
+                raise UserError(f"{where}.path: {path}: expected one of {', '.join(FILE_BUILDERS)}")
+        if source.stage is not None and source.stage not in pending:
+            split_dir = recipe.out_dir / source.stage / source.split
+            if not (split_dir / "train.jsonl").is_file():
+                raise UserError(
+                    f"{where}.split: stage '{source.stage}' has no {split_dir}/train.jsonl"
+                )
+
+
 def build_mixture(
     sources: list[Source],
     fmt: Literal["text", "sft", "preference"],
@@ -127,7 +148,7 @@ def build_mixture(
 
     train_parts, eval_parts = [], []
     for i, source in enumerate(sources):
-        where = f"{ctx.recipe.source}: stages.{ctx.name}.{key}[{i}]"
+        where = f"{locate(ctx.recipe, 'stages', ctx.name, key, i)}: stages.{ctx.name}.{key}[{i}]"
         rows = _load(source, source.split, fmt, ctx, where)
         train_parts.append(_prepare(source, rows, fmt, ctx.seed + i, where, sample=True))
         if source.eval_split:

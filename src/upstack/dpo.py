@@ -40,6 +40,13 @@ class Spec(StageSpec):
         return {"model": self.model, **source_refs(self.datasets)}
 
 
+def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+    """Before the run writes anything (the runner's hook): the data sources are where they say."""
+    from upstack.data import check_sources
+
+    check_sources(spec.datasets, recipe, name, pending)
+
+
 def build_trainer(spec: Spec, ctx):
     """The DPOTrainer before any step. The reference is the policy as loaded: with an adapter,
     the same model with the adapter disabled (ref_model=None); for full training its log-probs

@@ -37,6 +37,13 @@ class Spec(StageSpec):
         return {"model": self.model, **source_refs(self.datasets)}
 
 
+def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+    """Before the run writes anything (the runner's hook): the data sources are where they say."""
+    from upstack.data import check_sources
+
+    check_sources(spec.datasets, recipe, name, pending)
+
+
 def build_trainer(spec: Spec, ctx):
     """The SFTTrainer, data tokenized and masked, before any step: what `run` trains and tests inspect."""
     from trl import SFTConfig, SFTTrainer

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from upstack.errors import UserError
-from upstack.recipe import Strict
+from upstack.recipe import Strict, locate
 
 # Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
 OWNED = {
@@ -127,7 +127,8 @@ def trainer_config(config_cls: type, settings: dict[str, Any], ctx, **stage_defa
         return config_cls(**defaults)
     except (TypeError, ValueError) as err:
         first = str(err).strip().splitlines()[0]
-        raise UserError(f"{ctx.recipe.source}: stages.{ctx.name}.trainer: {first}") from None
+        where = locate(ctx.recipe, "stages", ctx.name, "trainer")
+        raise UserError(f"{where}: stages.{ctx.name}.trainer: {first}") from None
 
 
 def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
@@ -141,7 +142,8 @@ def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
             path = Path(chat_template)
             if not path.is_file():
                 raise UserError(
-                    f"{ctx.recipe.source}: stages.{ctx.name}.chat_template: {path}: file not found"
+                    f"{locate(ctx.recipe, 'stages', ctx.name, 'chat_template')}: "
+                    f"stages.{ctx.name}.chat_template: {path}: file not found"
                 )
             chat_template = path.read_text()
         tokenizer.chat_template = chat_template
@@ -154,7 +156,8 @@ def require_chat_template(tokenizer, ctx, model_path: str) -> bool:
     """Before any training: conversations need a template. True when it marks assistant turns."""
     if not tokenizer.chat_template:
         raise UserError(
-            f"{ctx.recipe.source}: stages.{ctx.name}: model {model_path} has no chat template; "
+            f"{locate(ctx.recipe, 'stages', ctx.name)}: stages.{ctx.name}: model {model_path} "
+            "has no chat template; "
             "set `chat_template:` (a Jinja string or a .jinja file)"
         )
     return bool(GENERATION_MARK.search(tokenizer.chat_template))
@@ -218,7 +221,8 @@ def nan_guard(ctx):
                 value = (logs or {}).get(key)
                 if value is not None and not math.isfinite(value):
                     raise UserError(
-                        f"{ctx.recipe.source}: stages.{ctx.name}: training {key} is {value} at step "
+                        f"{locate(ctx.recipe, 'stages', ctx.name)}: stages.{ctx.name}: "
+                        f"training {key} is {value} at step "
                         f"{state.global_step}; lower trainer.learning_rate or check the data"
                     )
 
