@@ -7,7 +7,8 @@ preference pairs for dpo) and the same trainer settings, trained (a) by upstack'
 through the runner and (b) by a bare TRL script. Every run is its own subprocess, so its peak RSS
 is its own; contenders alternate (A B B A ...) so drift on a shared machine hits both. Step time is
 the trainer loop's wall time per step. Targets: both ratios <= 1.05. Also sft tokens/s (non-padding)
-with and without packing. Writes bench/out/train_overhead.{json,png}.
+without packing and with TRL's two packing strategies (bfd: whole documents, padding-free
+attention; wrapped: concatenate and cut). Writes bench/out/train_overhead.{json,png}.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PROBLEMS = 512
 # --------------------------------------------------------------------------- workers (one per subprocess)
 
 
-def upstack_worker(task: str, steps: int, packing: bool) -> dict:
+def upstack_worker(task: str, steps: int, packing: str) -> dict:
     import yaml
 
     from upstack.recipe import load_recipe
@@ -53,8 +54,10 @@ def upstack_worker(task: str, steps: int, packing: bool) -> dict:
         stage = {
             "model": str(model),
             "datasets": [{"arith": {"problems": PROBLEMS}}],
-            "trainer": {**SETTINGS, "max_steps": steps, "packing": packing},
+            "trainer": {**SETTINGS, "max_steps": steps, "packing": packing != "none"},
         }
+        if packing != "none":
+            stage["trainer"]["packing_strategy"] = packing
     else:
         stage = {
             "model": str(model),
@@ -74,7 +77,7 @@ def upstack_worker(task: str, steps: int, packing: bool) -> dict:
     }
 
 
-def trl_worker(task: str, steps: int, packing: bool) -> dict:
+def trl_worker(task: str, steps: int, packing: str) -> dict:
     """What a user would write with TRL alone: load, configure, train, save."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,7 +111,7 @@ def trl_worker(task: str, steps: int, packing: bool) -> dict:
                 }
             )
         data = datasets.Dataset.from_list(rows).shuffle(seed=42)
-        config = SFTConfig(**common, **SETTINGS, packing=packing, assistant_only_loss=True)
+        config = SFTConfig(**common, **SETTINGS, assistant_only_loss=True)
         trainer = SFTTrainer(
             model=model, args=config, train_dataset=data, processing_class=tokenizer
         )
@@ -130,11 +133,10 @@ def trl_worker(task: str, steps: int, packing: bool) -> dict:
 # --------------------------------------------------------------------------- orchestration
 
 
-def measure(contender: str, task: str, steps: int, packing: bool = False) -> dict:
+def measure(contender: str, task: str, steps: int, packing: str = "none") -> dict:
     """One run in a fresh subprocess; its own peak RSS from wait4."""
     cmd = [sys.executable, __file__, "--worker", contender, "--task", task, "--steps", str(steps)]
-    if packing:
-        cmd.append("--packing")
+    cmd += ["--packing", packing]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -208,7 +210,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per contender and task")
     parser.add_argument("--worker", choices=["upstack", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=["sft", "dpo"], help=argparse.SUPPRESS)
-    parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--packing", choices=["none", "bfd", "wrapped"], default="none", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         worker = upstack_worker if args.worker == "upstack" else trl_worker
@@ -232,8 +236,8 @@ def main() -> None:
                     flush=True,
                 )
     packing = {
-        name: measure("upstack", "sft", args.steps, packing=flag)["tokens_per_second"]
-        for name, flag in (("padded", False), ("packed", True))
+        name: measure("upstack", "sft", args.steps, packing=name)["tokens_per_second"]
+        for name in ("none", "bfd", "wrapped")
     }
 
     rows, summary = [], {}
@@ -279,13 +283,22 @@ def main() -> None:
     print()
     print(
         markdown_table(
-            ["sft tokens/s (non-padding)", "padded", "packed", "packed / padded"],
+            [
+                "sft tokens/s (non-padding)",
+                "padded",
+                "packed: bfd",
+                "packed: wrapped",
+                "bfd / padded",
+                "wrapped / padded",
+            ],
             [
                 [
                     "upstack",
-                    f"{packing['padded']:.0f}",
-                    f"{packing['packed']:.0f}",
-                    f"{packing['packed'] / packing['padded']:.2f}",
+                    f"{packing['none']:.0f}",
+                    f"{packing['bfd']:.0f}",
+                    f"{packing['wrapped']:.0f}",
+                    f"{packing['bfd'] / packing['none']:.2f}",
+                    f"{packing['wrapped'] / packing['none']:.2f}",
                 ]
             ],
         )
