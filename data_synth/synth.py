@@ -110,7 +110,7 @@ class Spec(StageSpec):
         return refs
 
 
-def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
     """Before the run starts (not hours in, after the stages planned before this one), fail on what
     can be known now: a teacher that cannot start here, a missing API key, a broken seed file."""
     from upstack.recipe import locate

@@ -117,7 +117,9 @@ def test_sft_loss_covers_exactly_the_assistant_tokens(tmp_path, tiny_model, temp
     data.write_text(json.dumps({"messages": CHAT}) + "\n")
     settings = _sft(tiny_model, datasets=[{"path": str(data)}])
     if template == "plain":  # no {% generation %} marks: the loss falls back to the last turn
-        plain = tmp_path / "plain.jinja"  # given as a file, the other way `chat_template:` takes one
+        plain = (
+            tmp_path / "plain.jinja"
+        )  # given as a file, the other way `chat_template:` takes one
         plain.write_text(
             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"

@@ -396,8 +396,8 @@ def test_a_source_stage_without_output_and_an_override_are_named(tmp_path, tiny_
     with pytest.raises(
         UserError, match=r":6: stages\.up\.model: stage 'init' has no finished model"
     ):
-        upscale.check(recipe.stages["up"], recipe, "up", pending=set())
-    upscale.check(
+        upscale.preflight(recipe.stages["up"], recipe, "up", pending=set())
+    upscale.preflight(
         recipe.stages["up"], recipe, "up", pending={"init", "up"}
     )  # init runs first: not yet
 

@@ -89,7 +89,7 @@ def models_of(spec: Spec, recipe) -> list[str]:
     return spec.models or [n for n in spec.after if recipe.stages[n].kind in MODEL_KINDS]
 
 
-def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
     """Before anything runs: each model is a model stage or a path, and there is at least one."""
     from upstack.recipe import locate
 

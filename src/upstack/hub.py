@@ -49,7 +49,7 @@ class Spec(StageSpec):
         return refs
 
 
-def check(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
     """Before anything runs: `model` is a model stage, each of `datasets` a synth or pairs stage."""
     from upstack.recipe import locate
 

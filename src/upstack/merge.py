@@ -215,7 +215,7 @@ SHAPE_KEYS = (
 )
 
 
-def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
     """Before the runner writes anything: every local input is a safetensors checkpoint and all
     of them have the same shapes. Inputs this run rebuilds, and Hub ids, are checked by mergekit."""
     import json

@@ -207,7 +207,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         for key, ref in spec.refs().items():
             if ref in stages or "/" in ref or Path(ref).exists():
                 continue  # a stage, or a local path / Hub id that the stage resolves at run time
-            loc = ("stages", name, *key.split("."))
+            loc = ("stages", name, *(int(k) if k.isdigit() else k for k in key.split(".")))
             raise UserError(
                 f"{where(loc)}: stages.{name}.{key}: '{ref}' is not a stage of this recipe, "
                 "an existing path, or a Hub id (org/name)"

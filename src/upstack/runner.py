@@ -137,7 +137,7 @@ def run(
     recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False
 ) -> list[str]:
     steps = plan(recipe, targets, force)
-    check_stages(recipe, steps)
+    preflight(recipe, steps)
     if dry_run or not steps:
         hashes = stage_hashes(recipe)
         for name in recipe.resolve_targets(targets) if targets else recipe.stages:
@@ -163,12 +163,13 @@ def run(
     return steps
 
 
-def check_stages(recipe: Recipe, steps: list[str]) -> None:
+def preflight(recipe: Recipe, steps: list[str]) -> None:
     """Let each stage raise the UserErrors that need its inputs (a source model's layer count, say)
-    before anything is written. A module opts in with `check(spec, recipe, name, pending)`;
-    `pending` are the stages this run (re)builds, whose current outputs must not be trusted."""
+    before anything is written. A module opts in with `preflight(spec, recipe, name, pending)`;
+    `pending` are the stages this run (re)builds, whose current outputs must not be trusted.
+    Preflights run on --dry-run too, so they must stay offline and cheap."""
     for name in steps:
-        check = getattr(stage_module(recipe.stages[name].kind), "check", None)
+        check = getattr(stage_module(recipe.stages[name].kind), "preflight", None)
         if check is not None:
             check(recipe.stages[name], recipe, name, set(steps))
 
@@ -214,7 +215,15 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # the runner's own peak, or an accelerate worker's when the stage was launched
+        "peak_rss_mb": round(
+            max(
+                resource.getrusage(who).ru_maxrss
+                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+            )
+            / 1024,
+            1,
+        ),
         "metrics": metrics or {},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -37,7 +37,7 @@ class Spec(StageSpec):
         return {"model": self.model, **source_refs(self.datasets)}
 
 
-def check(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
     """Before the run writes anything (the runner's hook): the data sources are where they say."""
     from upstack.data import check_sources
 

@@ -161,7 +161,7 @@ class Piece:
 # --------------------------------------------------------------------------- checks
 
 
-def check(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
     """Raise the run-time UserErrors (layer counts, architecture, missing source) before the runner
     writes anything. Skipped for a source this run builds first, and for a Hub source: a dry run
     stays offline, and the stage itself checks it before fetching any weight."""
