@@ -15,7 +15,7 @@ UPSTACK := $(BIN)/upstack
 SETFLAGS := $(foreach s,$(SET),--set $(s))
 STAGES := init upscale cpt synth pairs sft dpo merge eval push
 
-.PHONY: install lock test lint format demo status show clean $(STAGES)
+.PHONY: install lock test lint format demo status show report clean $(STAGES)
 
 install: $(VENV)/.installed
 
@@ -43,8 +43,9 @@ format: install
 
 demo: install
 	$(UPSTACK) run $(RECIPE) $(SETFLAGS)
+	$(UPSTACK) report $(RECIPE) $(SETFLAGS)
 
-status show: install
+status show report: install
 	$(UPSTACK) $@ $(RECIPE) $(SETFLAGS)
 
 $(STAGES): install
