@@ -56,9 +56,8 @@ def build_trainer(spec: Spec, ctx):
     marks_turns = training.require_chat_template(tokenizer, ctx, model_path)
     train, held_out = build_mixture(spec.datasets, "sft", ctx, spec.eval_fraction)
     if marks_turns:
-        loss_mask = {
-            "assistant_only_loss": True
-        }  # the template's {% generation %} marks say which tokens
+        # the template's {% generation %} marks say which tokens are the assistant's
+        loss_mask = {"assistant_only_loss": True}
     else:
         # No marks: loss on the last (assistant) turn only, as a prompt/completion pair.
         train, held_out = (_as_completion(d) if d is not None else None for d in (train, held_out))
