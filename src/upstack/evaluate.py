@@ -385,7 +385,7 @@ def _cell(value: Any) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Bars per model: math accuracy and held-out loss, side by side."""
+    """Bars per model: math accuracy above held-out loss, one panel each, models in recipe order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,17 +399,19 @@ def plot(rows: list[dict], path: Path) -> None:
     if not panels:
         return
     names = [row["model"] for row in rows]
+    # stacked panels and a width that grows gently with the models: readable at 3 or at 15 models
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(4 + 1.2 * len(rows) * len(panels), 4), squeeze=False
+        len(panels), 1, figsize=(max(6.0, 0.8 * len(rows) + 2), 3.2 * len(panels)), squeeze=False
     )
-    for axis, (key, label) in zip(axes[0], panels, strict=True):
+    for axis, (key, label) in zip(axes[:, 0], panels, strict=True):
         values = [row.get(key, 0) for row in rows]
         bars = axis.bar(names, values, color="tab:blue" if key == "math_accuracy" else "tab:orange")
-        axis.bar_label(bars, fmt="%.3g")
+        axis.bar_label(bars, fmt="%.3g", fontsize=8)
         axis.set_title(label)
-        axis.tick_params(axis="x", rotation=30)
-        if key == "math_accuracy":
-            axis.set_ylim(0, 1)
+        axis.tick_params(axis="x", rotation=30, labelsize=8)
+        # room for the labels above the tallest bar; accuracy never reads above 100%
+        top = max(values, default=0) * 1.2 or 1.0
+        axis.set_ylim(0, min(top, 1.0) if key == "math_accuracy" else top)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
