@@ -153,3 +153,34 @@ def test_show_prints_the_resolved_recipe(tmp_path):
     result = run_cli("show", str(path), "--set", "seed=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "seed: 3" in result.stdout and "num_hidden_layers: 8" in result.stdout
+
+
+def test_status_loads_the_tiny_recipe_without_importing_torch(tmp_path):
+    """`upstack status` is a quick look: the deep checks that import mergekit/torch are skipped
+    (TRL's field names come from a per-version cache that the first full load writes)."""
+    import subprocess
+    import sys
+
+    env = {
+        "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
+        "PATH": "/usr/bin:/bin",
+        "XDG_CACHE_HOME": str(tmp_path),
+    }
+
+    def load(deep: bool) -> str:
+        code = (
+            "import sys; from upstack.recipe import load_recipe; "
+            f"load_recipe('recipes/tiny.yaml', deep={deep}); print('torch' in sys.modules)"
+        )
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.strip()
+
+    assert load(deep=True) == "True"  # the full check: mergekit's registry, TRL's fields
+    assert load(deep=False) == "False"

@@ -83,7 +83,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from upstack.recipe import load_recipe
     from upstack.tables import markdown_table
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    # status and report only read state: skip the checks that import mergekit and torch
+    recipe = load_recipe(args.recipe, args.overrides, deep=args.command not in ("status", "report"))
     if args.command == "run":
         runner.run(recipe, args.targets, force=args.force, dry_run=args.dry_run)
         if not args.dry_run:

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from upstack.errors import UserError
@@ -74,7 +74,9 @@ class Spec(StageSpec):
         return refs
 
     @model_validator(mode="after")
-    def _check_against_mergekit(self) -> Spec:
+    def _check_against_mergekit(self, info: ValidationInfo) -> Spec:
+        if not (info.context or {}).get("deep", True):
+            return self  # `upstack status`/`report`: importing mergekit (peft, torch) costs ~8 s
         problem = mergekit_problem(self)
         if problem:
             loc, message = problem

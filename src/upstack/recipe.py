@@ -146,8 +146,14 @@ def stage_module(kind: str) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe. Every mistake becomes a one-line UserError."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), deep: bool = True
+) -> Recipe:
+    """Read, override and validate a recipe. Every mistake becomes a one-line UserError.
+
+    `deep=False` skips checks that import heavy libraries (a merge against mergekit's registry):
+    for commands that only read state, like `upstack status`.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -191,7 +197,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 f"{where(loc)}: {'.'.join(map(str, loc))}: unknown stage kind '{kind}' (known: {known})"
             )
         try:
-            stages[name] = spec_class(kind).model_validate({**body, "kind": kind})
+            stages[name] = spec_class(kind).model_validate(
+                {**body, "kind": kind}, context={"deep": deep}
+            )
         except ValidationError as err:
             raise UserError(_describe(err, ("stages", name), where)) from None
 
