@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from upstack.data import Source, source_refs
 from upstack.recipe import StageSpec
-from upstack.training import Adapter, check_trainer_keys
+from upstack.training import Adapter, check_datasets, check_trainer_keys
 
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
 
@@ -37,11 +37,7 @@ class Spec(StageSpec):
         return {"model": self.model, **source_refs(self.datasets)}
 
 
-def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
-    """Before the run writes anything (the runner's hook): the data sources are where they say."""
-    from upstack.data import check_sources
-
-    check_sources(spec.datasets, recipe, name, pending)
+preflight = check_datasets  # the runner's hook: data sources checked before anything is written
 
 
 def build_trainer(spec: Spec, ctx):
@@ -78,10 +74,7 @@ def build_trainer(spec: Spec, ctx):
 def run(spec: Spec, ctx) -> dict:
     from upstack import training
 
-    trainer = build_trainer(spec, ctx)
-    metrics = training.train(trainer, ctx)
-    training.save(trainer, trainer.processing_class, ctx.model_path(spec.model), spec.adapter, ctx)
-    return metrics
+    return training.train_and_save(build_trainer(spec, ctx), spec, ctx)
 
 
 def _as_completion(dataset):

@@ -70,6 +70,20 @@ def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, 
     return settings
 
 
+def check_datasets(spec, recipe, name: str, pending: set[str]) -> None:
+    """The runner's preflight for cpt, sft and dpo: every data source is where it says."""
+    from upstack.data import check_sources
+
+    check_sources(spec.datasets, recipe, name, pending)
+
+
+def train_and_save(trainer, spec, ctx) -> dict[str, Any]:
+    """Train (resuming when an earlier attempt left a checkpoint), then save a plain checkpoint."""
+    metrics = train(trainer, ctx)
+    save(trainer, trainer.processing_class, ctx.model_path(spec.model), spec.adapter, ctx)
+    return metrics
+
+
 def trainer_fields(config_name: str) -> dict[str, str]:
     """Field name -> type of a TRL config class. Importing trl takes seconds (torch comes with it),
     so the names are cached per TRL version and `upstack status` stays quick."""
