@@ -39,6 +39,27 @@ def run_cli(
     )
 
 
+def recipe_from_stages(directory: Path, stages: dict, name: str = "recipe.yaml") -> Path:
+    """A recipe file named `t` with these stages, writing under `directory/runs`."""
+    path = directory / name
+    path.write_text(
+        yaml.safe_dump({"name": "t", "output_dir": str(directory / "runs"), "stages": stages})
+    )
+    return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """A 1.9M-parameter model gains nothing from threads, and two threads on two busy cores
+    spin against each other (the tiny model's matmuls ran ~50x slower here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_tiny_model(out_dir: Path, **architecture) -> Path:
     """Run the init stage in-process: a locally trained tokenizer and a random tiny Llama."""
     from upstack.recipe import load_recipe

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-import yaml
+from conftest import recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -12,22 +12,7 @@ from upstack import cpt
 from upstack.recipe import load_recipe
 from upstack.runner import StageContext, run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A 1.9M-parameter model gains nothing from threads, and they thrash on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _recipe(tmp_path, stages: dict):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(
-        yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": stages})
-    )
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_cpt_packs_text_trains_and_saves(tmp_path, tiny_model):
@@ -43,7 +28,7 @@ def test_cpt_packs_text_trains_and_saves(tmp_path, tiny_model):
             "logging_steps": 1,
         },
     }
-    path = _recipe(tmp_path, {"cpt": stage})
+    path = recipe_from_stages(tmp_path, {"cpt": stage})
     recipe = load_recipe(path)
     ctx = StageContext(
         recipe=recipe,

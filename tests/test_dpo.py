@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-import yaml
+from conftest import recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,13 +22,7 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A 1.9M-parameter model gains nothing from threads, and they thrash on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pairs(path, count=48):
@@ -50,14 +44,6 @@ def _pairs(path, count=48):
     return str(path)
 
 
-def _recipe(tmp_path, stages: dict):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(
-        yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": stages})
-    )
-    return path
-
-
 def test_dpo_separates_rewards_and_saves(tmp_path, tiny_model):
     data = _pairs(tmp_path / "pairs.jsonl")
     stage = {
@@ -65,7 +51,7 @@ def test_dpo_separates_rewards_and_saves(tmp_path, tiny_model):
         "datasets": [{"path": data, "columns": {"question": "prompt"}}],
         "trainer": {**FAST, "max_steps": 8},
     }
-    run(load_recipe(_recipe(tmp_path, {"dpo": stage})), ["dpo"])
+    run(load_recipe(recipe_from_stages(tmp_path, {"dpo": stage})), ["dpo"])
     out = tmp_path / "runs" / "dpo"
     metrics = json.loads((out / "upstack.json").read_text())["metrics"]
     assert metrics["steps"] == 8
@@ -99,7 +85,7 @@ def test_lora_dpo_uses_the_adapter_disabled_model_as_reference(tmp_path, tiny_mo
         "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         "trainer": {**FAST, "max_steps": 4, "learning_rate": 5e-3},
     }
-    recipe = load_recipe(_recipe(tmp_path, {"dpo": stage}))
+    recipe = load_recipe(recipe_from_stages(tmp_path, {"dpo": stage}))
     ctx = StageContext(
         recipe=recipe,
         name="dpo",

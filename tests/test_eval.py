@@ -16,15 +16,7 @@ from upstack.evaluate import score
 from upstack.recipe import load_recipe
 from upstack.runner import run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two torch threads on two shared, busy cores spin against each other: the tiny model's
-    # matmuls ran ~50x slower than on one thread here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _accuracy(pairs) -> float:

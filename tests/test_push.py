@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import run_cli, write_recipe
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
@@ -43,12 +42,8 @@ stages:
 
 
 @pytest.fixture(autouse=True)
-def token(monkeypatch):
+def token(monkeypatch, one_torch_thread):
     monkeypatch.setenv("HF_TOKEN", SENTINEL)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_eval.py: two threads on two busy cores crawl
-    yield
-    torch.set_num_threads(threads)
 
 
 def _files(root):

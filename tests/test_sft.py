@@ -9,8 +9,7 @@ import time
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT
+from conftest import ROOT, recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,21 +33,7 @@ CHAT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A 1.9M-parameter model gains nothing from threads, and they thrash on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _recipe(tmp_path, stages: dict, name: str = "recipe.yaml"):
-    path = tmp_path / name
-    path.write_text(
-        yaml.safe_dump({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": stages})
-    )
-    return path
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sft(model, steps=12, **settings):
@@ -85,7 +70,7 @@ def _generates(path):
 
 
 def test_sft_trains_and_saves_a_plain_checkpoint(tmp_path, tiny_model):
-    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(tiny_model)}))
+    recipe = load_recipe(recipe_from_stages(tmp_path, {"sft": _sft(tiny_model)}))
     run(recipe, ["sft"])
     out = tmp_path / "runs" / "sft"
     metrics = json.loads((out / "upstack.json").read_text())["metrics"]
@@ -125,7 +110,7 @@ def test_sft_loss_covers_exactly_the_assistant_tokens(tmp_path, tiny_model, temp
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
         )
         settings["chat_template"] = str(plain)
-    recipe = load_recipe(_recipe(tmp_path, {"sft": settings}))
+    recipe = load_recipe(recipe_from_stages(tmp_path, {"sft": settings}))
     trainer = sft.build_trainer(recipe.stages["sft"], _ctx(tmp_path, recipe, "sft"))
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
@@ -146,7 +131,7 @@ def test_sft_without_a_chat_template_fails_before_training(tmp_path, tiny_model)
     tokenizer.chat_template = None
     tokenizer.save_pretrained(bare)
     (bare / "chat_template.jinja").unlink(missing_ok=True)
-    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(bare)}))
+    recipe = load_recipe(recipe_from_stages(tmp_path, {"sft": _sft(bare)}))
     with pytest.raises(
         UserError, match=r"stages.sft: model .*bare has no chat template; set `chat_template:`"
     ):
@@ -158,7 +143,9 @@ def test_lora_output_equals_base_plus_merged_adapter(tmp_path, tiny_model):
     from peft import PeftModel
 
     adapter = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
-    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(tiny_model, steps=8, adapter=adapter)}))
+    recipe = load_recipe(
+        recipe_from_stages(tmp_path, {"sft": _sft(tiny_model, steps=8, adapter=adapter)})
+    )
     run(recipe, ["sft"])
     out = tmp_path / "runs" / "sft"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -175,7 +162,9 @@ def test_lora_output_equals_base_plus_merged_adapter(tmp_path, tiny_model):
 
 def test_qlora_trains_4bit_on_cpu_and_saves_full_weights(tmp_path, tiny_model):
     adapter = {"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}
-    recipe = load_recipe(_recipe(tmp_path, {"sft": _sft(tiny_model, steps=10, adapter=adapter)}))
+    recipe = load_recipe(
+        recipe_from_stages(tmp_path, {"sft": _sft(tiny_model, steps=10, adapter=adapter)})
+    )
     run(recipe, ["sft"])
     out = tmp_path / "runs" / "sft"
     metrics = json.loads((out / "upstack.json").read_text())["metrics"]
@@ -194,7 +183,7 @@ def test_qlora_trains_4bit_on_cpu_and_saves_full_weights(tmp_path, tiny_model):
 def test_nan_loss_stops_with_the_step(tmp_path, tiny_model):
     settings = _sft(tiny_model, steps=30)
     settings["trainer"].update(learning_rate=1e4, max_grad_norm=0.0)
-    recipe = load_recipe(_recipe(tmp_path, {"sft": settings}))
+    recipe = load_recipe(recipe_from_stages(tmp_path, {"sft": settings}))
     with pytest.raises(
         UserError, match=r"stages.sft: training (loss|grad_norm) is (nan|inf) at step \d+"
     ):
@@ -207,7 +196,7 @@ def test_killed_sft_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_mod
     steps = 24
     settings = _sft(tiny_model, steps=steps)
     settings["trainer"].update(save_steps=4, save_total_limit=3)
-    path = _recipe(tmp_path, {"sft": settings})
+    path = recipe_from_stages(tmp_path, {"sft": settings})
     checkpoints = tmp_path / "runs" / ".work" / "sft" / "checkpoints"
     env = {
         **os.environ,
@@ -248,7 +237,7 @@ def test_killed_sft_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_mod
     # Same data order and optimizer state: the steps after the resume match an uninterrupted run.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    run(load_recipe(_recipe(fresh, {"sft": settings})), ["sft"])
+    run(load_recipe(recipe_from_stages(fresh, {"sft": settings})), ["sft"])
     reference = dict(
         map(
             tuple,
