@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
-sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "tests")]
 
 
 def main() -> None:
@@ -34,14 +32,24 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from conftest import build_tiny_model
+    import yaml
 
     from data_synth.seeds import ArithSeeds, load_problems
-    from upstack.evaluate import MathEval, load_model, solve
+    from upstack.recipe import load_recipe
+    from upstack.runner import run
+    from upstack.stages.eval import MathEval, load_model, solve
     from upstack.tables import markdown_table
 
     torch.set_num_threads(args.threads)
-    model_dir = build_tiny_model(Path(tempfile.mkdtemp(prefix="bench-eval-")), num_hidden_layers=16)
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    recipe = {
+        "name": "bench-eval",
+        "output_dir": str(work / "runs"),
+        "stages": {"init": {"architecture": {"num_hidden_layers": 16}}},
+    }
+    (work / "init.yaml").write_text(yaml.safe_dump(recipe))
+    run(load_recipe(work / "init.yaml"), ["init"])  # a random 16-layer tiny Llama
+    model_dir = work / "runs" / "init"
     model, tokenizer = load_model(str(model_dir), trust_remote_code=False)
     problems = load_problems(ArithSeeds(split="eval", count=args.problems), seed=42)
 

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 OUT = ROOT / "bench" / "out"
 SIZES = {
     "270m": {
@@ -64,7 +63,7 @@ def main() -> None:
             work / "naive",
         ),
         "imports only (upstack + mergekit)": (
-            [sys.executable, "-c", "import upstack.merge, mergekit.merge, transformers"],
+            [sys.executable, "-c", "import upstack.stages.merge, mergekit.merge, transformers"],
             work / "none",
         ),
     }

@@ -19,13 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+from data_synth import echo_server
+from data_synth.seeds import Problem
+from data_synth.teachers import OpenAITeacher, Request, Runtime, stream
+from upstack.tables import markdown_table
 
-from data_synth import echo_server  # noqa: E402
-from data_synth.seeds import Problem  # noqa: E402
-from data_synth.teachers import OpenAITeacher, Request, stream  # noqa: E402
-from upstack.tables import markdown_table  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 OUT = ROOT / "bench" / "out"
 PROBLEM = Problem(id="bench", question="q", solution="s", answer="1", source="bench")
@@ -50,7 +49,7 @@ def make_requests(count: int, offset: int) -> list[Request]:
 async def through_teacher(url: str, concurrency: int, count: int) -> int:
     spec = OpenAITeacher(model="echo", base_urls=[url], concurrency=concurrency, max_retries=0)
     answered = 0
-    async for _, reply in stream(spec, make_requests(count, 0), ctx=None):
+    async for _, reply in stream(spec, make_requests(count, 0), Runtime()):
         answered += reply.text is not None
     return answered
 

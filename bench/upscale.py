@@ -167,8 +167,7 @@ def build_source(path: Path, arch: dict) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-    from upstack.init_model import Tokenizer, build_tokenizer
+    from upstack.stages.init import Tokenizer, build_tokenizer
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -317,8 +316,7 @@ def clean(out_dir: Path) -> None:
 
 
 def parse_size(text: str) -> int:
-    sys.path[:0] = [str(ROOT / "src")]
-    from upstack.upscale import parse_size as stage_parse_size
+    from upstack.stages.upscale import parse_size as stage_parse_size
 
     return stage_parse_size(text)
 

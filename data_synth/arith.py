@@ -177,12 +177,20 @@ def _stream(seed: int) -> Iterator[ArithProblem]:
         )
 
 
+def plain_prompt(question: str) -> str:
+    """The pretraining text's format up to where the answer starts: how a base model is asked."""
+    return f"Question: {question}\nAnswer:"
+
+
+def plain_text(question: str, solution: str) -> str:
+    """One problem as pretraining text."""
+    return f"{plain_prompt(question)} {solution}"
+
+
 def corpus(count: int, seed: int) -> list[str]:
     """Plain text for pretraining and tokenizer training: train problems in every wording."""
     texts = []
     for problem in problems(count, seed, "train"):
         rng = random.Random(problem.id)
-        texts.append(
-            f"Question: {rng.choice(problem.questions())}\nAnswer: {rng.choice(problem.solutions())}"
-        )
+        texts.append(plain_text(rng.choice(problem.questions()), rng.choice(problem.solutions())))
     return texts

@@ -1,15 +1,12 @@
-"""pairs stage: synth records -> an instruct set (messages) and SOLAR's Synth.Math-Alignment DPO tuples.
+"""Synth records -> an instruct set (messages) and SOLAR's Synth.Math-Alignment DPO tuples.
 
-Output, each a dataset dir that `datasets.load_dataset(dir)` reads as train/test splits:
-
-    instruct/train.jsonl, instruct/test.jsonl    {"messages": [{user: question}, {assistant: answer}]}
-    alignment/train.jsonl, alignment/test.jsonl  {"prompt": [{user: rephrased question}],
-                                                  "chosen": [{assistant: rephrased answer}],
-                                                  "rejected": [{assistant: original answer}]}
+    instruct   {"messages": [{user: question}, {assistant: answer}]}
+    alignment  {"prompt": [{user: rephrased question}], "chosen": [{assistant: rephrased answer}],
+                "rejected": [{assistant: original answer}]}
 
 The tuples are TRL's conversational preference format, so DPOTrainer applies the policy's own
-chat template. The split is by seed problem, so no seed has variants on both sides. A split with
-no rows is not written (an empty .jsonl is not a loadable dataset); the manifest counts say so.
+chat template. The split into train and test is by seed problem, so no seed has variants on both
+sides.
 """
 
 from __future__ import annotations
@@ -18,21 +15,23 @@ import hashlib
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from data_synth.synth import RECORDS
-from upstack.errors import UserError
-from upstack.recipe import StageSpec
+from data_synth.config import Strict
+from data_synth.errors import DataSynthError
+from data_synth.files import read_jsonl, write_jsonl
 
+RECORDS = "records.jsonl"  # what synth writes
 EXTRA = Literal["answer_augmentation", "fobar", "self_verification", "rephrase_question"]
+SETS = ("instruct", "alignment")
+SPLITS = ("train", "test")
 
 
-class Spec(StageSpec):
-    kind: Literal["pairs"] = "pairs"
-    records: str = Field("synth", description="the synth stage (or a dir holding records.jsonl)")
+class PairsConfig(Strict):
     test_fraction: float = Field(
         0.05, ge=0, lt=1, description="share of seed problems held out as test"
     )
@@ -41,18 +40,35 @@ class Spec(StageSpec):
         description="verified records added to the instruct set as they are, beside the tuples",
     )
 
-    def refs(self) -> dict[str, str]:
-        return {"records": self.records}
+
+@dataclass
+class Pairs:
+    rows: dict[tuple[str, str], list[dict]]  # (instruct|alignment, train|test) -> rows
+    seeds: int
+    test_seeds: int
+    duplicates: int = 0
+    counts: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = {f"{name}_{split}": len(rows) for (name, split), rows in self.rows.items()}
 
 
-def run(spec: Spec, ctx) -> dict:
-    records = _read_records(Path(ctx.model_path(spec.records)))
+def read_records(path: Path) -> list[dict]:
+    """synth's records: `path` is its output dir or the records file itself."""
+    file = path / RECORDS if path.is_dir() else path
+    if not file.is_file():
+        raise DataSynthError(f"{file}: synth records not found")
+    return [row for _, row in read_jsonl(file)]
+
+
+def build_pairs(records: list[dict], config: PairsConfig, seed: int) -> Pairs:
+    """The instruct rows and the tuples of every seed, split by seed, duplicates dropped."""
     by_seed: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         by_seed[record["seed_id"]][record["augmentation"]].append(record)
 
-    test_seeds = _test_seeds(list(by_seed), spec.test_fraction, ctx.seed)
-    rows = {(name, split): [] for name in ("instruct", "alignment") for split in ("train", "test")}
+    test_seeds = _test_seeds(list(by_seed), config.test_fraction, seed)
+    rows: dict[tuple[str, str], list[dict]] = {(n, s): [] for n in SETS for s in SPLITS}
     seen: set[bytes] = set()
     duplicates = 0
     for seed_id, groups in by_seed.items():
@@ -73,39 +89,27 @@ def run(spec: Spec, ctx) -> dict:
                     rows[name, split].append(row)
                 else:
                     duplicates += 1
-        for augmentation in spec.instruct_extra:
+        for augmentation in config.instruct_extra:
             for record in groups[augmentation]:
                 row = _messages(record["question"], record["answer"])
                 if _first_time("instruct", row, seen):
                     rows["instruct", split].append(row)
                 else:
                     duplicates += 1
-
-    for (name, split), items in rows.items():
-        if not items:
-            # an empty .jsonl is not a loadable dataset: leave the file out and say so
-            ctx.log(f"warning: {name}/{split} is empty (no verified records for it); not written")
-            continue
-        (ctx.out_dir / name).mkdir(exist_ok=True)
-        with (ctx.out_dir / name / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
-            for row in items:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    counts = {f"{name}_{split}": len(items) for (name, split), items in rows.items()}
-    ctx.log(", ".join(f"{k}={v}" for k, v in counts.items()) + f", duplicates dropped={duplicates}")
-    return {
-        **counts,
-        "seeds": len(by_seed),
-        "test_seeds": len(test_seeds),
-        "duplicates": duplicates,
-    }
+    return Pairs(rows, seeds=len(by_seed), test_seeds=len(test_seeds), duplicates=duplicates)
 
 
-def _read_records(path: Path) -> list[dict]:
-    file = path / RECORDS if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"{file}: synth records not found")
-    with file.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def write_pairs(pairs: Pairs, out_dir: Path) -> list[str]:
+    """`<set>/<split>.jsonl` under `out_dir`, each a dataset dir `datasets.load_dataset` reads as
+    train/test splits. An empty split is not written (an empty .jsonl is not a loadable
+    dataset): its name is returned instead."""
+    empty = []
+    for (name, split), rows in pairs.rows.items():
+        if rows:
+            write_jsonl(Path(out_dir) / name / f"{split}.jsonl", rows)
+        else:
+            empty.append(f"{name}/{split}")
+    return empty
 
 
 def _messages(question: str, answer: str) -> dict:

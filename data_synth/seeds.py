@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from upstack.errors import UserError
-from upstack.recipe import Strict
+from data_synth.config import Strict, names
+from data_synth.errors import DataSynthError
+from data_synth.files import load_local, read_jsonl
 
 
 @dataclass
@@ -98,7 +99,8 @@ class HfSeeds(Strict):
 
     source: Literal["hf"] = "hf"
     path: str = Field(
-        description="Hub id (org/name), a local file or dir, or a stage of this recipe"
+        description="Hub id (org/name), a local file or dir, or a stage of this recipe",
+        json_schema_extra=names("data"),
     )
     name: str | None = Field(None, description="dataset config name, e.g. 'main' for openai/gsm8k")
     split: str = "train"
@@ -111,9 +113,6 @@ class HfSeeds(Strict):
     limit: int | None = Field(None, ge=1, description="keep the first N (after shuffling, if on)")
     shuffle: bool = False
 
-    def refs(self) -> dict[str, str]:
-        return {"path": self.path}
-
 
 class ChampSeeds(Strict):
     """CHAMP (270 competition problems, MIT) as shipped by the `champ-dataset` package: works offline."""
@@ -125,23 +124,16 @@ class ChampSeeds(Strict):
     limit: int | None = Field(None, ge=1)
     shuffle: bool = False
 
-    def refs(self) -> dict[str, str]:
-        return {}
-
 
 class JsonlSeeds(Strict):
     """The user's own file: one JSON object per line, fields mapped by `columns`."""
 
     source: Literal["jsonl"] = "jsonl"
-    path: str
+    path: str = Field(description="a local .jsonl file", json_schema_extra=names("data", "local"))
     columns: Columns = Field(default_factory=Columns)
     answer_from: AnswerFrom = "column"
     limit: int | None = Field(None, ge=1)
     shuffle: bool = False
-
-    def refs(self) -> dict[str, str]:
-        # a bare file name in the working dir has no '/', so give it one: refs treat '/' as a path
-        return {"path": self.path if "/" in self.path else f"./{self.path}"}
 
 
 class ArithSeeds(Strict):
@@ -150,10 +142,7 @@ class ArithSeeds(Strict):
     source: Literal["arith"] = "arith"
     split: Literal["train", "eval"] = "train"
     count: int = Field(300, ge=1)
-    seed: int | None = Field(None, description="default: the recipe seed")
-
-    def refs(self) -> dict[str, str]:
-        return {}
+    seed: int | None = Field(None, description="default: the caller's seed")
 
 
 SeedSource = Annotated[
@@ -178,7 +167,8 @@ def load_problems(
 ) -> list[Problem]:
     """The problems of one seed source, in a fixed order for a fixed seed.
 
-    `resolve` turns a `path` that names a stage into its directory (StageContext.model_path).
+    `resolve` maps a `path` to what to load (upstack turns a stage name into its output dir).
+    Bad data raises DataSynthError, its `setting` relative to the source (`path`, `categories`).
     """
     resolve = resolve or (lambda ref: ref)
     if isinstance(source, ArithSeeds):
@@ -247,8 +237,9 @@ def _champ(source: ChampSeeds) -> list[Problem]:
         )
     if source.categories and not out:
         known = sorted({item["category"] for item in raw.values()})
-        raise UserError(
-            f"seeds: champ: no problems in categories {source.categories} (known: {known})"
+        raise DataSynthError(
+            f"champ has no problems in categories {source.categories} (known: {known})",
+            "categories",
         )
     return out
 
@@ -292,27 +283,19 @@ def _row_problem(
 
 def _jsonl(source: JsonlSeeds, path: Path) -> list[Problem]:
     if not path.is_file():
-        raise UserError(f"{path}: seed file not found (seeds: jsonl path)")
+        raise DataSynthError(f"{path}: seed file not found", "path")
     columns, answer_from = _columns(source)
     out = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
-            if not isinstance(row, dict):
-                raise UserError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
+    try:
+        for lineno, row in read_jsonl(path):
             problem = _row_problem(row, lineno, columns, answer_from, f"jsonl:{path.name}")
             if isinstance(problem, str):
-                raise UserError(f"{path}:{lineno}: {problem}")
+                raise DataSynthError(f"{path}:{lineno}: {problem}", "path")
             out.append(problem)
+    except DataSynthError as err:
+        raise DataSynthError(str(err), "path") from None
     if not out:
-        raise UserError(f"{path}: seed file has no problems")
+        raise DataSynthError(f"{path}: seed file has no problems", "path")
     return out
 
 
@@ -323,9 +306,10 @@ def _hf(source: HfSeeds, path: str) -> list[Problem]:
     if answer_from == "column" and columns.answer not in dataset.column_names:
         wanted.append(str(columns.answer))
     if wanted:
-        raise UserError(
-            f"seeds: hf {path}: no column(s) {wanted} (has {dataset.column_names}); "
-            "set `preset` or `columns`"
+        raise DataSynthError(
+            f"{path}: no column(s) {wanted} (has {dataset.column_names}); "
+            "set `preset` or `columns`",
+            "columns",
         )
     out, skipped = [], 0
     for index, row in enumerate(dataset):
@@ -347,29 +331,14 @@ def _hf(source: HfSeeds, path: str) -> list[Problem]:
 def _load_dataset(source: HfSeeds, path: str):
     import datasets
 
-    local = Path(path)
     try:
-        if local.is_file():
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(
-                local.suffix
-            )
-            if builder is None:
-                raise UserError(f"{local}: seed file must be .jsonl, .json, .parquet or .csv")
-            return datasets.load_dataset(
-                builder, data_files={source.split: str(local)}, split=source.split
-            )
-        if local.is_dir() and any(
-            (local / f).exists() for f in ("dataset_info.json", "dataset_dict.json")
-        ):
-            loaded = datasets.load_from_disk(str(local))  # written by Dataset.save_to_disk
-            return loaded[source.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if Path(path).exists():
+            return load_local(Path(path), source.split)
         return datasets.load_dataset(path, source.name, split=source.split)
-    except UserError:
-        raise
-    except (
-        Exception
-    ) as err:  # datasets raises many types for "not there": name the source, no traceback
-        raise UserError(
-            f"seeds: hf {path} (split {source.split}): cannot load: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}"
+    except DataSynthError as err:
+        raise DataSynthError(str(err), "path") from None
+    except Exception as err:  # datasets raises many types for "not there": name the source
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise DataSynthError(
+            f"{path} (split {source.split}): cannot load: {type(err).__name__}: {first}", "path"
         ) from None

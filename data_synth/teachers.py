@@ -1,7 +1,7 @@
 """Teachers that answer rephrasing requests: an OpenAI-compatible fleet, vLLM, a local transformers model, or a script.
 
-Every teacher is one async generator, `stream(spec, requests, ctx)`, yielding `(request, reply)` as
-replies finish (in any order), so the caller can commit each one to the cache the moment it exists.
+Every teacher is one async generator, `stream(spec, requests, runtime)`, yielding `(request, reply)`
+as replies finish (in any order), so the caller can commit each one to the cache the moment it exists.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import json
 import os
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from data_synth.config import Strict, names
+from data_synth.errors import DataSynthError
 from data_synth.seeds import Problem
-from upstack.errors import UserError
-from upstack.recipe import Strict
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,16 @@ class Request:
 class Reply:
     text: str | None  # None: the request failed for good (after retries)
     retries: int = 0
-    error: str | None = None
+    error: str | None = None  # why it failed: "HTTP 503", "APITimeoutError", ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a teacher needs from its caller besides its settings."""
+
+    seed: int = 0
+    trust_remote_code: bool = False  # for a local model's own code (transformers, vllm)
+    resolve: Callable[[str], str] = str  # a teacher `model` -> the path or Hub id to load
 
 
 # --------------------------------------------------------------------------- specs
@@ -80,7 +89,10 @@ class VllmTeacher(Strict):
     """Offline batch generation with `vllm.LLM` on this machine's GPUs (pip install vllm)."""
 
     kind: Literal["vllm"] = "vllm"
-    model: str = Field(description="a stage of this recipe, a local path or a Hub id")
+    model: str = Field(
+        description="a stage of this recipe, a local path or a Hub id",
+        json_schema_extra=names("model"),
+    )
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = None
@@ -94,7 +106,10 @@ class TransformersTeacher(Strict):
     """A local model through transformers' generate(), batched, with its chat template."""
 
     kind: Literal["transformers"] = "transformers"
-    model: str = Field(description="a stage of this recipe, a local path or a Hub id")
+    model: str = Field(
+        description="a stage of this recipe, a local path or a Hub id",
+        json_schema_extra=names("model"),
+    )
     batch_size: int = Field(8, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("cpu", description="cpu, cuda, cuda:1, mps ...")
@@ -126,14 +141,16 @@ def teacher_model(spec: TeacherSpec) -> str:
     return "arith-script" if isinstance(spec, ScriptedTeacher) else spec.model
 
 
-def stream(spec: TeacherSpec, requests: list[Request], ctx) -> AsyncIterator[tuple[Request, Reply]]:
+def stream(
+    spec: TeacherSpec, requests: list[Request], runtime: Runtime
+) -> AsyncIterator[tuple[Request, Reply]]:
     streams = {
         "openai": _openai,
         "vllm": _vllm,
         "transformers": _transformers,
         "scripted": _scripted,
     }
-    return streams[spec.kind](spec, requests, ctx)
+    return streams[spec.kind](spec, requests, runtime)
 
 
 # --------------------------------------------------------------------------- openai
@@ -142,7 +159,7 @@ POOL = 16  # workers sharing one HTTP client (connection pool)
 
 
 async def _openai(
-    spec: OpenAITeacher, requests: list[Request], ctx
+    spec: OpenAITeacher, requests: list[Request], runtime: Runtime
 ) -> AsyncIterator[tuple[Request, Reply]]:
     from openai import AsyncOpenAI
 
@@ -150,8 +167,8 @@ async def _openai(
     if spec.api_key_env:
         api_key = os.environ.get(spec.api_key_env, "")
         if not api_key:
-            raise UserError(
-                f"teacher.api_key_env: environment variable {spec.api_key_env} is not set"
+            raise DataSynthError(
+                f"environment variable {spec.api_key_env} is not set", "teacher.api_key_env"
             )
     # max_retries=0: the retries (and their count) are ours, spread over the fleet. Several clients
     # per server, each used by at most POOL workers: httpx scans every connection of its pool on
@@ -226,24 +243,27 @@ async def _openai_one(spec: OpenAITeacher, clients: list, index: int, request: R
 # --------------------------------------------------------------------------- vllm
 
 
+VLLM_MISSING = (
+    "vllm is not installed here (pip install vllm on a GPU machine), "
+    "or serve the model with `vllm serve` and use kind: openai"
+)
+
+
 async def _vllm(
-    spec: VllmTeacher, requests: list[Request], ctx
+    spec: VllmTeacher, requests: list[Request], runtime: Runtime
 ) -> AsyncIterator[tuple[Request, Reply]]:
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
-        raise UserError(
-            "teacher.kind: vllm is not installed here (pip install vllm on a GPU machine), "
-            "or serve the model with `vllm serve` and use kind: openai"
-        ) from None
+        raise DataSynthError(VLLM_MISSING, "teacher.kind") from None
     llm = LLM(
-        model=ctx.model_path(spec.model),
+        model=runtime.resolve(spec.model),
         tensor_parallel_size=spec.tensor_parallel_size,
         gpu_memory_utilization=spec.gpu_memory_utilization,
         max_model_len=spec.max_model_len,
         dtype=spec.dtype,
-        trust_remote_code=ctx.recipe.trust_remote_code,
-        seed=ctx.seed,
+        trust_remote_code=runtime.trust_remote_code,
+        seed=runtime.seed,
     )
     for start in range(0, len(requests), spec.batch_size):
         batch = requests[start : start + spec.batch_size]
@@ -260,13 +280,13 @@ async def _vllm(
 
 
 async def _transformers(
-    spec: TransformersTeacher, requests: list[Request], ctx
+    spec: TransformersTeacher, requests: list[Request], runtime: Runtime
 ) -> AsyncIterator[tuple[Request, Reply]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = ctx.model_path(spec.model)
-    trust = ctx.recipe.trust_remote_code
+    path = runtime.resolve(spec.model)
+    trust = runtime.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust, padding_side="left")
     dtype = spec.dtype if spec.dtype == "auto" else getattr(torch, spec.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(
@@ -313,15 +333,12 @@ async def _transformers(
 
 
 async def _scripted(
-    spec: ScriptedTeacher, requests: list[Request], ctx
+    spec: ScriptedTeacher, requests: list[Request], runtime: Runtime
 ) -> AsyncIterator[tuple[Request, Reply]]:
     for request in requests:
         if spec.delay_s:
             await asyncio.sleep(spec.delay_s)
         yield request, Reply(scripted_reply(request, spec.error_rate))
-
-
-SCRIPTED_TASKS = ("rephrase_question", "rephrase_answer", "answer_augmentation", "solve")
 
 
 def scripted_reply(request: Request, error_rate: float) -> str:

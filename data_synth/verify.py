@@ -1,4 +1,4 @@
-"""Answer checking with math-verify: is a teacher's final \\boxed{} answer the gold answer?"""
+"""Answer checking with math-verify: the one definition of "correct", for synth's verifier and for eval."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from data_synth.seeds import last_boxed
 def check(gold: str, text: str | None) -> str | None:
     """None when `text` ends in a boxed answer equal to `gold`, else the reason to drop it.
 
-    Reasons: empty, no_boxed_answer, wrong_answer.
+    Reasons: empty, no_boxed_answer, wrong_answer. A teacher is told to box its answer, so an
+    unboxed one is not guessed at.
     """
     if text is None or not text.strip():
         return "empty"
@@ -21,22 +22,51 @@ def check(gold: str, text: str | None) -> str | None:
     return None if same_answer(gold, answer) else "wrong_answer"
 
 
+def grade(gold: str, prediction: str) -> tuple[str, bool]:
+    """(the answer read from a model's `prediction`, whether it equals `gold`), for eval.
+
+    The last \\boxed{} answer if there is one, else the last expression math-verify finds: an
+    evaluated model may not box its answer, and should not score zero only for that.
+    """
+    boxed = last_boxed(prediction)
+    if boxed:
+        return boxed, same_answer(gold, boxed)
+    found = _parse(prediction)
+    if not found:
+        return "", False
+    return str(found[-1]), _verify(_parse(f"\\boxed{{{gold}}}"), found)
+
+
 def same_answer(gold: str, answer: str) -> bool:
     """math-verify equivalence (3/4 == 0.75 == \\frac{3}{4}, 1,234 == 1234), gold first as its API wants."""
-    from math_verify import parse, verify
-
     if _normalize(gold) == _normalize(answer):
         return True  # the common case, without sympy
-    # math-verify's timeouts use SIGALRM, which only works on the main thread: off elsewhere
-    # (it then warns on every call, hence the quieter logger).
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
     # Both wrapped in \boxed{} so plain "12" and LaTeX "\frac{1}{2}" parse alike.
-    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
-    answer_parsed = parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout)
+    gold_parsed, answer_parsed = _parse(f"\\boxed{{{gold}}}"), _parse(f"\\boxed{{{answer}}}")
     if not gold_parsed or not answer_parsed:
         return False
-    return bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
+    return _verify(gold_parsed, answer_parsed)
+
+
+def _timeout() -> int | None:
+    # math-verify bounds its work with SIGALRM, which only works on the main thread: off
+    # elsewhere (it then warns on every call, hence the quieter logger).
+    if threading.current_thread() is threading.main_thread():
+        return 5
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return None
+
+
+def _parse(text: str) -> list:
+    from math_verify import parse
+
+    return parse(text, parsing_timeout=_timeout())
+
+
+def _verify(gold: list, answer: list) -> bool:
+    from math_verify import verify
+
+    return bool(verify(gold, answer, timeout_seconds=_timeout()))
 
 
 def _normalize(text: str) -> str:

@@ -8,9 +8,10 @@ from conftest import recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from upstack import cpt
+from upstack.context import StageContext
 from upstack.recipe import load_recipe
-from upstack.runner import StageContext, run
+from upstack.runner import run
+from upstack.stages import cpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,9 +39,8 @@ def test_cpt_packs_text_trains_and_saves(tmp_path, tiny_model):
         config_hash="test",
     )
     trainer = cpt.build_trainer(recipe.stages["cpt"], ctx)
-    assert (
-        trainer.args.packing and len(trainer.train_dataset) < 270
-    )  # documents packed into 128-token rows
+    # documents packed into 128-token rows
+    assert trainer.args.packing and len(trainer.train_dataset) < 270
     assert all(len(ids) <= 128 for ids in trainer.train_dataset["input_ids"])
 
     run(recipe, ["cpt"])
@@ -49,6 +49,12 @@ def test_cpt_packs_text_trains_and_saves(tmp_path, tiny_model):
     losses = [loss for _, loss in metrics["loss_curve"]]
     assert metrics["steps"] == 15 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     assert metrics["eval_loss"] < losses[0] and metrics["tokens_per_second"] > 0
+    # the effective trainer settings: upstack's CPU defaults, cpt's packing, the recipe's keys
+    settings = metrics["trainer_settings"]
+    assert settings["bf16"] is False and settings["use_cpu"] is True
+    assert settings["packing"] is True and settings["packing_strategy"] == "wrapped"
+    assert settings["max_steps"] == 15 and settings["learning_rate"] == 3e-3
+    assert "output_dir" not in settings and "per_device_eval_batch_size" not in settings
     before, after = (
         load_file(str(tiny_model / "model.safetensors")),
         load_file(str(out / "model.safetensors")),

@@ -1,24 +1,22 @@
 """Dataset sources and mixtures: loading, renaming, filters, sampling, errors that name the entry."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from conftest import write_recipe
 
+from upstack.context import StageContext
 from upstack.data import Source, build_mixture
 from upstack.errors import UserError
-from upstack.recipe import load_recipe
+from upstack.recipe import Recipe, load_recipe
 from upstack.runner import run
 
 
 def _ctx(tmp_path, seed=7):
-    recipe = SimpleNamespace(
-        source="r.yaml", overrides=[], out_dir=tmp_path / "runs", trust_remote_code=False
-    )
-    return SimpleNamespace(
-        recipe=recipe, name="sft", seed=seed, stage_dir=lambda name: tmp_path / "runs" / name
-    )
+    """A stage `sft` of a recipe `r.yaml` with no other stages, writing under tmp_path/runs."""
+    recipe = Recipe(name="r", seed=seed, output_dir=str(tmp_path / "runs"), stages={})
+    recipe.source = "r.yaml"
+    return StageContext(recipe, "sft", tmp_path / "out", tmp_path / "work", "test")
 
 
 def _jsonl(path, rows):
@@ -71,9 +69,8 @@ def test_mixture_renames_joins_filters_and_samples(tmp_path):
     assert held_out is None and train.column_names == ["messages"]
     assert len(train) == 10 + 15 + 10
     users = [m[-2]["content"] for m in train["messages"]]
-    assert (
-        "Add 0 and 1.\n\nBe brief." in users and "Add 1 and 1." in users
-    )  # empty input not joined
+    # an empty input is not joined
+    assert "Add 0 and 1.\n\nBe brief." in users and "Add 1 and 1." in users
     orca_rows = [m for m in train["messages"] if m[0]["role"] == "system"]
     assert len(orca_rows) == 15
     dropped = {f"qniv{i}" for i in range(20)} | {f"qcot{i}" for i in range(10, 20)}
@@ -154,11 +151,11 @@ def test_preference_rows_become_conversations(tmp_path):
 def test_missing_column_names_the_entry(tmp_path):
     good = _jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "worse": "c"}])
-    with pytest.raises(UserError, match=r"stages\.sft\.datasets\[1\]: missing column 'rejected'"):
+    with pytest.raises(UserError, match=r"stages\.sft\.datasets\.1: missing column 'rejected'"):
         build_mixture([Source(path=good), Source(path=bad)], "preference", _ctx(tmp_path))
-    with pytest.raises(UserError, match=r"datasets\[0\]: missing column 'completion'"):
+    with pytest.raises(UserError, match=r"datasets\.0: missing column 'completion'"):
         build_mixture([Source(path=bad)], "sft", _ctx(tmp_path))
-    with pytest.raises(UserError, match=r"datasets\[0\]\.columns: no column 'answer'"):
+    with pytest.raises(UserError, match=r"datasets\.0\.columns\.answer: no column 'answer'"):
         build_mixture(
             [Source(path=good, columns={"answer": "chosen"})], "preference", _ctx(tmp_path)
         )
@@ -174,7 +171,7 @@ def test_recipe_checks_sources_refs_and_trainer_keys(tmp_path, tiny_model):
           sft_b:
             kind: sft
             model: sft_a
-            datasets: [{{stage: sft_a, split: instruct}}]
+            datasets: [{{path: {data}}}]
           sft_a:
             kind: sft
             model: {tiny_model}
@@ -184,9 +181,16 @@ def test_recipe_checks_sources_refs_and_trainer_keys(tmp_path, tiny_model):
     )
     recipe = load_recipe(path)
     assert recipe.order() == ["sft_a", "sft_b"]
-    assert (
-        recipe.stages["sft_a"].trainer["learning_rate"] == 2e-5
-    )  # YAML's "2e-5" string, as a float
+    # a stage source must be a pairs stage: a model stage there is refused at load, by line
+    wrong = path.read_text().replace(f"{{path: {data}}}", "{stage: sft_a, split: instruct}", 1)
+    with pytest.raises(
+        UserError,
+        match=r"wrong.yaml:6: stages.sft_b.datasets.0.stage: 'sft_a' is a stage of kind sft, "
+        "not a pairs stage",
+    ):
+        load_recipe(write_recipe(tmp_path, wrong, "wrong.yaml"))
+    # YAML's "2e-5" string, as a float
+    assert recipe.stages["sft_a"].trainer["learning_rate"] == 2e-5
     for trainer, message in [
         (
             "{lerning_rate: 1.0e-5}",
@@ -246,7 +250,7 @@ def test_a_missing_file_in_a_later_stage_fails_before_anything_runs(tmp_path, ti
     )
     with pytest.raises(
         UserError,
-        match=r"recipe.yaml:11: stages.sft.datasets\[1\].path: .*typo.jsonl: no such file",
+        match=r"recipe.yaml:11: stages.sft.datasets.1.path: .*typo.jsonl: no such file",
     ):
         run(load_recipe(path), [])
     assert not (tmp_path / "runs" / "cpt").exists()

@@ -9,9 +9,10 @@ from conftest import recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from upstack import dpo
+from upstack.context import StageContext
 from upstack.recipe import load_recipe
-from upstack.runner import StageContext, run
+from upstack.runner import run
+from upstack.stages import dpo
 
 FAST = {
     "per_device_train_batch_size": 8,

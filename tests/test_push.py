@@ -7,9 +7,9 @@ from conftest import run_cli, write_recipe
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
 from upstack.errors import UserError
-from upstack.hub import push_stage
 from upstack.recipe import load_recipe
 from upstack.runner import run
+from upstack.stages.push import push_stage
 
 SENTINEL = "hf_SENTINEL0token0never0written"
 
@@ -154,11 +154,34 @@ def test_push_of_an_unfinished_stage_is_a_user_error(tmp_path):
         push_stage(recipe, "merge", "me/x", dry_run=True)
     with pytest.raises(UserError, match="expected org/name"):
         push_stage(recipe, "merge", "not-a-repo-id", dry_run=True)
-    # the push stage's own inputs are checked before any stage runs
+    # the push stage's own inputs are checked when the recipe loads, before any stage runs
     wrong = RECIPE.replace("datasets: [{{stage: synth}}]", "datasets: [{{stage: init}}]")
-    recipe = load_recipe(write_recipe(tmp_path, wrong.format(out=tmp_path / "runs")))
     with pytest.raises(
-        UserError, match=r"stages.push.datasets.0.stage: 'init' is not a synth or pairs"
+        UserError,
+        match=r"stages.push.datasets.0.stage: 'init' is a stage of kind init, not a data "
+        r"\(synth, pairs\) stage",
     ):
-        run(recipe, ["push"])
+        load_recipe(write_recipe(tmp_path, wrong.format(out=tmp_path / "runs")))
     assert not (tmp_path / "runs" / "init").exists()
+
+
+def test_solar_merge_card_lists_training_data_not_the_decontamination_sets():
+    """The card's `datasets` are what the lineage trained on: synth's seeds (MATH train) and the
+    SFT/DPO sets; MATH and GSM8K test, used only to decontaminate the seeds, are not."""
+    from conftest import ROOT
+
+    from upstack.stages.push import model_card
+
+    recipe = load_recipe(ROOT / "recipes" / "solar-10.7b.yaml", deep=False)
+    card = ModelCard(model_card(recipe, "merge", "org/solar"))
+    assert sorted(card.data.datasets) == sorted(
+        [
+            "HuggingFaceFW/fineweb-edu",  # cpt
+            "DigitalLearningGmbH/MATH-lighteval",  # synth seeds, train split
+            "vicgalle/alpaca-gpt4",
+            "Open-Orca/OpenOrca",
+            "Intel/orca_dpo_pairs",
+            "argilla/ultrafeedback-binarized-preferences-cleaned",
+        ]
+    )
+    assert card.data.base_model == "mistralai/Mistral-7B-v0.1"

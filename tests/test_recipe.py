@@ -184,3 +184,24 @@ def test_status_loads_the_tiny_recipe_without_importing_torch(tmp_path):
 
     assert load(deep=True) == "True"  # the full check: mergekit's registry, TRL's fields
     assert load(deep=False) == "False"
+
+
+def test_show_prints_the_effective_trainer_settings_of_training_stages(tmp_path):
+    """What each training stage passes to TRL: upstack's device defaults and the stage's own,
+    under the recipe's `trainer:` values, the way TRL documents its departures from
+    TrainingArguments."""
+    import json
+
+    result = run_cli("show", str(ROOT / "recipes" / "tiny.yaml"), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)["effective_trainer"]
+    assert set(effective) == {"pretrain", "cpt", "sft", "dpo", "dpo_b"}
+    pretrain, dpo = effective["pretrain"], effective["dpo"]
+    assert pretrain["bf16"] is False and pretrain["activation_checkpointing"] is False  # CPU
+    assert pretrain["packing_strategy"] == "wrapped" and pretrain["save_steps"] == 500
+    assert pretrain["max_steps"] == 400  # the recipe's own value wins
+    assert dpo["precompute_ref_log_probs"] is True and dpo["beta"] == 0.1
+
+    text = run_cli("show", str(ROOT / "recipes" / "tiny.yaml"), cwd=tmp_path).stdout
+    recipe_part, effective_part = text.split("\n---\n")
+    assert "effective_trainer:" in effective_part and "effective_trainer" not in recipe_part

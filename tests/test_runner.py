@@ -101,7 +101,7 @@ def test_killed_stage_leaves_nothing_that_counts_as_finished(chain):
 
 def test_a_failed_stage_is_reported_failed_and_leaves_no_output(chain, monkeypatch):
     path, out = chain
-    from upstack import init_model
+    from upstack.stages import init as init_model
 
     def broken(spec, ctx):
         (ctx.out_dir / "half-written.bin").write_bytes(b"\0")

@@ -3,8 +3,8 @@ import json
 import pytest
 from pydantic import TypeAdapter
 
+from data_synth.errors import DataSynthError
 from data_synth.seeds import SeedSource, last_boxed, load_problems
-from upstack.errors import UserError
 
 SOURCE = TypeAdapter(SeedSource)
 
@@ -73,7 +73,7 @@ def test_metamathqa_preset_keeps_the_original_question(tmp_path):
 
 def test_hf_missing_column_is_a_user_error(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"q": "a", "s": "b"}])
-    with pytest.raises(UserError, match="no column"):
+    with pytest.raises(DataSynthError, match="no column"):
         load_problems(seeds(source="hf", path=str(path), preset="math"), seed=0)
 
 
@@ -101,7 +101,7 @@ def test_jsonl_with_mapping_and_extractor(tmp_path):
 def test_jsonl_bad_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "solution": "s", "answer": "1"}\n{not json\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(DataSynthError, match=r"bad\.jsonl:2: not valid JSON"):
         load_problems(seeds(source="jsonl", path=str(path)), seed=0)
 
 
@@ -110,7 +110,7 @@ def test_jsonl_missing_field_names_file_and_line(tmp_path):
         tmp_path / "bad.jsonl",
         [{"question": "q", "solution": "s", "answer": "1"}, {"question": "q2", "answer": "2"}],
     )
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: field 'solution'"):
+    with pytest.raises(DataSynthError, match=r"bad\.jsonl:2: field 'solution'"):
         load_problems(seeds(source="jsonl", path=str(path)), seed=0)
 
 

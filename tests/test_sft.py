@@ -13,10 +13,11 @@ from conftest import ROOT, recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from upstack import sft
+from upstack.context import StageContext
 from upstack.errors import UserError
 from upstack.recipe import load_recipe
-from upstack.runner import StageContext, run
+from upstack.runner import run
+from upstack.stages import sft
 
 FAST = {
     "per_device_train_batch_size": 8,
@@ -102,9 +103,8 @@ def test_sft_loss_covers_exactly_the_assistant_tokens(tmp_path, tiny_model, temp
     data.write_text(json.dumps({"messages": CHAT}) + "\n")
     settings = _sft(tiny_model, datasets=[{"path": str(data)}])
     if template == "plain":  # no {% generation %} marks: the loss falls back to the last turn
-        plain = (
-            tmp_path / "plain.jinja"
-        )  # given as a file, the other way `chat_template:` takes one
+        # given as a file, the other way `chat_template:` takes one
+        plain = tmp_path / "plain.jinja"
         plain.write_text(
             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -230,9 +230,8 @@ def test_killed_sft_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_mod
     metrics = json.loads((tmp_path / "runs" / "sft" / "upstack.json").read_text())["metrics"]
     assert metrics["resumed_from_step"] == complete and metrics["steps"] == steps
     resumed = dict(map(tuple, metrics["loss_curve"]))
-    assert sorted(resumed) == list(
-        range(1, steps + 1)
-    )  # history before the kill came back with the state
+    # the history from before the kill came back with the state
+    assert sorted(resumed) == list(range(1, steps + 1))
 
     # Same data order and optimizer state: the steps after the resume match an uninterrupted run.
     fresh = tmp_path / "fresh"

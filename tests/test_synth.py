@@ -75,7 +75,7 @@ def fake_teacher(make_reply):
     """A teacher stream that answers every request with make_reply(request): text, or None for a failure."""
     from data_synth.teachers import Reply
 
-    async def stream(spec, requests, ctx):
+    async def stream(spec, requests, runtime):
         for request in requests:
             text = make_reply(request)
             yield request, Reply(text, error=None if text is not None else "HTTP 500")

@@ -9,9 +9,9 @@ import pytest
 from conftest import write_recipe
 
 from data_synth import echo_server
+from data_synth.errors import DataSynthError
 from data_synth.seeds import Problem
-from data_synth.teachers import OpenAITeacher, Request, stream
-from upstack.errors import UserError
+from data_synth.teachers import OpenAITeacher, Request, Runtime, stream
 from upstack.recipe import load_recipe
 from upstack.runner import run
 
@@ -34,7 +34,7 @@ def requests(count: int) -> list[Request]:
 
 def collect(spec, reqs) -> list:
     async def go():
-        return [item async for item in stream(spec, reqs, ctx=None)]
+        return [item async for item in stream(spec, reqs, Runtime())]
 
     return asyncio.run(go())
 
@@ -104,7 +104,7 @@ def test_missing_api_key_is_a_user_error(monkeypatch):
     spec = OpenAITeacher(
         model="m", base_urls=["http://127.0.0.1:9/v1"], api_key_env="UPSTACK_TEST_KEY"
     )
-    with pytest.raises(UserError, match="UPSTACK_TEST_KEY is not set"):
+    with pytest.raises(DataSynthError, match="UPSTACK_TEST_KEY is not set"):
         collect(spec, requests(1))
 
 
@@ -113,7 +113,7 @@ def test_vllm_teacher_without_vllm_is_a_user_error(tmp_path):
 
     if "vllm" in sys.modules or any((Path(p) / "vllm").exists() for p in sys.path):
         pytest.skip("vllm is installed here")
-    with pytest.raises(UserError, match="vllm is not installed"):
+    with pytest.raises(DataSynthError, match="vllm is not installed"):
         collect(VllmTeacher(model="org/model"), requests(1))
 
 
@@ -172,11 +172,9 @@ def test_synth_and_pairs_against_transformers_serve(tmp_path, tiny_model):
 
 
 def test_transformers_teacher_generates_with_the_chat_template(tmp_path, tiny_model):
-    from types import SimpleNamespace
-
     from data_synth.teachers import TransformersTeacher
 
-    ctx = SimpleNamespace(model_path=str, recipe=SimpleNamespace(trust_remote_code=False))
+    runtime = Runtime()
     spec = TransformersTeacher(model=str(tiny_model), batch_size=3)
     reqs = [Request(**{**vars(r), "key": f"{i:032x}"}) for i, r in enumerate(requests(5))]
     sampled = [
@@ -192,7 +190,7 @@ def test_transformers_teacher_generates_with_the_chat_template(tmp_path, tiny_mo
     ]
 
     async def go():
-        return [item async for item in stream(spec, reqs + sampled, ctx)]
+        return [item async for item in stream(spec, reqs + sampled, runtime)]
 
     replies = asyncio.run(go())
     assert sorted(r.key for r, _ in replies) == sorted(r.key for r in reqs + sampled)

@@ -379,7 +379,8 @@ def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model):
 
 
 def test_a_source_stage_without_output_and_an_override_are_named(tmp_path, tiny_model):
-    from upstack import upscale
+    from upstack.runner import context
+    from upstack.stages import upscale
 
     recipe_path = write_recipe(
         tmp_path,
@@ -396,10 +397,9 @@ def test_a_source_stage_without_output_and_an_override_are_named(tmp_path, tiny_
     with pytest.raises(
         UserError, match=r":6: stages\.up\.model: stage 'init' has no finished model"
     ):
-        upscale.preflight(recipe.stages["up"], recipe, "up", pending=set())
-    upscale.preflight(
-        recipe.stages["up"], recipe, "up", pending={"init", "up"}
-    )  # init runs first: not yet
+        upscale.preflight(recipe.stages["up"], context(recipe, "up", "h"))
+    # init runs first: not yet
+    upscale.preflight(recipe.stages["up"], context(recipe, "up", "h", frozenset({"init", "up"})))
 
     overridden = load_recipe(recipe_path, ["stages.other.drop_layers=8"])
     with pytest.raises(UserError) as caught:
@@ -408,3 +408,18 @@ def test_a_source_stage_without_output_and_an_override_are_named(tmp_path, tiny_
         "--set stages.other.drop_layers=8: stages.other.drop_layers: "
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_mergekit_without_the_wrapped_function_is_a_clear_error(monkeypatch):
+    """upscale wraps one private mergekit function; a release without it fails in one line
+    that says what to install, and only when the model has per-layer lists to fix."""
+    import mergekit.merge
+
+    from upstack.stages.upscale import _output_config_lists
+
+    monkeypatch.delattr(mergekit.merge, "_model_out_config")
+    with _output_config_lists({}):
+        pass  # Llama/Mistral: nothing to fix, nothing wrapped
+    lists = _output_config_lists({"layer_types": ["full_attention"] * 4})
+    with pytest.raises(UserError, match=r"has no merge._model_out_config.*'mergekit<0.2'"):
+        lists.__enter__()

@@ -1,4 +1,4 @@
-"""The `upstack` command: run, status and show a recipe. Heavy imports wait until a stage runs."""
+"""The `upstack` command: run, status, show, report and push a recipe. Heavy imports wait until needed."""
 
 from __future__ import annotations
 
@@ -88,41 +88,77 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         runner.run(recipe, args.targets, force=args.force, dry_run=args.dry_run)
         if not args.dry_run:
-            print(markdown_table(STATUS_HEADERS, runner.status_rows(recipe)))
+            print(markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)))
     elif args.command == "status":
-        print(markdown_table(STATUS_HEADERS, runner.status_rows(recipe)))
+        print(markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)))
     elif args.command == "show":
-        data = recipe.to_dict()
-        print(
-            json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False),
-            end="",
-        )
+        _show(recipe, args.json)
     elif args.command == "report":
         from upstack.report import report
 
         print(report(recipe), end="")
     elif args.command == "push":
-        from upstack.hub import cli_push
-
-        cli_push(recipe, args.stage, args.repo_id, args.private, args.dry_run, args.license)
+        _push(recipe, args)
     elif args.command == "_stage":
         _run_worker(recipe, args)
     return 0
 
 
-STATUS_HEADERS = ["stage", "kind", "state", "seconds", "metrics"]
+def _show(recipe, as_json: bool) -> None:
+    """The resolved recipe; then, for each training stage, every setting its TRL config gets on
+    this machine: upstack's defaults and the stage's, under the recipe's `trainer:` values."""
+    from upstack import training
+    from upstack.recipe import stage_module
+
+    data = recipe.to_dict()
+    effective = {
+        name: training.trainer_settings(spec, stage_module(spec.kind).stage_defaults)
+        for name, spec in recipe.stages.items()
+        if isinstance(spec, training.TrainingSpec)
+    }
+    if as_json:
+        print(json.dumps({**data, "effective_trainer": effective}, indent=2))
+        return
+    print(yaml.safe_dump(data, sort_keys=False), end="")
+    if effective:
+        device = "GPU" if training.on_gpu() else "CPU"
+        print(
+            f"---\n# What each training stage passes to TRL on this machine ({device}): upstack's "
+            "defaults, then the stage's,\n# then the recipe's `trainer:` (output_dir and seed "
+            "are the stage's; sft adds its loss mask).\n"
+            + yaml.safe_dump({"effective_trainer": effective}, sort_keys=False),
+            end="",
+        )
+
+
+def _push(recipe, args: argparse.Namespace) -> None:
+    """`upstack push RECIPE STAGE --repo-id ORG/NAME`: one finished stage, outside any run."""
+    from upstack.stages.push import push_stage
+
+    result = push_stage(
+        recipe,
+        args.stage,
+        args.repo_id,
+        private=args.private,
+        license=args.license,
+        dry_run=args.dry_run,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    if not args.dry_run:
+        print(f"pushed {len(result['files'])} files to {result['url']}")
 
 
 def _run_worker(recipe, args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from upstack import runner
+    from upstack.context import is_main_process
 
     hashes = runner.stage_hashes(recipe)
     metrics = runner.execute_stage(
         recipe, args.stage, Path(args.out_dir), Path(args.work_dir), hashes[args.stage]
     )
-    if runner.is_main_process():
+    if is_main_process():
         (Path(args.out_dir) / ".metrics.json").write_text(json.dumps(metrics, default=str))
 
 

@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from upstack.errors import UserError
-from upstack.recipe import Strict, locate
+from data_synth.errors import DataSynthError
+from data_synth.files import FILE_BUILDERS, load_local
+from upstack.recipe import Strict, names
 
 # What each training format needs, after `columns` renames. `sft` also takes `prompt`/`completion`
 # (and an optional `system`), converted to conversations so one chat template applies to all.
@@ -17,13 +18,6 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "sft": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
-}
-FILE_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".txt": "text",
-    ".csv": "csv",
 }
 
 
@@ -64,13 +58,21 @@ class Arith(Strict):
 class Source(Strict):
     """One entry of a stage's `datasets:` list. Exactly one of hub, path, stage, arith."""
 
-    hub: str | None = Field(None, description="Hub dataset id, org/name")
+    hub: str | None = Field(
+        None, description="Hub dataset id, org/name", json_schema_extra=names("data", "hub")
+    )
     config: str | None = Field(None, description="Hub dataset config name")
     data_dir: str | None = None
     path: str | None = Field(
-        None, description="local jsonl/json/parquet/txt/csv file or dataset dir"
+        None,
+        description="local jsonl/json/parquet/txt/csv file or dataset dir",
+        json_schema_extra=names("data", "path"),
     )
-    stage: str | None = Field(None, description="another stage's output; `split` names its subdir")
+    stage: str | None = Field(
+        None,
+        description="a pairs stage's output; `split` names its subdir (instruct, alignment)",
+        json_schema_extra=names("data", "stage", kinds=("pairs",)),
+    )
     arith: Arith | None = None
     split: str = Field("train", description="split to train on (for a stage source: its subdir)")
     eval_split: str | None = Field(
@@ -96,41 +98,24 @@ class Source(Strict):
             raise ValueError("give weight or max_samples, not both")
         return self
 
-    def ref(self) -> tuple[str, str] | None:
-        for key in ("hub", "path", "stage"):
-            if getattr(self, key) is not None:
-                return key, getattr(self, key)
-        return None
 
-
-def source_refs(sources: list[Source], key: str = "datasets") -> dict[str, str]:
-    """`Spec.refs()` entries for a datasets list: stage sources become dependencies."""
-    refs = {}
-    for i, source in enumerate(sources):
-        ref = source.ref()
-        if ref:
-            refs[f"{key}.{i}.{ref[0]}"] = ref[1]
-    return refs
-
-
-def check_sources(
-    sources: list[Source], recipe, name: str, pending: set[str], key: str = "datasets"
-) -> None:
+def check_sources(sources: list[Source], ctx, key: str = "datasets") -> None:
     """Before a run writes anything: local files exist, finished stages wrote the split named.
     A typo in the last stage's data then fails at once, not after an hour of the stages before."""
     for i, source in enumerate(sources):
-        where = f"{locate(recipe, 'stages', name, key, i)}: stages.{name}.{key}[{i}]"
         if source.path is not None:
-            path = Path(source.path)
+            path = Path(source.path).expanduser()
             if not path.exists():
-                raise UserError(f"{where}.path: {path}: no such file or dataset dir")
+                raise ctx.fail(f"{key}.{i}.path", f"{path}: no such file or dataset dir")
             if path.is_file() and path.suffix not in FILE_BUILDERS:
-                raise UserError(f"{where}.path: {path}: expected one of {', '.join(FILE_BUILDERS)}")
-        if source.stage is not None and source.stage not in pending:
-            split_dir = recipe.out_dir / source.stage / source.split
+                raise ctx.fail(
+                    f"{key}.{i}.path", f"{path}: expected one of {', '.join(FILE_BUILDERS)}"
+                )
+        if source.stage is not None and source.stage not in ctx.pending:
+            split_dir = ctx.stage_dir(source.stage) / source.split
             if not (split_dir / "train.jsonl").is_file():
-                raise UserError(
-                    f"{where}.split: stage '{source.stage}' has no {split_dir}/train.jsonl"
+                raise ctx.fail(
+                    f"{key}.{i}.split", f"stage '{source.stage}' has no {split_dir}/train.jsonl"
                 )
 
 
@@ -148,12 +133,12 @@ def build_mixture(
 
     train_parts, eval_parts = [], []
     for i, source in enumerate(sources):
-        where = f"{locate(ctx.recipe, 'stages', ctx.name, key, i)}: stages.{ctx.name}.{key}[{i}]"
+        where = f"{key}.{i}"  # the source's key path, for errors
         rows = _load(source, source.split, fmt, ctx, where)
-        train_parts.append(_prepare(source, rows, fmt, ctx.seed + i, where, sample=True))
+        train_parts.append(_prepare(source, rows, fmt, ctx.seed + i, ctx, where, sample=True))
         if source.eval_split:
             rows = _load(source, source.eval_split, fmt, ctx, where)
-            eval_parts.append(_prepare(source, rows, fmt, ctx.seed + i, where, sample=False))
+            eval_parts.append(_prepare(source, rows, fmt, ctx.seed + i, ctx, where, sample=False))
 
     train = concatenate_datasets(train_parts).shuffle(seed=ctx.seed)
     if eval_parts:
@@ -169,7 +154,7 @@ def _load(source: Source, split: str, fmt: str, ctx, where: str):
 
     if source.arith is not None:
         return datasets.Dataset.from_list(
-            _arith_rows(source.arith.problems, split, fmt, ctx.seed, where)
+            _arith_rows(source.arith.problems, split, fmt, ctx, where)
         )
     if source.hub is not None:
         try:
@@ -178,53 +163,47 @@ def _load(source: Source, split: str, fmt: str, ctx, where: str):
                 source.hub, source.config, data_dir=source.data_dir, split=split
             )
         except (FileNotFoundError, ValueError) as err:
-            raise UserError(
-                f"{where}.hub: cannot load '{source.hub}' split '{split}': {err}"
+            raise ctx.fail(
+                f"{where}.hub", f"cannot load '{source.hub}' split '{split}': {err}"
             ) from None
     if source.stage is not None:
         # a stage writes <stage>/<split>/train.jsonl and, held out, <stage>/<split>/<eval_split>.jsonl
         name = "train" if split == source.split else split
         path = ctx.stage_dir(source.stage) / source.split / f"{name}.jsonl"
         if not path.is_file():
-            raise UserError(f"{where}: stage '{source.stage}' wrote no {path}")
+            raise ctx.fail(where, f"stage '{source.stage}' wrote no {path}")
         return datasets.load_dataset("json", data_files=str(path), split="train")
-    path = Path(source.path)
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            loaded = datasets.load_from_disk(str(path))
-            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return datasets.load_dataset(str(path), split=split)
-    builder = FILE_BUILDERS.get(path.suffix)
-    if builder is None:
-        raise UserError(
-            f"{where}.path: {path}: expected one of {', '.join(FILE_BUILDERS)} or a dataset dir"
+    path = Path(source.path).expanduser()
+    if path.is_file() and split != "train":
+        # an eval_split on one file would evaluate on the training rows
+        raise ctx.fail(
+            f"{where}.split", f"a single file has only the split 'train' (got '{split}')"
         )
-    if not path.is_file():
-        raise UserError(f"{where}.path: {path}: file not found")
-    if split != "train":
-        raise UserError(f"{where}.split: a single file has only the split 'train' (got '{split}')")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    try:
+        return load_local(path, split)
+    except DataSynthError as err:
+        raise ctx.fail(f"{where}.path", str(err)) from None
 
 
-def _arith_rows(count: int, split: str, fmt: str, seed: int, where: str) -> list[dict]:
+def _arith_rows(count: int, split: str, fmt: str, ctx, where: str) -> list[dict]:
     import random
 
     from data_synth import arith
 
     if split not in ("train", "eval"):
-        raise UserError(f"{where}.split: arith has the splits train and eval (got '{split}')")
+        raise ctx.fail(f"{where}.split", f"arith has the splits train and eval (got '{split}')")
     if fmt == "preference":
-        raise UserError(f"{where}.arith: arith gives text or messages, not preference pairs")
+        raise ctx.fail(f"{where}.arith", "arith gives text or messages, not preference pairs")
     if split == "eval":
         count = max(1, count // 10)
     if fmt == "text" and split == "train":
-        return [{"text": t} for t in arith.corpus(count, seed)]
+        return [{"text": t} for t in arith.corpus(count, ctx.seed)]
     rows = []
-    for problem in arith.problems(count, seed, split):
+    for problem in arith.problems(count, ctx.seed, split):
         rng = random.Random(problem.id)  # a fixed but varied wording per problem
         question, solution = rng.choice(problem.questions()), rng.choice(problem.solutions())
         if fmt == "text":
-            rows.append({"text": f"Question: {question}\nAnswer: {solution}"})
+            rows.append({"text": arith.plain_text(question, solution)})
         else:
             rows.append(
                 {
@@ -237,25 +216,27 @@ def _arith_rows(count: int, split: str, fmt: str, seed: int, where: str) -> list
     return rows
 
 
-def _prepare(source: Source, rows, fmt: str, seed: int, where: str, sample: bool):
-    for rule in source.exclude:
+def _prepare(source: Source, rows, fmt: str, seed: int, ctx, where: str, sample: bool):
+    for j, rule in enumerate(source.exclude):
         if rule.column not in rows.column_names:
-            raise UserError(
-                f"{where}.exclude: no column '{rule.column}' (has: {', '.join(rows.column_names)})"
+            raise ctx.fail(
+                f"{where}.exclude.{j}.column",
+                f"no column '{rule.column}' (has: {', '.join(rows.column_names)})",
             )
         rows = rows.filter(lambda value, rule=rule: rule.keeps(value), input_columns=rule.column)
     if sample:
         keep = source.max_samples or max(1, round(source.weight * len(rows)))
         rows = rows.shuffle(seed=seed).select(range(min(keep, len(rows))))
-    rows = _rename(rows, source.columns, where)
+    rows = _rename(rows, source.columns, ctx, where)
     needed = FORMATS[fmt]
     if fmt == "sft" and "messages" not in rows.column_names and "prompt" in rows.column_names:
         needed = ("prompt", "completion")
     missing = [c for c in needed if c not in rows.column_names]
     if missing:
-        raise UserError(
-            f"{where}: missing column '{missing[0]}' for {fmt} data (has: {', '.join(rows.column_names)}); "
-            f"map one with `columns: {{<source column>: {missing[0]}}}`"
+        raise ctx.fail(
+            where,
+            f"missing column '{missing[0]}' for {fmt} data (has: {', '.join(rows.column_names)}); "
+            f"map one with `columns: {{<source column>: {missing[0]}}}`",
         )
     if fmt == "sft":
         rows = _to_conversations(rows)
@@ -264,11 +245,12 @@ def _prepare(source: Source, rows, fmt: str, seed: int, where: str, sample: bool
     return rows.select_columns(list(FORMATS[fmt]))
 
 
-def _rename(rows, columns: dict[str, str], where: str):
+def _rename(rows, columns: dict[str, str], ctx, where: str):
     for column in columns:
         if column not in rows.column_names:
-            raise UserError(
-                f"{where}.columns: no column '{column}' (has: {', '.join(rows.column_names)})"
+            raise ctx.fail(
+                f"{where}.columns.{column}",
+                f"no column '{column}' (has: {', '.join(rows.column_names)})",
             )
     targets: dict[str, list[str]] = {}
     for column, target in columns.items():

@@ -8,48 +8,40 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+# One vocabulary for settings models and for the fields that name models and data sets, shared
+# with data_synth (whose settings the synth stage takes as they are).
+from data_synth.config import Strict, names, used_for
 from upstack.errors import UserError
+from upstack.refs import Reference, declared, resolve
+from upstack.stages import STAGE_MODULES
 
-# Stage kind -> module holding its `Spec` (a StageSpec) and `run(spec, ctx)`. A literal dict,
-# not a plugin system: adding a kind is one line here and one module. Modules are imported only
-# for the kinds a recipe uses, and keep heavy imports (torch, trl, mergekit) inside `run`.
-STAGE_MODULES: dict[str, str] = {
-    "init": "upstack.init_model",
-    "upscale": "upstack.upscale",
-    "cpt": "upstack.cpt",
-    "sft": "upstack.sft",
-    "dpo": "upstack.dpo",
-    "synth": "data_synth.synth",
-    "pairs": "data_synth.pairs",
-    "merge": "upstack.merge",
-    "eval": "upstack.evaluate",
-    "push": "upstack.hub",
-}
-
-
-class Strict(BaseModel):
-    """Every recipe model: an unknown key is an error, not a silently ignored typo."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+__all__ = [
+    "Recipe",
+    "StageSpec",
+    "Strict",
+    "error_at",
+    "load_recipe",
+    "locate",
+    "names",
+    "used_for",
+]
 
 
 class StageSpec(Strict):
-    """Fields every stage has. Each stage kind's module subclasses this as `Spec`."""
+    """Fields every stage has. Each stage kind's module subclasses this as `Spec`.
+
+    A field that names a model or a data set says so (`json_schema_extra=names("model")`): the
+    recipe resolves every such name at load (upstack.refs), and a name that is a stage makes
+    that stage a dependency.
+    """
 
     kind: str
     after: list[str] = Field(
         default_factory=list, description="stages to finish first, beyond the ones this stage reads"
     )
-
-    def refs(self) -> dict[str, str]:
-        """Key path (relative to the stage) -> a model or data source this stage reads.
-
-        A value that names a stage of the recipe makes that stage a dependency; anything else
-        is an outside source (a local path or a Hub id) that the stage resolves when it runs.
-        """
-        return {}
 
 
 class Launch(Strict):
@@ -79,9 +71,10 @@ class Recipe(Strict):
     stages: dict[str, StageSpec]
 
     # Set by load_recipe, not by the YAML: where the recipe came from, so a subprocess
-    # (accelerate launch) can load exactly the same recipe again.
+    # (accelerate launch) can load exactly the same recipe again; and each stage's references.
     source: str = Field("", exclude=True)
     overrides: list[str] = Field(default_factory=list, exclude=True)
+    references: dict[str, list[Reference]] = Field(default_factory=dict, exclude=True)
 
     @property
     def out_dir(self) -> Path:
@@ -93,11 +86,14 @@ class Recipe(Strict):
         data["stages"] = {n: s.model_dump(mode="json") for n, s in self.stages.items()}
         return data
 
+    def refs(self, stage: str) -> list[Reference]:
+        """The models and data sets `stage` names, resolved."""
+        return self.references.get(stage, [])
+
     def deps(self, stage: str) -> list[str]:
         """The stages `stage` reads from or is ordered after."""
-        spec = self.stages[stage]
-        names = [*spec.refs().values(), *spec.after]
-        return list(dict.fromkeys(n for n in names if n in self.stages))
+        read = [ref.stage for ref in self.refs(stage) if ref.stage]
+        return list(dict.fromkeys([*read, *self.stages[stage].after]))
 
     def order(self) -> list[str]:
         """All stages, each after its dependencies; ties keep the recipe's order."""
@@ -134,12 +130,17 @@ class Recipe(Strict):
         return list(dict.fromkeys(names))
 
 
-def spec_class(kind: str) -> type[StageSpec]:
-    module = importlib.import_module(STAGE_MODULES[kind])
-    return module.Spec
+def error_at(loc: tuple[str | int, ...], message: str) -> ValidationError:
+    """For a model validator whose check concerns one key: the error placed at that key path
+    (relative to the model), so the load error names that key and its line."""
+    error = PydanticCustomError("recipe", "{message}", {"message": message})
+    return ValidationError.from_exception_data(
+        "recipe", [InitErrorDetails(type=error, loc=loc, input={})]
+    )
 
 
 def stage_module(kind: str) -> Any:
+    """The module of a stage kind: imported only for the kinds a recipe uses."""
     return importlib.import_module(STAGE_MODULES[kind])
 
 
@@ -182,6 +183,10 @@ def load_recipe(
             f"{where(('stages',))}: stages: a mapping of stage name -> settings is required"
         )
 
+    kinds = {
+        name: (body.get("kind", name) if isinstance(body, dict) else name)
+        for name, body in stages_raw.items()
+    }
     stages: dict[str, StageSpec] = {}
     for name, body in stages_raw.items():
         body = {} if body is None else body
@@ -197,8 +202,8 @@ def load_recipe(
                 f"{where(loc)}: {'.'.join(map(str, loc))}: unknown stage kind '{kind}' (known: {known})"
             )
         try:
-            stages[name] = spec_class(kind).model_validate(
-                {**body, "kind": kind}, context={"deep": deep}
+            stages[name] = stage_module(kind).Spec.model_validate(
+                {**body, "kind": kind}, context={"deep": deep, "stages": kinds}
             )
         except ValidationError as err:
             raise UserError(_describe(err, ("stages", name), where)) from None
@@ -212,14 +217,15 @@ def load_recipe(
     recipe.overrides = list(overrides)
 
     for name, spec in stages.items():
-        for key, ref in spec.refs().items():
-            if ref in stages or "/" in ref or Path(ref).exists():
-                continue  # a stage, or a local path / Hub id that the stage resolves at run time
-            loc = ("stages", name, *(int(k) if k.isdigit() else k for k in key.split(".")))
-            raise UserError(
-                f"{where(loc)}: stages.{name}.{key}: '{ref}' is not a stage of this recipe, "
-                "an existing path, or a Hub id (org/name)"
-            )
+        refs = []
+        for found in declared(spec):
+            try:
+                refs.append(resolve(found, kinds, recipe.out_dir))
+            except ValueError as err:
+                loc = ("stages", name, *found.key)
+                key = ".".join(map(str, loc))
+                raise UserError(f"{where(loc)}: {key}: {err}") from None
+        recipe.references[name] = refs
         for i, dep in enumerate(spec.after):
             if dep not in stages:
                 raise UserError(

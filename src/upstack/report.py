@@ -2,37 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
+from upstack import runner
 from upstack.recipe import Recipe
+from upstack.results import PLOT, read_results, results_table
+from upstack.tables import markdown_table
 
 
 def report(recipe: Recipe) -> str:
     """The report as markdown; also written, with the eval plots beside it, under the output dir."""
-    from upstack import runner
-    from upstack.cli import STATUS_HEADERS
-    from upstack.evaluate import PLOT, RESULTS, results_table
-    from upstack.tables import markdown_table
-
     hashes = runner.stage_hashes(recipe)
     sections = [
         f"# {recipe.name}",
         "## Stages",
-        markdown_table(STATUS_HEADERS, runner.status_rows(recipe)),
+        markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)),
     ]
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
     evals = [name for name in recipe.order() if recipe.stages[name].kind == "eval"]
     for name in evals:
         stage_dir = recipe.out_dir / name
         state = runner.stage_state(recipe, name, hashes[name])
-        if not (stage_dir / RESULTS).is_file():
+        results = read_results(stage_dir)
+        if results is None:
             sections += [
                 f"## Eval `{name}`",
                 f"not run yet ({state}): `upstack run {recipe.source} {name}`",
             ]
             continue
-        results = json.loads((stage_dir / RESULTS).read_text())
         note = "" if state == "done" else f" ({state}: results are from an older configuration)"
         sections += [
             f"## Eval `{name}`{note}",

@@ -14,13 +14,14 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from upstack.context import StageContext
 from upstack.errors import UserError
 from upstack.recipe import Recipe, StageSpec, stage_module
+from upstack.tables import short
 
 MANIFEST = "upstack.json"  # written last inside a stage dir: its presence means the stage finished
 FAILED = "failed.json"  # in the stage's work dir when its last attempt raised
@@ -36,39 +37,6 @@ PACKAGES = (
     "huggingface_hub",
     "upstack",
 )
-
-
-@dataclass
-class StageContext:
-    """What a stage's `run(spec, ctx)` gets besides its own spec."""
-
-    recipe: Recipe
-    name: str
-    out_dir: Path  # a temporary dir, renamed to the stage dir only if `run` returns
-    work_dir: Path  # kept across attempts: checkpoints and request caches live here
-    config_hash: str
-
-    @property
-    def seed(self) -> int:
-        return self.recipe.seed
-
-    def stage_dir(self, name: str) -> Path:
-        """The finished output of another stage of this recipe."""
-        return self.recipe.out_dir / name
-
-    def model_path(self, ref: str) -> str:
-        """A model reference as transformers/mergekit take it: stage dir, local path or Hub id."""
-        if ref in self.recipe.stages:
-            return str(self.stage_dir(ref))
-        return ref
-
-    def log(self, message: str) -> None:
-        if is_main_process():
-            print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # --------------------------------------------------------------------------- state
@@ -165,13 +133,33 @@ def run(
 
 def preflight(recipe: Recipe, steps: list[str]) -> None:
     """Let each stage raise the UserErrors that need its inputs (a source model's layer count, say)
-    before anything is written. A module opts in with `preflight(spec, recipe, name, pending)`;
-    `pending` are the stages this run (re)builds, whose current outputs must not be trusted.
-    Preflights run on --dry-run too, so they must stay offline and cheap."""
+    before anything is written. A module opts in with `preflight(spec, ctx)`; `ctx.pending` are
+    the stages this run (re)builds, whose current outputs must not be trusted. Preflights run on
+    --dry-run too, so they must stay offline and cheap."""
+    hashes = stage_hashes(recipe)
     for name in steps:
         check = getattr(stage_module(recipe.stages[name].kind), "preflight", None)
         if check is not None:
-            check(recipe.stages[name], recipe, name, set(steps))
+            check(recipe.stages[name], context(recipe, name, hashes[name], frozenset(steps)))
+
+
+def context(
+    recipe: Recipe,
+    name: str,
+    config_hash: str,
+    pending: frozenset[str] = frozenset(),
+    out_dir: Path | None = None,
+    work: Path | None = None,
+) -> StageContext:
+    """The one context a stage's preflight and run get (the runner's temp dir by default)."""
+    return StageContext(
+        recipe=recipe,
+        name=name,
+        out_dir=out_dir or recipe.out_dir / f".tmp-{name}-{os.getpid()}",
+        work_dir=work or work_dir(recipe, name),
+        config_hash=config_hash,
+        pending=pending,
+    )
 
 
 def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
@@ -239,9 +227,7 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
 def execute_stage(recipe: Recipe, name: str, out_dir: Path, work: Path, config_hash: str) -> dict:
     """Call the stage's `run` in this process (also what each accelerate worker does)."""
     spec = recipe.stages[name]
-    ctx = StageContext(
-        recipe=recipe, name=name, out_dir=out_dir, work_dir=work, config_hash=config_hash
-    )
+    ctx = context(recipe, name, config_hash, out_dir=out_dir, work=work)
     return stage_module(spec.kind).run(spec, ctx) or {}
 
 
@@ -322,6 +308,8 @@ def package_versions() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- status
 
+STATUS_HEADERS = ["stage", "kind", "state", "seconds", "metrics"]
+
 
 def status_rows(recipe: Recipe) -> list[list[str]]:
     hashes = stage_hashes(recipe)
@@ -330,7 +318,7 @@ def status_rows(recipe: Recipe) -> list[list[str]]:
         state = stage_state(recipe, name, hashes[name])
         manifest = read_manifest(recipe.out_dir / name) or {}
         metrics = manifest.get("metrics", {})
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in list(_scalars(metrics).items())[:4])
+        shown = ", ".join(f"{k}={short(v)}" for k, v in list(_scalars(metrics).items())[:4])
         seconds = manifest.get("seconds")
         rows.append(
             [
@@ -350,9 +338,3 @@ def _scalars(metrics: dict) -> dict:
         for k, v in metrics.items()
         if isinstance(v, int | float | str) and not isinstance(v, bool)
     }
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)

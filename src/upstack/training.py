@@ -1,4 +1,4 @@
-"""What cpt, sft and dpo share: trainer settings, models and adapters, resume, guards, saved checkpoints."""
+"""What cpt, sft and dpo share: spec fields, trainer settings, models and adapters, resume, guards, saved checkpoints."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import math
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from upstack.errors import UserError
-from upstack.recipe import Strict, locate
+from upstack.context import is_main_process
+from upstack.data import Source, check_sources
+from upstack.recipe import StageSpec, Strict, names
 
 # Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
 OWNED = {
@@ -46,9 +48,41 @@ class Adapter(Strict):
     r: int = Field(16, ge=1, description="rank of the update matrices")
     alpha: int = Field(32, ge=1, description="scale alpha/r on the update; 2r is the usual choice")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = (
-        "all-linear"  # QLoRA paper: all linear layers
+    # QLoRA paper: all linear layers
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingSpec(StageSpec):
+    """The fields cpt, sft and dpo share; each stage's Spec adds its own and names its TRL config."""
+
+    TRAINER_CONFIG: ClassVar[str] = "SFTConfig"  # the trl class `trainer:` keys belong to
+
+    model: str = Field(
+        description="the model to train: a stage of this recipe, a local dir or a Hub id",
+        json_schema_extra=names("model"),
     )
+    datasets: list[Source] = Field(
+        min_length=1,
+        description="training data: a `text` column (cpt), `messages` or prompt/completion "
+        "(sft), prompt/chosen/rejected (dpo)",
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="held out for eval loss if no source has eval_split"
+    )
+    adapter: Adapter | None = None
+    trainer: dict[str, Any] = Field(
+        default_factory=dict, description="fields of the stage's TRL config (SFTConfig, DPOConfig)"
+    )
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_trainer_keys(value, cls.TRAINER_CONFIG)
+
+
+def preflight(spec: TrainingSpec, ctx) -> None:
+    """The runner's preflight for cpt, sft and dpo: every data source is where it says."""
+    check_sources(spec.datasets, ctx)
 
 
 def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, Any]:
@@ -70,18 +104,70 @@ def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, 
     return settings
 
 
-def check_datasets(spec, recipe, name: str, pending: set[str]) -> None:
-    """The runner's preflight for cpt, sft and dpo: every data source is where it says."""
-    from upstack.data import check_sources
+@dataclass
+class Inputs:
+    """What a training stage builds its trainer from, loaded and checked before any step."""
 
-    check_sources(spec.datasets, recipe, name, pending)
+    model_path: str
+    tokenizer: Any
+    train: Any  # datasets.Dataset
+    held_out: Any  # datasets.Dataset or None
+    marks_turns: bool  # the chat template marks assistant turns ({% generation %})
 
 
-def train_and_save(trainer, spec, ctx) -> dict[str, Any]:
-    """Train (resuming when an earlier attempt left a checkpoint), then save a plain checkpoint."""
+def prepare(spec: TrainingSpec, ctx, fmt: str, chat_template: str | None = None) -> Inputs:
+    """The tokenizer (with the stage's chat template, required for conversations) and the data
+    mixture of `fmt` (text, sft, preference), each source checked."""
+    from upstack.data import build_mixture
+
+    model_path = ctx.ref("model").location
+    tokenizer = load_tokenizer(model_path, ctx, chat_template)
+    marks_turns = fmt != "text" and require_chat_template(tokenizer, ctx, model_path)
+    train_rows, held_out = build_mixture(spec.datasets, fmt, ctx, spec.eval_fraction)
+    return Inputs(model_path, tokenizer, train_rows, held_out, marks_turns)
+
+
+def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
+    """The trainer arguments every stage passes alike: the model, its adapter config, the guards."""
+    return {
+        "model": load_model(inputs.model_path, spec.adapter, ctx),
+        "processing_class": inputs.tokenizer,
+        "peft_config": lora_config(spec.adapter),
+        "callbacks": [nan_guard(ctx)],
+    }
+
+
+def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
+    """Train (resuming when an earlier attempt left a checkpoint), then save a plain checkpoint.
+    The manifest gets the effective trainer settings: every field that differs from TRL's default."""
     metrics = train(trainer, ctx)
-    save(trainer, trainer.processing_class, ctx.model_path(spec.model), spec.adapter, ctx)
-    return metrics
+    save(trainer, trainer.processing_class, ctx.ref("model").location, spec.adapter, ctx)
+    return {**metrics, "trainer_settings": changed_fields(trainer.args)}
+
+
+def changed_fields(config) -> dict[str, Any]:
+    """The fields of a TRL config whose value differs from the class's declared default, as
+    plain values (where checkpoints go is the work dir's business, not a setting)."""
+    import dataclasses
+
+    values = config.to_dict()
+    changed = {}
+    for field in dataclasses.fields(config):
+        if (
+            not field.init
+            or field.name in ("output_dir", "logging_dir")
+            or field.name not in values
+        ):
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = None
+        if values[field.name] != getattr(default, "value", default):  # enums compare by value
+            changed[field.name] = values[field.name]
+    return changed
 
 
 def trainer_fields(config_name: str) -> dict[str, str]:
@@ -111,15 +197,14 @@ def trainer_fields(config_name: str) -> dict[str, str]:
     return fields
 
 
-def trainer_config(config_cls: type, settings: dict[str, Any], ctx, **stage_defaults):
-    """The TRL config: device defaults, then the stage's, then the recipe's `trainer:` block."""
+def upstack_defaults(on_gpu: bool) -> dict[str, Any]:
+    """What upstack sets in every TRL config before the stage's defaults and the recipe's
+    `trainer:` block (both win over these), as TRL documents its own departures from
+    TrainingArguments."""
     import importlib.util
 
-    import torch
-
-    on_gpu = torch.cuda.is_available()
-    defaults = {
-        "bf16": on_gpu and torch.cuda.is_bf16_supported() and not settings.get("fp16"),
+    return {
+        "bf16": on_gpu,  # on a GPU without bf16 (pre-Ampere) the recipe sets fp16 instead
         "fp16": False,
         # recomputing activations saves GPU memory on big models; on CPU it only costs time
         "activation_checkpointing": on_gpu,
@@ -132,17 +217,35 @@ def trainer_config(config_cls: type, settings: dict[str, Any], ctx, **stage_defa
         "include_num_input_tokens_seen": "non_padding",
         "save_steps": 500,
         "save_total_limit": 2,  # checkpoints are big; resume needs only the last complete one
-        **stage_defaults,
-        **settings,
-        "output_dir": str(ctx.work_dir / CHECKPOINTS),
-        "seed": ctx.seed,
     }
+
+
+def trainer_settings(spec: TrainingSpec, stage_defaults) -> dict[str, Any]:
+    """Every setting the TRL config gets but output_dir and seed, on this machine: upstack's
+    defaults, then the stage's (`stage_defaults(flash_attention)`), then the recipe's `trainer:`."""
+    gpu = on_gpu()
+    defaults = upstack_defaults(gpu)
+    if spec.trainer.get("fp16"):
+        defaults["bf16"] = False
+    if gpu:
+        import torch
+
+        defaults["bf16"] = defaults["bf16"] and torch.cuda.is_bf16_supported()
+    return {**defaults, **stage_defaults(flash_attention()), **spec.trainer}
+
+
+def trainer_config(config_cls: type, settings: dict[str, Any], ctx):
+    """The TRL config from `trainer_settings`, with the checkpoints in the stage's work dir."""
     try:
-        return config_cls(**defaults)
+        return config_cls(**settings, output_dir=str(ctx.work_dir / CHECKPOINTS), seed=ctx.seed)
     except (TypeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0]
-        where = locate(ctx.recipe, "stages", ctx.name, "trainer")
-        raise UserError(f"{where}: stages.{ctx.name}.trainer: {first}") from None
+        raise ctx.fail("trainer", str(err).strip().splitlines()[0]) from None
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
@@ -155,10 +258,7 @@ def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
         if "{%" not in chat_template and "{{" not in chat_template:
             path = Path(chat_template)
             if not path.is_file():
-                raise UserError(
-                    f"{locate(ctx.recipe, 'stages', ctx.name, 'chat_template')}: "
-                    f"stages.{ctx.name}.chat_template: {path}: file not found"
-                )
+                raise ctx.fail("chat_template", f"{path}: file not found")
             chat_template = path.read_text()
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
@@ -169,10 +269,10 @@ def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
 def require_chat_template(tokenizer, ctx, model_path: str) -> bool:
     """Before any training: conversations need a template. True when it marks assistant turns."""
     if not tokenizer.chat_template:
-        raise UserError(
-            f"{locate(ctx.recipe, 'stages', ctx.name)}: stages.{ctx.name}: model {model_path} "
-            "has no chat template; "
-            "set `chat_template:` (a Jinja string or a .jinja file)"
+        raise ctx.fail(
+            "",
+            f"model {model_path} has no chat template; "
+            "set `chat_template:` (a Jinja string or a .jinja file)",
         )
     return bool(GENERATION_MARK.search(tokenizer.chat_template))
 
@@ -234,10 +334,10 @@ def nan_guard(ctx):
             for key in ("loss", "grad_norm"):
                 value = (logs or {}).get(key)
                 if value is not None and not math.isfinite(value):
-                    raise UserError(
-                        f"{locate(ctx.recipe, 'stages', ctx.name)}: stages.{ctx.name}: "
-                        f"training {key} is {value} at step "
-                        f"{state.global_step}; lower trainer.learning_rate or check the data"
+                    raise ctx.fail(
+                        "",
+                        f"training {key} is {value} at step {state.global_step}; "
+                        "lower trainer.learning_rate or check the data",
                     )
 
     return StopOnNonFinite()
@@ -249,8 +349,6 @@ def resume_checkpoint(ctx) -> Path | None:
     The Trainer writes trainer_state.json last, after weights, optimizer and RNG state; a
     checkpoint dir without a readable one for its own step was cut off mid-save and is skipped.
     """
-    from upstack.runner import is_main_process
-
     root = ctx.work_dir / CHECKPOINTS
     stamp = root / "config_hash"
     if is_main_process():

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from upstack.checkpoints import count_parameters
 from upstack.errors import UserError
-from upstack.recipe import Recipe, StageSpec, Strict, locate
+from upstack.recipe import StageSpec, Strict, names
 
 if TYPE_CHECKING:
-    from upstack.runner import StageContext
+    from upstack.context import StageContext
+    from upstack.refs import Reference
 
 # The keys each method reads; a key of another method is an error, not silently ignored.
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
@@ -34,7 +36,6 @@ IDENTITY_SCALE = [
 ]
 # config.json lists with one entry per layer (sliding/full attention, NoPE layers).
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)B?$", re.IGNORECASE)
 
 
@@ -42,7 +43,9 @@ class Slice(Strict):
     """Output layers copied from one source: layers first..end-1 (mergekit's `layer_range`)."""
 
     model: str | None = Field(
-        None, description="a stage, local dir or Hub id; default: the stage's `model`"
+        None,
+        description="a stage, local dir or Hub id; default: the stage's `model`",
+        json_schema_extra=names("model"),
     )
     layer_range: tuple[int, int] = Field(description="[first, end), end exclusive, as in mergekit")
 
@@ -57,7 +60,8 @@ class Slice(Strict):
 class Spec(StageSpec):
     kind: Literal["upscale"] = "upscale"
     model: str = Field(
-        description="the model to grow: a stage of this recipe, a local dir or a Hub id"
+        description="the model to grow: a stage of this recipe, a local dir or a Hub id",
+        json_schema_extra=names("model"),
     )
     method: Literal["dus", "stack", "expand", "layers"] = "dus"
     # dus: keep [0, n-m) of one copy and [m, n) of another: s = 2(n-m) layers. SOLAR: n=32, m=8 → 48.
@@ -130,13 +134,6 @@ class Spec(StageSpec):
             raise ValueError("method layers needs slices: [{layer_range: [first, end]}, ...]")
         return self
 
-    def refs(self) -> dict[str, str]:
-        refs = {"model": self.model}
-        for i, piece in enumerate(self.slices or []):
-            if piece.model is not None:
-                refs[f"slices.{i}.model"] = piece.model
-        return refs
-
 
 @dataclass
 class Source:
@@ -161,64 +158,61 @@ class Piece:
 # --------------------------------------------------------------------------- checks
 
 
-def preflight(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, ctx: StageContext) -> None:
     """Raise the run-time UserErrors (layer counts, architecture, missing source) before the runner
     writes anything. Skipped for a source this run builds first, and for a Hub source: a dry run
     stays offline, and the stage itself checks it before fetching any weight."""
-    for ref in spec.refs().values():
-        if ref in pending or (
-            ref not in recipe.stages and not Path(ref).expanduser().exists() and HUB_ID.match(ref)
-        ):
-            return
-    plan_layers(spec, read_sources(spec, recipe, name), recipe, name)
+    if any(ctx.is_pending(ref) or ref.origin == "hub" for ref in ctx.refs()):
+        return
+    plan_layers(spec, read_sources(ctx), ctx)
 
 
-def read_sources(spec: Spec, recipe: Recipe, name: str) -> dict[str, Source]:
+def read_sources(ctx: StageContext) -> dict[str, Source]:
     """Every model the stage reads, by key path, with its config and layer count."""
-    return {key: _read_source(key, ref, recipe, name) for key, ref in spec.refs().items()}
+    return {ref.key: _read_source(ref, ctx) for ref in ctx.refs()}
 
 
-def _read_source(key: str, ref: str, recipe: Recipe, name: str) -> Source:
+def _read_source(ref: Reference, ctx: StageContext) -> Source:
     import huggingface_hub
     from mergekit.architecture import arch_info_for_config
     from transformers import AutoConfig
 
     def fail(message: str) -> UserError:
-        return UserError(
-            f"{locate(recipe, 'stages', name, *key.split('.'))}: stages.{name}.{key}: {message}"
-        )
+        return ctx.fail(ref.key, message)
 
-    if ref in recipe.stages:
-        path = recipe.out_dir / ref
-        if not (path / "config.json").is_file():
-            raise fail(f"stage '{ref}' has no finished model at {path}: run it first")
-    elif Path(ref).expanduser().exists():
-        path = Path(ref).expanduser()
-        if not (path / "config.json").is_file():
-            raise fail(f"{path} has no config.json: not a transformers model dir")
-    elif HUB_ID.match(ref):
-        path = ref  # mergekit downloads it; now we read only the file list and the config
+    if ref.origin == "hub":
+        path = ref.location  # mergekit downloads it; now we read only the file list and the config
         try:
-            files = huggingface_hub.list_repo_files(ref)
+            files = huggingface_hub.list_repo_files(path)
         except Exception as err:  # offline, no such repo, gated: the user's to fix, all alike
-            raise fail(f"cannot list {ref} on the Hub: {str(err).splitlines()[0]}") from None
+            raise fail(f"cannot list {path} on the Hub: {str(err).splitlines()[0]}") from None
         if not any(name.endswith(".safetensors") for name in files):
             raise fail(
-                f"{ref} has no *.safetensors weights on the Hub (upstack never loads pickled checkpoints)"
+                f"{path} has no *.safetensors weights on the Hub (upstack never loads pickled checkpoints)"
             )
     else:
-        raise fail(f"{ref}: no such directory")
+        path = Path(ref.location)
+        if ref.origin == "stage" and not (path / "config.json").is_file():
+            raise fail(f"stage '{ref.text}' has no finished model at {path}: run it first")
+        if not path.exists():
+            raise fail(f"{ref.text}: no such directory")
+        if not (path / "config.json").is_file():
+            raise fail(f"{path} has no config.json: not a transformers model dir")
 
     if isinstance(path, Path) and not any(path.glob("*.safetensors")):
         raise fail(f"{path} has no *.safetensors weights (upstack never loads pickled checkpoints)")
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=recipe.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            str(path), trust_remote_code=ctx.recipe.trust_remote_code
+        )
     except (OSError, ValueError) as err:
-        raise fail(f"cannot read the model config of {ref}: {str(err).splitlines()[0]}") from None
+        raise fail(
+            f"cannot read the model config of {ref.text}: {str(err).splitlines()[0]}"
+        ) from None
 
     if not config.architectures:
         raise fail(
-            f"{ref}: config.json names no `architectures`, so mergekit cannot map its weights"
+            f"{ref.text}: config.json names no `architectures`, so mergekit cannot map its weights"
         )
     arch = arch_info_for_config(config)
     if arch is None:
@@ -240,14 +234,10 @@ def _read_source(key: str, ref: str, recipe: Recipe, name: str) -> Source:
     )
 
 
-def plan_layers(spec: Spec, sources: dict[str, Source], recipe: Recipe, name: str) -> list[Piece]:
+def plan_layers(spec: Spec, sources: dict[str, Source], ctx: StageContext) -> list[Piece]:
     """The output as slices of the sources, checked against the source's layer count n."""
     n = sources["model"].layers
-
-    def fail(key: str, message: str) -> UserError:
-        return UserError(
-            f"{locate(recipe, 'stages', name, *key.split('.'))}: stages.{name}.{key}: {message}"
-        )
+    fail = ctx.fail
 
     if spec.method == "dus":
         if spec.target_layers is not None:
@@ -314,8 +304,8 @@ def run(spec: Spec, ctx: StageContext) -> dict:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    sources = read_sources(spec, ctx.recipe, ctx.name)
-    pieces = plan_layers(spec, sources, ctx.recipe, ctx.name)
+    sources = read_sources(ctx)
+    pieces = plan_layers(spec, sources, ctx)
     # output layer i <- (piece, source layer j)
     by_layer = [(piece, j) for piece in pieces for j in range(piece.first, piece.end)]
     layer_map = [j for _, j in by_layer]
@@ -399,7 +389,18 @@ def _output_config_lists(lists: dict[str, list]) -> Iterator[None]:
     """
     import mergekit.merge
 
-    build = mergekit.merge._model_out_config
+    if not lists:  # nothing to fix (Llama, Mistral): leave mergekit as it is
+        yield
+        return
+    build = getattr(mergekit.merge, "_model_out_config", None)
+    if build is None:
+        from importlib import metadata
+
+        raise UserError(
+            f"mergekit {metadata.version('mergekit')} has no merge._model_out_config, which "
+            f"upscale wraps to set the per-layer config lists ({', '.join(lists)}) of the "
+            "grown model: install mergekit 0.1.x (pip install 'mergekit<0.2')"
+        )
 
     def build_with_lists(*args, **kwargs):
         config = build(*args, **kwargs)
@@ -423,21 +424,6 @@ def fix_dtype(out_dir: Path, dtype: str | None) -> None:
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def count_parameters(model_dir: Path | str) -> int:
-    """Parameters of a safetensors checkpoint, from the shard headers: no tensor is loaded."""
-    from safetensors import safe_open
-
-    total = 0
-    for shard in Path(model_dir).glob("*.safetensors"):
-        with safe_open(shard, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                numel = 1
-                for dim in handle.get_slice(key).get_shape():
-                    numel *= dim
-                total += numel
-    return total
 
 
 def parse_size(text: str) -> int:

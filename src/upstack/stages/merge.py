@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from upstack.errors import UserError
-from upstack.recipe import StageSpec, Strict
+from upstack.checkpoints import count_parameters
+from upstack.recipe import StageSpec, Strict, error_at, names, used_for
+
+# mergekit's tokenizer settings that are not a model
+TOKENIZER_KEYWORDS = ("base", "union")
 
 # Files a checkpoint needs beside its weights that not every mergekit code path carries over
 # (a `tokenizer_source` merge re-serializes the tokenizer and drops generation_config.json).
@@ -18,7 +20,9 @@ CARRIED_FILES = ("generation_config.json", "chat_template.jinja")
 
 
 class MergeModel(Strict):
-    model: str = Field(description="a stage name, a local path or a Hub id")
+    model: str = Field(
+        description="a stage name, a local path or a Hub id", json_schema_extra=names("model")
+    )
     parameters: dict[str, Any] | None = Field(
         None, description="per-model settings of the method (weight, density, ...)"
     )
@@ -27,7 +31,11 @@ class MergeModel(Strict):
 class MergeTokenizer(Strict):
     """mergekit's `tokenizer:` block: build the merged vocabulary, and pad it as the model wants."""
 
-    source: str = Field("union", description="union | base | a model (stage name, path, Hub id)")
+    source: str = Field(
+        "union",
+        description="union | base | a model (stage name, path, Hub id)",
+        json_schema_extra={**names("model", keywords=TOKENIZER_KEYWORDS), **used_for("tokenizer")},
+    )
     pad_to_multiple_of: int | None = Field(
         None, ge=1, description="e.g. 64, as init pads its vocab"
     )
@@ -42,14 +50,20 @@ class Spec(StageSpec):
     kind: Literal["merge"] = "merge"
     merge_method: str = Field(description="a mergekit method: linear, slerp, ties, dare_ties, ...")
     models: list[MergeModel] = Field(min_length=1)
-    base_model: str | None = Field(None, description="needed by slerp, ties, task_arithmetic, ...")
+    base_model: str | None = Field(
+        None,
+        description="needed by slerp, ties, task_arithmetic, ...",
+        json_schema_extra=names("model"),
+    )
     parameters: dict[str, Any] | None = Field(
         None, description="settings for every model (t, normalize, lambda, ...)"
     )
     dtype: str | None = Field(None, description="dtype the merge computes in")
     out_dtype: str | None = Field(None, description="dtype the merged weights are saved in")
     tokenizer_source: str | None = Field(
-        None, description="base | union | a model; default: the base model's tokenizer is copied"
+        None,
+        description="base | union | a model; default: the base model's tokenizer is copied",
+        json_schema_extra={**names("model", keywords=TOKENIZER_KEYWORDS), **used_for("tokenizer")},
     )
     tokenizer: MergeTokenizer | None = Field(
         None, description="instead of tokenizer_source, with pad_to_multiple_of / tokens"
@@ -63,27 +77,13 @@ class Spec(StageSpec):
         "5B", description="parameters per output shard: 500M, 5B, ..."
     )
 
-    def refs(self) -> dict[str, str]:
-        refs = {f"models.{i}.model": entry.model for i, entry in enumerate(self.models)}
-        if self.base_model:
-            refs["base_model"] = self.base_model
-        if self.tokenizer_source not in (None, "base", "union"):
-            refs["tokenizer_source"] = self.tokenizer_source
-        if self.tokenizer and self.tokenizer.source not in ("base", "union"):
-            refs["tokenizer.source"] = self.tokenizer.source
-        return refs
-
     @model_validator(mode="after")
     def _check_against_mergekit(self, info: ValidationInfo) -> Spec:
         if not (info.context or {}).get("deep", True):
             return self  # `upstack status`/`report`: importing mergekit (peft, torch) costs ~8 s
         problem = mergekit_problem(self)
         if problem:
-            loc, message = problem
-            error = PydanticCustomError("mergekit", "{message}", {"message": message})
-            raise ValidationError.from_exception_data(
-                "merge", [InitErrorDetails(type=error, loc=loc, input={})]
-            )
+            raise error_at(*problem)
         return self
 
 
@@ -103,10 +103,10 @@ def mergekit_config(spec: Spec, resolve=lambda ref: ref) -> dict[str, Any]:
         config["base_model"] = resolve(spec.base_model)
     if spec.tokenizer_source:
         source = spec.tokenizer_source
-        config["tokenizer_source"] = source if source in ("base", "union") else resolve(source)
+        config["tokenizer_source"] = source if source in TOKENIZER_KEYWORDS else resolve(source)
     if spec.tokenizer:
         tokenizer = spec.tokenizer.model_dump(exclude_none=True)
-        if tokenizer["source"] not in ("base", "union"):
+        if tokenizer["source"] not in TOKENIZER_KEYWORDS:
             tokenizer["source"] = resolve(tokenizer["source"])
         config["tokenizer"] = tokenizer
     for key in ("parameters", "dtype", "out_dtype", "chat_template"):
@@ -217,42 +217,40 @@ SHAPE_KEYS = (
 )
 
 
-def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
+def preflight(spec: Spec, ctx) -> None:
     """Before the runner writes anything: every local input is a safetensors checkpoint and all
     of them have the same shapes. Inputs this run rebuilds, and Hub ids, are checked by mergekit."""
     import json
 
-    from upstack.recipe import locate
-
     shapes: dict[str, tuple[str, dict]] = {}
-    for key, ref in spec.refs().items():
-        if ref in pending or key in ("tokenizer_source", "tokenizer.source"):
+    for ref in ctx.refs():
+        if ctx.is_pending(ref) or ref.origin == "hub" or ref.use == "tokenizer":
             continue
-        path = recipe.out_dir / ref if ref in recipe.stages else Path(ref).expanduser()
-        if ref not in recipe.stages and not path.exists():
-            continue  # a Hub id
-        where = f"{locate(recipe, 'stages', name, *key.split('.'))}: stages.{name}.{key}"
+        path = Path(ref.location)
+        if ref.origin == "path" and not path.exists():
+            raise ctx.fail(ref.key, f"{path}: no such model dir")
         if not (path / "config.json").is_file():
-            raise UserError(f"{where}: no model at {path} (no config.json)")
+            raise ctx.fail(ref.key, f"no model at {path} (no config.json)")
         if not any(path.glob("*.safetensors")):
-            raise UserError(
-                f"{where}: {path} has no *.safetensors weights (pickles are never loaded)"
+            raise ctx.fail(
+                ref.key, f"{path} has no *.safetensors weights (pickles are never loaded)"
             )
         config = json.loads((path / "config.json").read_text())
         # a tokenizer_source merge aligns the vocabularies; everything else must match as is
         aligned = spec.tokenizer_source or spec.tokenizer
         keys = [k for k in SHAPE_KEYS if not (k == "vocab_size" and aligned)]
         shape = {k: config.get(k) for k in keys}
-        for other_key, (other_ref, other_shape) in shapes.items():
+        for other_key, (other_text, other_shape) in shapes.items():
             differ = [
                 f"{k}: {shape[k]} vs {other_shape[k]}" for k in keys if shape[k] != other_shape[k]
             ]
             if differ:
-                raise UserError(
-                    f"{where}: '{ref}' does not match '{other_ref}' ({other_key}): "
-                    f"{', '.join(differ)}; merged models need the same shapes"
+                raise ctx.fail(
+                    ref.key,
+                    f"'{ref.text}' does not match '{other_text}' ({other_key}): "
+                    f"{', '.join(differ)}; merged models need the same shapes",
                 )
-        shapes[key] = (ref, shape)
+        shapes[ref.key] = (ref.text, shape)
 
 
 def run(spec: Spec, ctx) -> dict:
@@ -262,12 +260,11 @@ def run(spec: Spec, ctx) -> dict:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    config = mergekit_config(spec, resolve=ctx.model_path)
-    for ref in spec.refs().values():
-        path = ctx.model_path(ref)
-        if ref in ctx.recipe.stages and not Path(path, "config.json").is_file():
-            raise UserError(
-                f"stages.{ctx.name}: stage '{ref}' wrote no model (no {path}/config.json)"
+    config = mergekit_config(spec, resolve=ctx.location)
+    for ref in ctx.refs():
+        if ref.origin == "stage" and not Path(ref.location, "config.json").is_file():
+            raise ctx.fail(
+                ref.key, f"stage '{ref.text}' wrote no model (no {ref.location}/config.json)"
             )
     # The exact config mergekit ran, paths resolved: `mergekit-yaml mergekit_config.yml OUT` redoes it.
     config_text = yaml.safe_dump(config, sort_keys=False)
@@ -296,19 +293,3 @@ def run(spec: Spec, ctx) -> dict:
         "base_model": spec.base_model,
         "parameters": count_parameters(ctx.out_dir),
     }
-
-
-def count_parameters(model_dir: Path) -> int:
-    """Parameters in a checkpoint's safetensors, read from the headers without loading tensors."""
-    from safetensors import safe_open
-
-    total = 0
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                shape = handle.get_slice(key).get_shape()
-                count = 1
-                for size in shape:
-                    count *= size
-                total += count
-    return total

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -15,53 +14,38 @@ import yaml
 from pydantic import Field
 
 from upstack.errors import UserError
-from upstack.recipe import Recipe, StageSpec, Strict
+from upstack.recipe import Recipe, StageSpec, Strict, names, used_for
+from upstack.results import read_results, results_table
+from upstack.stages import DATA_KINDS
+from upstack.tables import short
 
 REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
-MODEL_KINDS = ("init", "upscale", "cpt", "sft", "dpo", "merge")
-DATA_KINDS = ("synth", "pairs")
-NOT_UPLOADED = (
-    "upstack.json",
-    "README.md",
-)  # the manifest holds local paths; README.md is the card
+# the manifest holds local paths; README.md is the card, written anew
+NOT_UPLOADED = ("upstack.json", "README.md")
 TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)s?($|_)", re.I)  # not "tokenizer"
 
 
 class DatasetPush(Strict):
-    stage: str = Field(description="a synth or pairs stage")
+    stage: str = Field(
+        description="a synth or pairs stage",
+        json_schema_extra={**names("data", "stage"), **used_for("publish")},
+    )
     repo_id: str | None = Field(None, pattern=REPO_ID, description="default: <repo_id>-<stage>")
 
 
 class Spec(StageSpec):
     kind: Literal["push"] = "push"
-    model: str = Field(description="the model stage to push")
+    model: str = Field(
+        description="the model stage to push",
+        json_schema_extra={**names("model", "stage"), **used_for("publish")},
+    )
     repo_id: str = Field(pattern=REPO_ID, description="org/name on the Hub")
     private: bool = True  # a first push is a draft; make it public on the Hub when it is ready
     license: str | None = Field(
         None, description="default: the base model's, when its card is local"
     )
     datasets: list[DatasetPush] = Field(default_factory=list)
-
-    def refs(self) -> dict[str, str]:
-        refs = {"model": self.model}
-        refs.update({f"datasets.{i}.stage": d.stage for i, d in enumerate(self.datasets)})
-        return refs
-
-
-def preflight(spec: Spec, recipe: Recipe, name: str, pending: set[str]) -> None:
-    """Before anything runs: `model` is a model stage, each of `datasets` a synth or pairs stage."""
-    from upstack.recipe import locate
-
-    wanted = [("model", spec.model, MODEL_KINDS, "a model stage (" + ", ".join(MODEL_KINDS) + ")")]
-    wanted += [
-        (f"datasets.{i}.stage", d.stage, DATA_KINDS, "a synth or pairs stage")
-        for i, d in enumerate(spec.datasets)
-    ]
-    for key, ref, kinds, what in wanted:
-        if getattr(recipe.stages.get(ref), "kind", None) not in kinds:
-            where = locate(recipe, "stages", name, *key.split("."))
-            raise UserError(f"{where}: stages.{name}.{key}: '{ref}' is not {what} of this recipe")
 
 
 def run(spec: Spec, ctx) -> dict:
@@ -159,9 +143,8 @@ def push_stage(
             shutil.copy2(stage_dir / name, target)
     (folder / "README.md").write_text(card)
 
-    api = (
-        HfApi()
-    )  # the token comes from HF_TOKEN or the user's login: never passed, printed or written
+    # the token comes from HF_TOKEN or the user's login: never passed, printed or written
+    api = HfApi()
     log(f"uploading {len(files) + 1} files to {repo_type} repo {repo_id}")
     try:
         url = api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
@@ -225,7 +208,7 @@ def model_card(recipe: Recipe, stage: str, repo_id: str, license: str | None = N
         model_name=repo_id,
         base_model=models[0] if len(models) == 1 else (models or None),
         datasets=data or None,
-        license=license or _local_license(models),
+        license=license or _local_license(_local_models(recipe, stages)),
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=tags,
@@ -248,7 +231,8 @@ def dataset_card(recipe: Recipe, stage: str, repo_id: str, license: str | None =
     from huggingface_hub import DatasetCard, DatasetCardData
 
     stages = lineage(recipe, stage)
-    models, data = _outside_sources(recipe, stages)
+    _, data = _outside_sources(recipe, stages)
+    teachers = _teachers(recipe, stages)
     rows = sum(_count_lines(p) for p in (recipe.out_dir / stage).rglob("*.jsonl"))
     data_card = DatasetCardData(
         pretty_name=repo_id.split("/")[-1],
@@ -261,7 +245,7 @@ def dataset_card(recipe: Recipe, stage: str, repo_id: str, license: str | None =
         f"# {repo_id.split('/')[-1]}",
         f"Synthetic data from upstack recipe `{recipe.name}`, stage `{stage}` "
         f"({recipe.stages[stage].kind}): {rows:,} jsonl rows."
-        + (f" Teacher/source models: {', '.join(models)}." if models else ""),
+        + (f" Teacher models: {', '.join(teachers)}." if teachers else ""),
         _lineage_section(recipe, stages),
     ]
     return str(DatasetCard(f"---\n{data_card.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n"))
@@ -284,7 +268,7 @@ def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
             k: v for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float | str)
         }
         if metrics:
-            parts.append("Results: " + ", ".join(f"{k}={_short(v)}" for k, v in metrics.items()))
+            parts.append("Results: " + ", ".join(f"{k}={short(v)}" for k, v in metrics.items()))
         # upscale and merge leave the exact mergekit config: the layer map or the merge recipe
         merge_config = recipe.out_dir / name / "mergekit_config.yml"
         if merge_config.is_file():
@@ -299,15 +283,10 @@ def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
 
 def _eval_section(recipe: Recipe, stage: str) -> str:
     """The table of every finished eval stage that scored this model."""
-    from upstack.evaluate import RESULTS, results_table
-
     tables = []
     for name, spec in recipe.stages.items():
-        results_file = recipe.out_dir / name / RESULTS
-        if spec.kind != "eval" or not results_file.is_file():
-            continue
-        results = json.loads(results_file.read_text())
-        if any(row["model"] == stage for row in results["rows"]):
+        results = read_results(recipe.out_dir / name) if spec.kind == "eval" else None
+        if results and any(row["model"] == stage for row in results["rows"]):
             tables.append(
                 f"From stage `{name}` (this model is `{stage}`):\n\n{results_table(results)}"
             )
@@ -315,14 +294,37 @@ def _eval_section(recipe: Recipe, stage: str) -> str:
 
 
 def _outside_sources(recipe: Recipe, stages: list[str]) -> tuple[list[str], list[str]]:
-    """Hub ids the lineage reads from outside the recipe: (models, data sets)."""
+    """Hub ids the lineage reads from outside the recipe: (models its weights come from, data
+    sets it was trained on). Evaluation and decontamination sets are not training data."""
     models, data = [], []
     for name in stages:
-        for key, ref in recipe.stages[name].refs().items():
-            if ref in recipe.stages or Path(ref).exists() or ref.startswith((".", "/")):
-                continue
-            (models if "model" in key.rsplit(".", 1)[-1] or key == "teacher" else data).append(ref)
+        for ref in recipe.refs(name):
+            if ref.origin == "hub" and ref.thing == "model" and ref.use == "weights":
+                models.append(ref.text)
+            elif ref.origin == "hub" and ref.thing == "data" and ref.use == "train":
+                data.append(ref.text)
     return list(dict.fromkeys(models)), list(dict.fromkeys(data))
+
+
+def _teachers(recipe: Recipe, stages: list[str]) -> list[str]:
+    """The models that wrote synthetic data in the lineage, as their manifests recorded them."""
+    from upstack.runner import read_manifest
+
+    found = []
+    for name in stages:
+        if recipe.stages[name].kind == "synth":
+            model = (read_manifest(recipe.out_dir / name) or {}).get("metrics", {}).get("model")
+            found += [model] if model else []
+    return list(dict.fromkeys(found))
+
+
+def _local_models(recipe: Recipe, stages: list[str]) -> list[str]:
+    return [
+        ref.location
+        for name in stages
+        for ref in recipe.refs(name)
+        if ref.origin == "path" and ref.thing == "model" and ref.use == "weights"
+    ]
 
 
 def _local_license(models: list[str]) -> str | None:
@@ -358,24 +360,3 @@ def _refuse_tokens(text: str) -> None:
 def _count_lines(path: Path) -> int:
     with path.open("rb") as handle:
         return sum(1 for line in handle if line.strip())
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def cli_push(
-    recipe: Recipe, stage: str, repo_id: str, private: bool, dry_run: bool, license: str | None
-) -> None:
-    """`upstack push RECIPE STAGE --repo-id ORG/NAME`."""
-    result = push_stage(
-        recipe,
-        stage,
-        repo_id,
-        private=private,
-        license=license,
-        dry_run=dry_run,
-        log=lambda message: print(message, file=sys.stderr),
-    )
-    if not dry_run:
-        print(f"pushed {len(result['files'])} files to {result['url']}")

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from data_synth.seeds import ArithSeeds, SeedSource
-from upstack.errors import UserError
-from upstack.recipe import StageSpec, Strict
+from data_synth.files import read_jsonl, write_jsonl
+from data_synth.seeds import ArithSeeds, JsonlSeeds, SeedSource
+from upstack.recipe import StageSpec, Strict, error_at, names, used_for
+from upstack.results import PLOT, RESULTS, results_table
+from upstack.stages import MODEL_KINDS
 
-MODEL_KINDS = ("init", "upscale", "cpt", "sft", "dpo", "merge")
-RESULTS = "results.json"
 REPORT = "report.md"
-PLOT = "eval.png"
-PLAIN_PROMPT = "Question: {question}\nAnswer:"  # the pretraining corpus format of data_synth.arith
 
 
 class MathEval(Strict):
     problems: SeedSource = Field(
         default_factory=lambda: ArithSeeds(split="eval", count=100),
         description="held-out problems: arith eval split, MATH/GSM8K test (hf), CHAMP, a jsonl",
+        json_schema_extra=used_for("eval"),
     )
     prompt: Literal["chat", "plain"] = Field(
         "chat", description="chat: the model's chat template; plain: 'Question: ...\\nAnswer:'"
@@ -38,6 +36,7 @@ class LossEval(Strict):
     path: str | None = Field(
         None,
         description="jsonl (a `text` field) or .txt (one row a line); default: arith eval split",
+        json_schema_extra={**names("data", "local"), **used_for("eval")},
     )
     text_field: str = "text"
     count: int = Field(100, ge=1, description="rows of the arith eval split when no path is given")
@@ -60,62 +59,62 @@ class LmEval(Strict):
 class Spec(StageSpec):
     kind: Literal["eval"] = "eval"
     models: list[str] | None = Field(
-        None, description="stage names or paths; default: every model stage listed in `after`"
+        None,
+        description="stage names or paths; default: every model stage listed in `after`",
+        json_schema_extra={**names("model", "local"), **used_for("eval")},
     )
     math: MathEval | None = Field(default_factory=MathEval)
     loss: LossEval | None = Field(default_factory=LossEval)
     lm_eval: LmEval | None = None
 
-    def refs(self) -> dict[str, str]:
-        refs = {f"models.{i}": model for i, model in enumerate(self.models or [])}
-        if self.math and hasattr(self.math.problems, "refs"):
-            refs.update({f"math.problems.{k}": v for k, v in self.math.problems.refs().items()})
-        if self.loss and self.loss.path:
-            path = self.loss.path
-            refs["loss.path"] = path if "/" in path else f"./{path}"
-        return refs
-
     @model_validator(mode="after")
-    def _something_to_do(self) -> Spec:
-        if self.models is None and not self.after:
-            raise ValueError("list `models`, or the model stages in `after`")
+    def _something_to_do(self, info: ValidationInfo) -> Spec:
+        kinds = (info.context or {}).get("stages", {})  # stage name -> kind, when loading a recipe
+        if self.models is None:
+            if not self.after:
+                raise ValueError("list `models`, or the model stages in `after`")
+            if kinds and not any(kinds.get(name) in MODEL_KINDS for name in self.after):
+                message = f"none of {self.after} is a model stage: list them in `models`"
+                raise error_at(("after",), message)
         if not (self.math or self.loss or self.lm_eval):
             raise ValueError("nothing to measure: set math, loss or lm_eval")
         return self
 
 
-def models_of(spec: Spec, recipe) -> list[str]:
-    """The models to evaluate: `models`, or else every model stage in `after`."""
-    return spec.models or [n for n in spec.after if recipe.stages[n].kind in MODEL_KINDS]
+def models_of(spec: Spec, ctx) -> list[tuple[str, str]]:
+    """(name, what to load) of the models to evaluate: `models`, else every model stage in `after`."""
+    if spec.models:
+        return [(model, ctx.ref(f"models.{i}").location) for i, model in enumerate(spec.models)]
+    kinds = {name: ctx.recipe.stages[name].kind for name in spec.after}
+    return [(name, str(ctx.stage_dir(name))) for name in spec.after if kinds[name] in MODEL_KINDS]
 
 
-def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
-    """Before anything runs: each model is a model stage or a path, and there is at least one."""
-    from upstack.recipe import locate
-
-    if not models_of(spec, recipe):
-        where = locate(recipe, "stages", name, "after")
-        raise UserError(f"{where}: stages.{name}.after: none of {spec.after} is a model stage")
-    for i, model in enumerate(spec.models or []):
-        kind = getattr(recipe.stages.get(model), "kind", None)
-        if model in recipe.stages and kind not in MODEL_KINDS:
-            where = locate(recipe, "stages", name, "models", i)
-            raise UserError(
-                f"{where}: stages.{name}.models.{i}: '{model}' is a {kind} stage, not a model"
-            )
+def preflight(spec: Spec, ctx) -> None:
+    """Before anything runs: the local files the measures read exist."""
+    if spec.loss and spec.loss.path and not Path(ctx.ref("loss.path").location).is_file():
+        raise ctx.fail("loss.path", f"{spec.loss.path}: file not found")
+    problems = spec.math.problems if spec.math else None
+    if isinstance(problems, JsonlSeeds):
+        ref = ctx.ref("math.problems.path")
+        if not ctx.is_pending(ref) and not Path(ref.location).is_file():
+            raise ctx.fail("math.problems.path", f"{problems.path}: file not found")
 
 
 def run(spec: Spec, ctx) -> dict:
+    from data_synth import DataSynthError
     from data_synth.seeds import describe, load_problems
 
-    models = models_of(spec, ctx.recipe)
-    problems = load_problems(spec.math.problems, ctx.seed, ctx.model_path) if spec.math else []
+    problems = []
+    if spec.math:
+        try:
+            problems = load_problems(spec.math.problems, ctx.seed, ctx.location)
+        except DataSynthError as err:
+            raise ctx.fail(f"math.problems.{err.setting or ''}".rstrip("."), str(err)) from None
     texts = loss_texts(spec.loss, ctx) if spec.loss else []
 
     rows = []
-    for name in models:
+    for name, path in models_of(spec, ctx):
         started = time.perf_counter()
-        path = ctx.model_path(name)
         row: dict[str, Any] = {"model": name}
         model, tokenizer = load_model(path, ctx.recipe.trust_remote_code)
         if problems:
@@ -133,7 +132,7 @@ def run(spec: Spec, ctx) -> dict:
         del model  # before the next one loads: two big models need not fit at once
         free_accelerator_memory()
         if spec.lm_eval:
-            row.update(lm_eval_scores(path, spec.lm_eval, ctx.recipe.trust_remote_code))
+            row.update(lm_eval_scores(path, spec.lm_eval, ctx))
         row["seconds"] = round(time.perf_counter() - started, 1)
         ctx.log(", ".join(f"{k}={v}" for k, v in row.items()))
         rows.append(row)
@@ -194,13 +193,17 @@ def prompts_for(tokenizer, questions: list[str], style: str) -> list[str]:
             )
             for q in questions
         ]
-    return [PLAIN_PROMPT.format(question=q) for q in questions]
+    from data_synth.arith import plain_prompt  # the pretraining text's format
+
+    return [plain_prompt(q) for q in questions]
 
 
 def solve(model, tokenizer, problems, settings: MathEval, desc: str = "eval") -> list[dict]:
     """Greedy answers to every problem, in batches, each scored against its gold answer."""
     import torch
     from tqdm.auto import tqdm
+
+    from data_synth import verify
 
     records = []
     with tqdm(total=len(problems), desc=f"math {desc}", unit="problem") as bar:
@@ -223,7 +226,7 @@ def solve(model, tokenizer, problems, settings: MathEval, desc: str = "eval") ->
                 output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
             )
             for problem, prediction in zip(batch, answers, strict=True):
-                extracted, correct = score(problem.answer, prediction)
+                extracted, correct = verify.grade(problem.answer, prediction)
                 records.append(
                     {
                         "id": problem.id,
@@ -238,46 +241,33 @@ def solve(model, tokenizer, problems, settings: MathEval, desc: str = "eval") ->
     return records
 
 
-def score(gold: str, prediction: str) -> tuple[str, bool]:
-    """(the answer math-verify read from `prediction`, whether it equals `gold`)."""
-    from math_verify import parse, verify
-
-    # math-verify bounds its work with SIGALRM, which exists only on the main thread.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
-    predicted = parse(prediction, parsing_timeout=timeout)
-    if not predicted:
-        return "", False
-    return str(predicted[-1]), bool(verify(gold_parsed, predicted, timeout_seconds=timeout))
-
-
 # --------------------------------------------------------------------------- held-out loss
 
 
 def loss_texts(settings: LossEval, ctx) -> list[str]:
-    if settings.path is None:
-        from data_synth import arith
+    from data_synth import DataSynthError, arith
 
+    if settings.path is None:
         return [
-            f"Question: {p.question}\nAnswer: {p.solution}"
+            arith.plain_text(p.question, p.solution)
             for p in arith.problems(settings.count, ctx.seed, "eval")
         ]
-    path = Path(ctx.model_path(settings.path))
+    path = Path(ctx.ref("loss.path").location)
     if not path.is_file():
-        raise UserError(f"stages.{ctx.name}.loss.path: {path}: file not found")
+        raise ctx.fail("loss.path", f"{path}: file not found")
     if path.suffix != ".jsonl":
         return [line for line in path.read_text().splitlines() if line.strip()]
     texts = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            texts.append(str(json.loads(line)[settings.text_field]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(
-                f"{path}:{lineno}: expected a JSON object with a "
-                f"'{settings.text_field}' field (loss.text_field)"
-            ) from None
+    try:
+        for lineno, row in read_jsonl(path):
+            if settings.text_field not in row:
+                raise ctx.fail(
+                    "loss.text_field",
+                    f"{path}:{lineno}: no '{settings.text_field}' field (has: {', '.join(row)})",
+                )
+            texts.append(str(row[settings.text_field]))
+    except DataSynthError as err:
+        raise ctx.fail("loss.path", str(err)) from None
     return texts
 
 
@@ -318,7 +308,7 @@ def mean_loss(model, tokenizer, texts: list[str], settings: LossEval) -> float:
 # --------------------------------------------------------------------------- lm-eval-harness
 
 
-def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict[str, float]:
+def lm_eval_scores(path: str, settings: LmEval, ctx) -> dict[str, float]:
     """Each asked task's metrics as lm-eval reports them: {'arc_challenge/acc_norm': 0.61, ...}."""
     import torch
 
@@ -326,8 +316,8 @@ def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError(
-            "eval.lm_eval: lm-eval is not installed: pip install 'upstack[lm-eval]'"
+        raise ctx.fail(
+            "lm_eval", "lm-eval is not installed: pip install 'upstack[lm-eval]'"
         ) from None
     # Indexing lm-eval's ~15k built-in task files takes ~20 s: skip it when the user's dir has them all.
     manager = None
@@ -338,9 +328,10 @@ def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict
     manager = manager or TaskManager(include_path=settings.include_path)
     unknown = [task for task in settings.tasks if task not in manager.all_tasks]
     if unknown:
-        raise UserError(
-            f"eval.lm_eval.tasks: lm-eval has no task {', '.join(unknown)}"
-            + (f" (nor {settings.include_path})" if settings.include_path else "")
+        raise ctx.fail(
+            "lm_eval.tasks",
+            f"lm-eval has no task {', '.join(unknown)}"
+            + (f" (nor {settings.include_path})" if settings.include_path else ""),
         )
     shots = settings.num_fewshot
     by_shots: dict[int | None, list[str]] = {}
@@ -350,7 +341,7 @@ def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict
     for num_fewshot, tasks in by_shots.items():  # one lm-eval run per shot count
         output = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": path, "trust_remote_code": trust_remote_code},
+            model_args={"pretrained": path, "trust_remote_code": ctx.recipe.trust_remote_code},
             device="cuda" if torch.cuda.is_available() else "cpu",  # lm-eval assumes cuda
             tasks=tasks,
             num_fewshot=num_fewshot,
@@ -368,20 +359,6 @@ def lm_eval_scores(path: str, settings: LmEval, trust_remote_code: bool) -> dict
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def results_table(results: dict) -> str:
-    from upstack.tables import markdown_table
-
-    rows = results["rows"]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    return markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -415,13 +392,6 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _file_name(model: str) -> str:

@@ -1,16 +1,26 @@
-"""synth stage: Synth.Math-Instruct: seeds -> teacher rephrasings (MetaMath style) -> cache -> math-verify -> records.jsonl."""
+"""Synth.Math-Instruct: seed problems rephrased MetaMath-style by a teacher, every reply cached and verified.
+
+    from data_synth import synthesize, SynthConfig
+    result = synthesize(SynthConfig.model_validate({...}), seed=0, cache_path="requests.sqlite")
+
+Seeds are deduplicated and decontaminated against held-out sets, then asked for in two rounds:
+round one needs only the seed (rephrased questions and answers, fresh solutions, self-verification
+questions); round two solves the questions round one wrote (and FOBAR's), because a new question is
+kept only if the teacher's own solution of it reaches the gold answer. Every reply is committed to
+a SQLite cache as it arrives, so a killed run resumes where it stopped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import json
-import os
 import random
 import re
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 from typing import Literal
@@ -19,22 +29,12 @@ from pydantic import Field, model_validator
 
 from data_synth import teachers, verify
 from data_synth.cache import Cache, request_key
-from data_synth.seeds import ArithSeeds, JsonlSeeds, Problem, SeedSource, load_problems
-from data_synth.teachers import (
-    OpenAITeacher,
-    Request,
-    ScriptedTeacher,
-    TeacherSpec,
-    TransformersTeacher,
-    VllmTeacher,
-    teacher_model,
-)
-from upstack.errors import UserError
-from upstack.recipe import StageSpec, Strict
+from data_synth.config import Strict, used_for
+from data_synth.errors import DataSynthError
+from data_synth.seeds import ArithSeeds, Problem, SeedSource, load_problems
+from data_synth.teachers import Request, Runtime, ScriptedTeacher, TeacherSpec, teacher_model
 
 PROMPTS = Path(__file__).parent / "prompts"
-RECORDS = "records.jsonl"
-CACHE = "requests.sqlite"  # in the stage's work dir: survives a crash, unlike out_dir
 
 Augmentation = Literal[
     "rephrase_question", "rephrase_answer", "answer_augmentation", "fobar", "self_verification"
@@ -70,7 +70,9 @@ class Decontaminate(Strict):
     """Drop seeds whose question shares too many word n-grams with an eval question."""
 
     against: list[SeedSource] = Field(
-        default_factory=list, description="the eval sets, as seed sources"
+        default_factory=list,
+        description="the eval sets, as seed sources",
+        json_schema_extra=used_for("eval"),
     )
     ngram: int = Field(13, ge=1, description="words per n-gram (13, as in GPT-3's decontamination)")
     threshold: float = Field(
@@ -78,16 +80,17 @@ class Decontaminate(Strict):
     )
 
 
-class Spec(StageSpec):
-    kind: Literal["synth"] = "synth"
+class SynthConfig(Strict):
+    """What to rephrase, by which teacher, how many samples of what."""
+
     seeds: list[SeedSource] = Field(min_length=1)
-    teacher: TeacherSpec
+    teacher: TeacherSpec = Field(json_schema_extra=used_for("teacher"))
     augmentations: Augmentations = Field(default_factory=Augmentations)
     sampling: Sampling = Field(default_factory=Sampling)
     decontaminate: Decontaminate = Field(default_factory=Decontaminate)
 
     @model_validator(mode="after")
-    def _scripted_knows_only_arith(self) -> Spec:
+    def _scripted_knows_only_arith(self) -> SynthConfig:
         if isinstance(self.teacher, ScriptedTeacher):
             if any(not isinstance(s, ArithSeeds) for s in self.seeds):
                 raise ValueError(
@@ -99,100 +102,111 @@ class Spec(StageSpec):
                 )
         return self
 
-    def refs(self) -> dict[str, str]:
-        refs = {}
-        for i, source in enumerate(self.seeds):
-            refs.update({f"seeds.{i}.{k}": v for k, v in source.refs().items()})
-        for i, source in enumerate(self.decontaminate.against):
-            refs.update({f"decontaminate.against.{i}.{k}": v for k, v in source.refs().items()})
-        if isinstance(self.teacher, VllmTeacher | TransformersTeacher):
-            refs["teacher.model"] = self.teacher.model  # a local model: a stage or a path
-        return refs
+
+@dataclass
+class Tally:
+    """What one run asked, got, kept and lost: the progress bar's numbers and the manifest's."""
+
+    requests: int = 0  # distinct requests of this run
+    cache_hits: int = 0  # answered from the cache of an earlier run
+    sent: int = 0  # sent to the teacher now
+    retries: int = 0
+    verified: int = 0  # replies that reached their gold answer, as they arrived
+    rejected: int = 0  # replies that did not
+    failed: Counter = field(default_factory=Counter)  # requests that failed for good, by error
+    dropped: Counter = field(default_factory=Counter)  # seeds and records not kept, by reason
 
 
-def preflight(spec: Spec, recipe, name: str, pending: set[str]) -> None:
-    """Before the run starts (not hours in, after the stages planned before this one), fail on what
-    can be known now: a teacher that cannot start here, a missing API key, a broken seed file."""
-    from upstack.recipe import locate
+@dataclass
+class SynthResult:
+    records: list[dict]  # verified, deduplicated, in seed order
+    seeds: int  # seeds left after deduplication and decontamination
+    tally: Tally
+    teacher: str
+    model: str
 
-    teacher = spec.teacher
-    if isinstance(teacher, VllmTeacher) and importlib.util.find_spec("vllm") is None:
-        raise UserError(
-            f"{locate(recipe, 'stages', name, 'teacher', 'kind')}: stages.{name}.teacher.kind: vllm is "
-            "not installed here (pip install vllm on a GPU machine), or serve the model with "
-            "`vllm serve` and use kind: openai"
-        )
-    if (
-        isinstance(teacher, OpenAITeacher)
-        and teacher.api_key_env
-        and not os.environ.get(teacher.api_key_env)
-    ):
-        raise UserError(
-            f"{locate(recipe, 'stages', name, 'teacher', 'api_key_env')}: stages.{name}.teacher.api_key_env: "
-            f"environment variable {teacher.api_key_env} is not set"
-        )
-    for source in [*spec.seeds, *spec.decontaminate.against]:
-        if isinstance(source, JsonlSeeds) and source.path not in recipe.stages:
-            load_problems(source, recipe.seed)  # a bad line is a UserError naming file and line
+    def metrics(self) -> dict:
+        kept = Counter(r["augmentation"] for r in self.records)
+        return {
+            "seeds": self.seeds,
+            "requests": self.tally.requests,
+            "requests_sent": self.tally.sent,
+            "cache_hits": self.tally.cache_hits,
+            "retries": self.tally.retries,
+            "kept": len(self.records),
+            "kept_by_augmentation": dict(sorted(kept.items())),
+            "dropped": dict(sorted(self.tally.dropped.items())),
+            "request_errors": dict(self.tally.failed.most_common()),
+            "teacher": self.teacher,
+            "model": self.model,
+        }
 
 
-def run(spec: Spec, ctx) -> dict:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def synthesize(
+    config: SynthConfig,
+    *,
+    seed: int,
+    cache_path: str | Path,
+    resolve: Callable[[str], str] = str,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] = _stderr,
+    progress: bool = True,
+) -> SynthResult:
+    """Verified records for every seed of `config`, asking the teacher only what the cache at
+    `cache_path` does not already hold. `resolve` maps a seed `path` or a teacher `model` to what
+    to load. Raises DataSynthError (with the setting it concerns) for bad seeds or settings."""
     from tqdm import tqdm
 
-    from upstack.tables import markdown_table
+    tally = Tally()
+    seeds = _dedupe_seeds(_load(config.seeds, "seeds", seed, resolve), tally.dropped)
+    seeds = _decontaminate(seeds, config.decontaminate, seed, resolve, tally.dropped)
+    log(f"{len(seeds)} seeds after dedup and decontamination ({dict(tally.dropped)} dropped)")
 
-    dropped: Counter[str] = Counter()
-    seeds = _dedupe_seeds(_load(spec.seeds, ctx), dropped)
-    seeds = _decontaminate(seeds, spec.decontaminate, ctx, dropped)
-    ctx.log(f"{len(seeds)} seeds after dedup and decontamination ({dict(dropped)} dropped)")
-
-    # Round one asks what needs only the seed; round two solves the questions round one wrote
-    # (and FOBAR's), since a new question is kept only if its solution reaches the gold answer.
-    cache, stats, verdicts, errors = Cache(ctx.work_dir / CACHE), Counter(), {}, Counter()
-    first = [r for p in seeds for r in _first_round(p, spec, ctx.seed)]
-    bar = tqdm(total=len(first), unit="req", desc="synth", dynamic_ncols=True, mininterval=0.5)
+    runtime = Runtime(seed=seed, trust_remote_code=trust_remote_code, resolve=resolve)
+    cache, verdicts = Cache(Path(cache_path)), {}
+    first = [r for p in seeds for r in _first_round(p, config, seed)]
+    bar = tqdm(
+        total=len(first),
+        unit="req",
+        desc="synth",
+        dynamic_ncols=True,
+        mininterval=0.5,
+        disable=not progress,
+    )
     try:
-        replies = _ask(first, spec, cache, ctx, bar, stats, verdicts, errors)
-        records, questions = _judge_first(first, replies, verdicts, spec, ctx.seed, dropped)
-        second = [_solve_request(q, spec) for q in questions]
+        replies = _ask(first, config, cache, runtime, bar, tally, verdicts)
+        records, questions = _judge_first(first, replies, verdicts, config, seed, tally.dropped)
+        second = [_solve_request(q, config) for q in questions]
         bar.total += len(second)
-        replies.update(_ask(second, spec, cache, ctx, bar, stats, verdicts, errors))
-        records += _judge_second(second, questions, replies, verdicts, spec, dropped)
+        replies.update(_ask(second, config, cache, runtime, bar, tally, verdicts))
+        records += _judge_second(second, questions, replies, verdicts, config, tally.dropped)
     finally:
         bar.close()
         cache.close()
-
-    records = _dedupe_records(records, seeds, dropped)
-    with (ctx.out_dir / RECORDS).open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    kept = Counter(r["augmentation"] for r in records)
-    rows = [[a, n] for a, n in sorted(kept.items())] + [["total", len(records)]]
-    ctx.log("kept\n" + markdown_table(["augmentation", "records"], rows))
-    ctx.log("dropped\n" + markdown_table(["reason", "count"], sorted(dropped.items())))
-    if errors:  # requests that failed for good, after retries: they are retried on the next run
-        ctx.log("failed requests\n" + markdown_table(["error", "count"], errors.most_common()))
-    return {
-        "seeds": len(seeds),
-        "requests": stats["requests"],
-        "requests_sent": stats["sent"],
-        "cache_hits": stats["cache_hits"],
-        "retries": stats["retries"],
-        "kept": len(records),
-        "kept_by_augmentation": dict(sorted(kept.items())),
-        "dropped": dict(sorted(dropped.items())),
-        "request_errors": dict(errors.most_common()),
-        "teacher": spec.teacher.kind,
-        "model": teacher_model(spec.teacher),
-    }
+    records = _dedupe_records(records, seeds, tally.dropped)
+    return SynthResult(
+        records, len(seeds), tally, config.teacher.kind, teacher_model(config.teacher)
+    )
 
 
 # --------------------------------------------------------------------------- seeds
 
 
-def _load(sources: list[SeedSource], ctx) -> list[Problem]:
-    return [p for source in sources for p in load_problems(source, ctx.seed, ctx.model_path)]
+def _load(
+    sources: list[SeedSource], key: str, seed: int, resolve: Callable[[str], str]
+) -> list[Problem]:
+    problems = []
+    for i, source in enumerate(sources):
+        try:
+            problems += load_problems(source, seed, resolve)
+        except DataSynthError as err:  # say which source: `seeds.1.path`
+            setting = f"{key}.{i}" + (f".{err.setting}" if err.setting else "")
+            raise DataSynthError(str(err), setting) from None
+    return problems
 
 
 def _words(text: str) -> list[str]:
@@ -219,12 +233,12 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 
 def _decontaminate(
-    seeds: list[Problem], spec: Decontaminate, ctx, dropped: Counter
+    seeds: list[Problem], spec: Decontaminate, seed: int, resolve, dropped: Counter
 ) -> list[Problem]:
     if not spec.against:
         return seeds
     banned: set[tuple[str, ...]] = set()
-    for problem in _load(spec.against, ctx):
+    for problem in _load(spec.against, "decontaminate.against", seed, resolve):
         banned |= ngrams(problem.question, spec.ngram)
     kept = []
     for problem in seeds:
@@ -263,14 +277,15 @@ def _request(
     temperature: float,
     problem: Problem,
     gold: str | None,
-    spec: Spec,
-):
+    config: SynthConfig,
+) -> Request:
     sampling = {
         "temperature": temperature,
-        "top_p": spec.sampling.top_p,
-        "max_tokens": spec.sampling.max_tokens,
+        "top_p": config.sampling.top_p,
+        "max_tokens": config.sampling.max_tokens,
     }
-    key = request_key(spec.teacher.kind, teacher_model(spec.teacher), messages, sampling, sample)
+    teacher = config.teacher
+    key = request_key(teacher.kind, teacher_model(teacher), messages, sampling, sample)
     return Request(
         key=key,
         task=task,
@@ -291,37 +306,38 @@ def _mask_number(problem: Problem, seed: int) -> tuple[str, str] | None:
     return problem.question[: hit.start()] + "X" + problem.question[hit.end() :], hit.group()
 
 
-def _first_round(problem: Problem, spec: Spec, seed: int) -> list[Request]:
+def _first_round(problem: Problem, config: SynthConfig, seed: int) -> list[Request]:
     """Requests that need only the seed."""
-    aug, temperature, question = spec.augmentations, spec.sampling.temperature, problem.question
+    aug, temperature, question = config.augmentations, config.sampling.temperature, problem.question
     out = []
     for i in range(aug.rephrase_question):
         messages = _prompt("rephrase_question", question=question)
-        out.append(_request("rephrase_question", messages, i, temperature, problem, None, spec))
+        out.append(_request("rephrase_question", messages, i, temperature, problem, None, config))
     for i in range(aug.rephrase_answer):
         messages = _prompt("rephrase_answer", question=question, solution=problem.solution)
         out.append(
-            _request("rephrase_answer", messages, i, temperature, problem, problem.answer, spec)
+            _request("rephrase_answer", messages, i, temperature, problem, problem.answer, config)
         )
     for i in range(aug.answer_augmentation):
-        messages = _prompt(
-            "solve", question=question
-        )  # a fresh solution: the solve prompt, sampled
+        # a fresh solution: the solve prompt, sampled
+        messages = _prompt("solve", question=question)
         out.append(
-            _request("answer_augmentation", messages, i, temperature, problem, problem.answer, spec)
+            _request(
+                "answer_augmentation", messages, i, temperature, problem, problem.answer, config
+            )
         )
     masked = _mask_number(problem, seed) if aug.self_verification else None
     for i in range(aug.self_verification if masked else 0):
         messages = _prompt("self_verification", question=masked[0], answer=problem.answer)
-        out.append(_request("self_verification", messages, i, temperature, problem, None, spec))
+        out.append(_request("self_verification", messages, i, temperature, problem, None, config))
     return out
 
 
-def _solve_request(question: NewQuestion, spec: Spec) -> Request:
+def _solve_request(question: NewQuestion, config: SynthConfig) -> Request:
     # FOBAR's question is the same for every sample, so its samples are sampled solves; a
     # rephrased question is its own sample, solved greedily.
     fobar = question.augmentation == "fobar"
-    temperature = spec.sampling.temperature if fobar else spec.sampling.solve_temperature
+    temperature = config.sampling.temperature if fobar else config.sampling.solve_temperature
     return _request(
         "solve",
         _prompt("solve", question=question.text),
@@ -329,56 +345,58 @@ def _solve_request(question: NewQuestion, spec: Spec) -> Request:
         temperature,
         question.problem,
         question.gold,
-        spec,
+        config,
     )
 
 
 def _ask(
     requests: list[Request],
-    spec: Spec,
+    config: SynthConfig,
     cache: Cache,
-    ctx,
+    runtime: Runtime,
     bar,
-    stats: Counter,
+    tally: Tally,
     verdicts: dict,
-    errors: Counter,
 ) -> dict:
     """key -> reply text (None if it failed), from the cache or else the teacher; each reply that
     must reach a gold answer is checked as it arrives, into `verdicts` (key -> drop reason or None)."""
 
-    def judge(request, text: str | None) -> None:
+    def judge(request: Request, text: str | None) -> None:
         if request.gold is not None:
-            verdicts[request.key] = (
-                "request_failed" if text is None else verify.check(request.gold, text)
-            )
-            stats["dropped" if verdicts[request.key] else "kept"] += 1
+            verdict = "request_failed" if text is None else verify.check(request.gold, text)
+            verdicts[request.key] = verdict
+            if verdict:
+                tally.rejected += 1
+            else:
+                tally.verified += 1
 
     unique = list({r.key: r for r in requests}.values())
     replies: dict[str, str | None] = cache.get_many([r.key for r in unique])
     for request in unique:
         if request.key in replies:
             judge(request, replies[request.key])
-    stats["requests"] += len(unique)
-    stats["cache_hits"] += len(replies)
+    tally.requests += len(unique)
+    tally.cache_hits += len(replies)
     bar.update(len(requests) - len(unique) + len(replies))
     todo = [r for r in unique if r.key not in replies]
 
     async def drive() -> None:
-        async for request, reply in teachers.stream(spec.teacher, todo, ctx):
-            stats["sent"] += 1
-            stats["retries"] += reply.retries
-            if (
-                reply.text is not None
-            ):  # only finished requests are cached: a failed one is retried next run
+        async for request, reply in teachers.stream(config.teacher, todo, runtime):
+            tally.sent += 1
+            tally.retries += reply.retries
+            if reply.text is None:  # failed for good: not cached, so the next run asks again
+                tally.failed[reply.error or "unknown error"] += 1
+            else:
                 cache.put(request.key, request.task, request.messages, reply.text, reply.retries)
             replies[request.key] = reply.text
             judge(request, reply.text)
             bar.update(1)
             bar.set_postfix(
-                kept=stats["kept"],
-                dropped=stats["dropped"],
-                cached=stats["cache_hits"],
-                retries=stats["retries"],
+                kept=tally.verified,
+                dropped=tally.rejected,
+                failed=sum(tally.failed.values()),
+                cached=tally.cache_hits,
+                retries=tally.retries,
                 refresh=False,
             )
 
@@ -398,7 +416,7 @@ def _record(
     answer: str,
     gold: str,
     answer_key: str,
-    spec: Spec,
+    config: SynthConfig,
     question_key: str | None = None,
 ) -> dict:
     return {
@@ -412,15 +430,20 @@ def _record(
         "gold": gold,
         "original_question": problem.question,
         "original_solution": problem.solution,
-        "teacher": spec.teacher.kind,
-        "model": teacher_model(spec.teacher),
+        "teacher": config.teacher.kind,
+        "model": teacher_model(config.teacher),
         "request_hash": answer_key,  # the reply that is `answer`
         "question_request_hash": question_key,  # the reply that is `question`, if a teacher wrote it
     }
 
 
 def _judge_first(
-    requests: list, replies: dict, verdicts: dict, spec: Spec, seed: int, dropped: Counter
+    requests: list[Request],
+    replies: dict,
+    verdicts: dict,
+    config: SynthConfig,
+    seed: int,
+    dropped: Counter,
 ) -> tuple[list[dict], list[NewQuestion]]:
     """Records of verified answers, and the usable new questions (to be solved in round two)."""
     records, questions = [], []
@@ -439,7 +462,7 @@ def _judge_first(
                         text,
                         problem.answer,
                         request.key,
-                        spec,
+                        config,
                     )
                 )
         elif text is None:
@@ -459,28 +482,24 @@ def _judge_first(
             )
 
     # FOBAR's backward question comes from a fixed template, not from the teacher.
-    for problem in (
-        {r.problem.id: r.problem for r in requests}.values() if spec.augmentations.fobar else []
-    ):
+    fobar = config.augmentations.fobar
+    for problem in {r.problem.id: r.problem for r in requests}.values() if fobar else []:
         masked = _mask_number(problem, seed)
         if masked is None:
-            dropped["no_number_to_mask"] += spec.augmentations.fobar
+            dropped["no_number_to_mask"] += fobar
             continue
         template = Template((PROMPTS / "fobar.txt").read_text())
         text = template.substitute(question=masked[0], answer=problem.answer).strip()
-        questions += [
-            NewQuestion(problem, "fobar", i, text, masked[1], None)
-            for i in range(spec.augmentations.fobar)
-        ]
+        questions += [NewQuestion(problem, "fobar", i, text, masked[1], None) for i in range(fobar)]
     return records, questions
 
 
 def _judge_second(
-    solves: list,
+    solves: list[Request],
     questions: list[NewQuestion],
     replies: dict,
     verdicts: dict,
-    spec: Spec,
+    config: SynthConfig,
     dropped: Counter,
 ) -> list[dict]:
     """A new question is kept only if the teacher's own solution of it reaches the gold answer."""
@@ -498,7 +517,7 @@ def _judge_second(
                 replies[request.key],
                 question.gold,
                 request.key,
-                spec,
+                config,
                 question.request_key,
             )
         )

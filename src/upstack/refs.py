@@ -1,0 +1,120 @@
+"""References to models and data sets: found in a stage's settings by their declaration
+(data_synth.config.names), resolved once at load into a stage of the recipe, a local path or a
+Hub id, so no caller guesses again what a name is."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from upstack.stages import DATA_KINDS, MODEL_KINDS
+
+Origin = Literal["stage", "path", "hub"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A name that says it is a local path even before it exists (a preflight then says it is missing).
+LOOKS_LOCAL = re.compile(r"^[./~]|\.(jsonl?|parquet|csv|txt|ya?ml|safetensors)$")
+DEFAULT_USE = {"model": "weights", "data": "train"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One name in a stage's settings, resolved."""
+
+    key: str  # key path inside the stage, as `--set` writes it: "models.0.model"
+    text: str  # as written in the recipe
+    thing: Literal["model", "data"]
+    use: str  # weights, tokenizer, teacher, train, eval, publish (data_synth.config.Use)
+    origin: Origin
+    location: str  # what to load: the stage's output dir, the local path, or the Hub id
+    kind: str | None = None  # the stage kind, when origin is "stage"
+
+    @property
+    def stage(self) -> str | None:
+        return self.text if self.origin == "stage" else None
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A name found in the settings, before it is resolved."""
+
+    key: tuple[str | int, ...]
+    text: str
+    thing: Literal["model", "data"]
+    where: str
+    use: str
+    kinds: tuple[str, ...]
+
+
+def declared(spec: BaseModel) -> list[Declared]:
+    """Every name a validated stage spec holds, with its key path, what it names and its use."""
+    found: list[Declared] = []
+
+    def walk(value: Any, loc: tuple, names: dict | None, use: str | None) -> None:
+        if isinstance(value, BaseModel):
+            for field_name, info in type(value).model_fields.items():
+                extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+                # a field's `names` mark covers its value (each item of a list), not deeper models
+                walk(
+                    getattr(value, field_name),
+                    (*loc, field_name),
+                    extra.get("names"),
+                    extra.get("use", use),
+                )
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(item, (*loc, i), names, use)
+        elif isinstance(value, str) and names and value not in names["keywords"]:
+            thing = names["thing"]
+            found.append(
+                Declared(
+                    loc, value, thing, names["where"], use or DEFAULT_USE[thing], names["kinds"]
+                )
+            )
+
+    walk(spec, (), None, None)
+    return found
+
+
+def resolve(name: Declared, stages: dict[str, str], out_dir: Path) -> Reference:
+    """The reference `name` makes, given the recipe's stages (name -> kind). Raises ValueError
+    with the message for the user when it names nothing it may name."""
+    key = ".".join(str(k) for k in name.key)
+    text, where = name.text, name.where
+
+    def made(origin: Origin, location: str, kind: str | None = None) -> Reference:
+        return Reference(key, text, name.thing, name.use, origin, location, kind)
+
+    if text in stages and where in ("any", "local", "stage"):
+        kind = stages[text]
+        allowed = name.kinds or (MODEL_KINDS if name.thing == "model" else DATA_KINDS)
+        if kind not in allowed:
+            what = " or ".join(name.kinds) if name.kinds else f"{name.thing} ({', '.join(allowed)})"
+            raise ValueError(f"'{text}' is a stage of kind {kind}, not a {what} stage")
+        return made("stage", str(out_dir / text), kind)
+    if where == "stage":
+        raise ValueError(f"no stage '{text}'{_did_you_mean(text, stages)}")
+    if where == "hub":
+        if HUB_ID.match(text):
+            return made("hub", text)
+        raise ValueError(f"'{text}' is not a Hub id (org/name)")
+    path = Path(text).expanduser()
+    if path.exists() or where == "path" or LOOKS_LOCAL.search(text):
+        return made("path", str(path))
+    if where == "any" and HUB_ID.match(text):
+        return made("hub", text)
+    if where == "local":
+        return made("path", str(path))  # the stage's preflight says it is missing
+    raise ValueError(
+        f"'{text}' is not a stage of this recipe, an existing path, or a Hub id (org/name)"
+        + _did_you_mean(text, stages)
+    )
+
+
+def _did_you_mean(text: str, stages: dict[str, str]) -> str:
+    close = difflib.get_close_matches(text, list(stages), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,52 @@
+"""dpo stage: preference tuning on prompt/chosen/rejected with TRL's DPOTrainer (full, LoRA or QLoRA)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from upstack.training import TrainingSpec
+from upstack.training import preflight as preflight  # data sources checked before anything runs
+
+LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
+
+
+class Spec(TrainingSpec):
+    TRAINER_CONFIG: ClassVar[str] = "DPOConfig"  # beta, loss_type, learning_rate, ...
+
+    kind: Literal["dpo"] = "dpo"
+    chat_template: str | None = Field(
+        None, description="Jinja template (inline or a file); default: the tokenizer's"
+    )
+
+
+def stage_defaults(flash_attention: bool) -> dict[str, Any]:
+    """What dpo sets in DPOConfig before the recipe's `trainer:`: the reference's log-probs are
+    computed once up front, so no second model stays in memory during training."""
+    return {"precompute_ref_log_probs": True, **({"padding_free": True} if flash_attention else {})}
+
+
+def build_trainer(spec: Spec, ctx):
+    """The DPOTrainer before any step. The reference is the policy as loaded: with an adapter,
+    the same model with the adapter disabled (ref_model=None); for full training its log-probs
+    are computed once up front, so no second model stays in memory either way."""
+    from trl import DPOConfig, DPOTrainer
+
+    from upstack import training
+
+    inputs = training.prepare(spec, ctx, "preference", spec.chat_template)
+    settings = training.trainer_settings(spec, stage_defaults)
+    return DPOTrainer(
+        ref_model=None,
+        args=training.trainer_config(DPOConfig, settings, ctx),
+        train_dataset=inputs.train,
+        eval_dataset=inputs.held_out,
+        **training.model_parts(spec, ctx, inputs),
+    )
+
+
+def run(spec: Spec, ctx) -> dict:
+    from upstack import training
+
+    return training.train_and_save(build_trainer(spec, ctx), spec, ctx)

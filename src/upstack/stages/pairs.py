@@ -1,0 +1,53 @@
+"""pairs stage: synth records -> an instruct set and SOLAR's Synth.Math-Alignment DPO tuples (data_synth.pairs).
+
+Output, each a dataset dir that `datasets.load_dataset(dir)` reads as train/test splits:
+instruct/{train,test}.jsonl (messages) and alignment/{train,test}.jsonl (prompt/chosen/rejected).
+A split with no rows is not written (an empty .jsonl is not a loadable dataset); the manifest
+counts say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from data_synth import PairsConfig
+from upstack.recipe import StageSpec, names
+
+
+class Spec(StageSpec, PairsConfig):
+    kind: Literal["pairs"] = "pairs"
+    records: str = Field(
+        "synth",
+        description="the synth stage (or a dir holding records.jsonl)",
+        json_schema_extra=names("data", "local", kinds=("synth",)),
+    )
+
+
+def run(spec: Spec, ctx) -> dict:
+    from data_synth import DataSynthError, build_pairs, read_records, write_pairs
+
+    try:
+        records = read_records(Path(ctx.ref("records").location))
+    except DataSynthError as err:
+        raise ctx.fail("records", str(err)) from None
+    pairs = build_pairs(records, spec, ctx.seed)
+    for empty in write_pairs(pairs, ctx.out_dir):
+        ctx.log(f"warning: {empty} is empty (no verified records for it); not written")
+    summary = ", ".join(f"{k}={v}" for k, v in pairs.counts.items())
+    ctx.log(f"{summary}, duplicates dropped={pairs.duplicates}")
+    return {
+        **pairs.counts,
+        "seeds": pairs.seeds,
+        "test_seeds": pairs.test_seeds,
+        "duplicates": pairs.duplicates,
+    }
+
+
+def preflight(spec: Spec, ctx) -> None:
+    """Records named by path must be there before anything runs."""
+    ref = ctx.ref("records")
+    if ref.origin == "path" and not Path(ref.location).exists():
+        raise ctx.fail("records", f"{ref.location}: no such file or dir (synth's records.jsonl)")

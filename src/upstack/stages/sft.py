@@ -1,0 +1,62 @@
+"""sft stage: supervised fine-tuning on conversations with TRL's SFTTrainer (full, LoRA or QLoRA)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from upstack.training import TrainingSpec
+from upstack.training import preflight as preflight  # data sources checked before anything runs
+
+LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
+
+
+class Spec(TrainingSpec):
+    kind: Literal["sft"] = "sft"
+    chat_template: str | None = Field(
+        None, description="Jinja template (inline or a file); default: the tokenizer's"
+    )
+
+
+def stage_defaults(flash_attention: bool) -> dict[str, Any]:
+    """What sft sets in SFTConfig before the recipe's `trainer:`; the loss mask
+    (assistant_only_loss or completion_only_loss) follows from the chat template at run time."""
+    return {"padding_free": True} if flash_attention else {}
+
+
+def build_trainer(spec: Spec, ctx):
+    """The SFTTrainer, data tokenized and masked, before any step: what `run` trains and tests inspect."""
+    from trl import SFTConfig, SFTTrainer
+
+    from upstack import training
+
+    inputs = training.prepare(spec, ctx, "sft", spec.chat_template)
+    train, held_out = inputs.train, inputs.held_out
+    if inputs.marks_turns:
+        # the template's {% generation %} marks say which tokens are the assistant's
+        loss_mask = {"assistant_only_loss": True}
+    else:
+        # No marks: loss on the last (assistant) turn only, as a prompt/completion pair.
+        train, held_out = (_as_completion(d) if d is not None else None for d in (train, held_out))
+        loss_mask = {"completion_only_loss": True}
+    settings = {**training.trainer_settings(spec, stage_defaults), **loss_mask}
+    return SFTTrainer(
+        args=training.trainer_config(SFTConfig, settings, ctx),
+        train_dataset=train,
+        eval_dataset=held_out,
+        **training.model_parts(spec, ctx, inputs),
+    )
+
+
+def run(spec: Spec, ctx) -> dict:
+    from upstack import training
+
+    return training.train_and_save(build_trainer(spec, ctx), spec, ctx)
+
+
+def _as_completion(dataset):
+    def split(row: dict) -> dict:
+        return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+
+    return dataset.map(split, remove_columns=["messages"])
