@@ -50,7 +50,7 @@ def main() -> None:
     (work / "init.yaml").write_text(yaml.safe_dump(recipe))
     run(load_recipe(work / "init.yaml"), ["init"])  # a random 16-layer tiny Llama
     model_dir = work / "runs" / "init"
-    model, tokenizer = load_model(str(model_dir), trust_remote_code=False)
+    model, tokenizer = load_model(str(model_dir))
     problems = load_problems(ArithSeeds(split="eval", count=args.problems), seed=42)
 
     results, answers = {}, {}

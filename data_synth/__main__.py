@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     except ValidationError as err:
+        from data_synth.config import key_path
+
         first = err.errors()[0]
-        key = ".".join(str(k) for k in first["loc"])
+        key = ".".join(str(k) for k in key_path(first["loc"], raw))
         print(f"error: {args.config}: {key}: {first['msg']}", file=sys.stderr)
         return 2
     print(

@@ -39,3 +39,23 @@ def used_for(use: Use) -> dict[str, Any]:
     """`json_schema_extra` of a field: every name inside it is used for `use` (default: a named
     model is `weights`, a named data set is `train`)."""
     return {"use": use}
+
+
+def key_path(loc: tuple, raw: Any) -> tuple:
+    """pydantic's error location as the settings' key path: the names a union adds (`openai`
+    in teacher.openai.base_urls, `int` in num_fewshot.int) are not keys of the settings."""
+    out, node = [], raw
+    for i, key in enumerate(loc):
+        rest = loc[i + 1 :]
+        if (isinstance(node, dict) and key in node) or (
+            isinstance(node, list) and isinstance(key, int) and key < len(node)
+        ):
+            node = node[key]
+        elif isinstance(node, dict) and rest and (rest[0] in node or key in node.values()):
+            continue  # a union member's name (`kind: openai` picked it) between two keys
+        elif node is not None and not isinstance(node, dict | list):
+            break  # below a plain value: only union members' names
+        else:
+            node = None  # a key the settings do not have (a missing one): kept as it is
+        out.append(key)
+    return tuple(out)

@@ -137,9 +137,11 @@ def running(
     hang_s: float = 5.0,
     log: str | None = None,
     seed: int = 0,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """An echo server in a separate process for the duration of a `with`; yields its base URL."""
-    port = free_port()
+    """An echo server in a separate process for the duration of a `with`; yields its base URL.
+    `port` (default: a free one) lets a test stop a teacher and bring it back at the same URL."""
+    port = port or free_port()
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     cmd = [

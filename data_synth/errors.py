@@ -13,3 +13,13 @@ class DataSynthError(Exception):
     def __init__(self, message: str, setting: str | None = None):
         super().__init__(message)
         self.setting = setting
+
+
+class SynthFailed(DataSynthError):
+    """A run that did not do its work: too many requests failed, or nothing survived
+    verification. Every reply that did arrive is in the cache, so a rerun asks only the rest;
+    `result` holds what this run got (its tally of failures among it)."""
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result

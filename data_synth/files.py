@@ -76,4 +76,42 @@ def load_local(path: Path, split: str):
         )
     if not path.is_file():
         raise DataSynthError(f"{path}: no such file")
-    return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+    try:
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+    except Exception as err:  # datasets/pyarrow bury the row in a chained traceback: find it
+        if path.suffix == ".jsonl":
+            for _ in read_jsonl(path):
+                pass  # raises naming the first bad line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataSynthError(f"{path}: cannot read as {builder}: {reason}") from None
+
+
+def peek_columns(path: Path) -> list[str] | None:
+    """The columns of a local data file or saved data set, read from its first row or header
+    without loading it; None where that cannot be told cheaply (a .json file, a dir of files)."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_saved_dataset(path):
+            return None
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = next(iter(loaded.values()))
+        return list(loaded.column_names)
+    if path.suffix == ".jsonl":
+        for _, row in read_jsonl(path):
+            return list(row)
+        raise DataSynthError(f"{path}: no rows")
+    if path.suffix == ".txt":
+        return ["text"]
+    if path.suffix == ".csv":
+        import csv
+
+        with path.open(encoding="utf-8", newline="") as handle:
+            return next(csv.reader(handle), [])
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return list(pyarrow.parquet.read_schema(path).names)
+    return None

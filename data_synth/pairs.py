@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,6 +47,9 @@ class Pairs:
     seeds: int
     test_seeds: int
     duplicates: int = 0
+    # tuples not written, by reason: chosen_equals_rejected (no preference signal)
+    dropped: Counter = field(default_factory=Counter)
+    unpaired_seeds: int = 0  # seeds with a kept rephrased question or answer but not both
     counts: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,21 +73,26 @@ def build_pairs(records: list[dict], config: PairsConfig, seed: int) -> Pairs:
     test_seeds = _test_seeds(list(by_seed), config.test_fraction, seed)
     rows: dict[tuple[str, str], list[dict]] = {(n, s): [] for n in SETS for s in SPLITS}
     seen: set[bytes] = set()
-    duplicates = 0
+    duplicates, unpaired, dropped = 0, 0, Counter()
     for seed_id, groups in by_seed.items():
         split = "test" if seed_id in test_seeds else "train"
+        questions, answers = groups["rephrase_question"], groups["rephrase_answer"]
+        unpaired += bool(questions) != bool(answers)
         # SOLAR: prompt = rephrased question, chosen = rephrased answer, rejected = original answer.
         # The i-th kept rephrased question goes with the i-th kept rephrased answer of the same seed.
-        for question, answer in zip(
-            groups["rephrase_question"], groups["rephrase_answer"], strict=False
-        ):
-            tuple_row = {
-                "prompt": [{"role": "user", "content": question["question"]}],
-                "chosen": [{"role": "assistant", "content": answer["answer"]}],
-                "rejected": [{"role": "assistant", "content": answer["original_solution"]}],
-            }
-            instruct_row = _messages(question["question"], answer["answer"])
-            for name, row in (("alignment", tuple_row), ("instruct", instruct_row)):
+        for question, answer in zip(questions, answers, strict=False):
+            written = [("instruct", _messages(question["question"], answer["answer"]))]
+            if _same_text(answer["answer"], answer["original_solution"]):
+                # a "rephrasing" that is the original word for word: DPO learns nothing from it
+                dropped["chosen_equals_rejected"] += 1
+            else:
+                tuple_row = {
+                    "prompt": [{"role": "user", "content": question["question"]}],
+                    "chosen": [{"role": "assistant", "content": answer["answer"]}],
+                    "rejected": [{"role": "assistant", "content": answer["original_solution"]}],
+                }
+                written.insert(0, ("alignment", tuple_row))
+            for name, row in written:
                 if _first_time(name, row, seen):
                     rows[name, split].append(row)
                 else:
@@ -96,7 +104,18 @@ def build_pairs(records: list[dict], config: PairsConfig, seed: int) -> Pairs:
                     rows["instruct", split].append(row)
                 else:
                     duplicates += 1
-    return Pairs(rows, seeds=len(by_seed), test_seeds=len(test_seeds), duplicates=duplicates)
+    return Pairs(
+        rows,
+        seeds=len(by_seed),
+        test_seeds=len(test_seeds),
+        duplicates=duplicates,
+        dropped=dropped,
+        unpaired_seeds=unpaired,
+    )
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
 
 
 def write_pairs(pairs: Pairs, out_dir: Path) -> list[str]:

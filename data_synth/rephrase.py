@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from data_synth import teachers, verify
 from data_synth.cache import Cache, request_key
 from data_synth.config import Strict, used_for
-from data_synth.errors import DataSynthError
+from data_synth.errors import DataSynthError, SynthFailed
 from data_synth.seeds import ArithSeeds, Problem, SeedSource, load_problems
 from data_synth.teachers import Request, Runtime, ScriptedTeacher, TeacherSpec, teacher_model
 
@@ -88,6 +88,13 @@ class SynthConfig(Strict):
     augmentations: Augmentations = Field(default_factory=Augmentations)
     sampling: Sampling = Field(default_factory=Sampling)
     decontaminate: Decontaminate = Field(default_factory=Decontaminate)
+    max_failed_fraction: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="a run whose failed requests (after retries) exceed this share fails, "
+        "rather than pass on a thinned data set; a rerun retries only the failed ones",
+    )
 
     @model_validator(mode="after")
     def _scripted_knows_only_arith(self) -> SynthConfig:
@@ -153,12 +160,15 @@ def synthesize(
     cache_path: str | Path,
     resolve: Callable[[str], str] = str,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     log: Callable[[str], None] = _stderr,
     progress: bool = True,
 ) -> SynthResult:
     """Verified records for every seed of `config`, asking the teacher only what the cache at
     `cache_path` does not already hold. `resolve` maps a seed `path` or a teacher `model` to what
-    to load. Raises DataSynthError (with the setting it concerns) for bad seeds or settings."""
+    to load. Raises DataSynthError (with the setting it concerns) for bad seeds or settings, and
+    SynthFailed when more than `max_failed_fraction` of the requests failed or no record
+    survived: every reply that arrived is cached, so a rerun resumes."""
     from tqdm import tqdm
 
     tally = Tally()
@@ -166,7 +176,7 @@ def synthesize(
     seeds = _decontaminate(seeds, config.decontaminate, seed, resolve, tally.dropped)
     log(f"{len(seeds)} seeds after dedup and decontamination ({dict(tally.dropped)} dropped)")
 
-    runtime = Runtime(seed=seed, trust_remote_code=trust_remote_code, resolve=resolve)
+    runtime = Runtime(seed, trust_remote_code, allow_pickle, resolve)
     cache, verdicts = Cache(Path(cache_path)), {}
     first = [r for p in seeds for r in _first_round(p, config, seed)]
     bar = tqdm(
@@ -188,9 +198,22 @@ def synthesize(
         bar.close()
         cache.close()
     records = _dedupe_records(records, seeds, tally.dropped)
-    return SynthResult(
+    result = SynthResult(
         records, len(seeds), tally, config.teacher.kind, teacher_model(config.teacher)
     )
+    failed = sum(tally.failed.values())
+    if failed and failed > config.max_failed_fraction * tally.requests:
+        errors = ", ".join(f"{error} x{n}" for error, n in tally.failed.most_common(3))
+        raise SynthFailed(
+            f"{failed} of {tally.requests} teacher requests failed ({errors}), more than "
+            f"max_failed_fraction {config.max_failed_fraction:g}; the {tally.requests - failed} "
+            "answered are cached: fix the teacher and rerun to send only the failed ones",
+            result,
+        )
+    if not records:
+        reasons = ", ".join(f"{r} x{n}" for r, n in tally.dropped.most_common(3)) or "no seeds"
+        raise SynthFailed(f"no record survived verification ({reasons})", result)
+    return result
 
 
 # --------------------------------------------------------------------------- seeds

@@ -46,6 +46,7 @@ class Runtime:
 
     seed: int = 0
     trust_remote_code: bool = False  # for a local model's own code (transformers, vllm)
+    allow_pickle: bool = False  # load pickled weights (pytorch_model.bin): runs code from the file
     resolve: Callable[[str], str] = str  # a teacher `model` -> the path or Hub id to load
 
 
@@ -75,6 +76,17 @@ class OpenAITeacher(Strict):
         1.0, ge=0, description="first retry waits about this long, doubling each time"
     )
     backoff_max_s: float = Field(60.0, ge=0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, name: str | None) -> str | None:
+        # a key pasted here would end up in manifests and logs: refuse it, and never repeat it
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(
+                "must be the name of an environment variable (e.g. TEACHER_API_KEY) that holds "
+                "the key, not the key itself; the value given is not shown"
+            )
+        return name
 
     @field_validator("base_urls")
     @classmethod
@@ -264,6 +276,7 @@ async def _vllm(
         dtype=spec.dtype,
         trust_remote_code=runtime.trust_remote_code,
         seed=runtime.seed,
+        load_format="auto" if runtime.allow_pickle else "safetensors",
     )
     for start in range(0, len(requests), spec.batch_size):
         batch = requests[start : start + spec.batch_size]
@@ -287,11 +300,20 @@ async def _transformers(
 
     path = runtime.resolve(spec.model)
     trust = runtime.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust, padding_side="left")
     dtype = spec.dtype if spec.dtype == "auto" else getattr(torch, spec.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust).to(
-        spec.device
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust, padding_side="left"
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust,
+            use_safetensors=None if runtime.allow_pickle else True,
+        ).to(spec.device)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataSynthError(f"cannot load {path}: {reason}", "teacher.model") from None
     model.eval()
 
     def generate(batch: list[Request]) -> list[str]:
@@ -357,7 +379,9 @@ def scripted_reply(request: Request, error_rate: float) -> str:
     if request.task == "rephrase_question":
         others = problem.questions()[1:] or problem.questions()
         return rng.choice(others)
-    text = rng.choice(problem.solutions())
+    # a rephrased answer is another wording, never the original (the canonical first one)
+    wordings = problem.solutions()[1:] if request.task == "rephrase_answer" else problem.solutions()
+    text = rng.choice(wordings)
     if rng.random() < error_rate:  # a deliberately imperfect answer, for verification to catch
         if rng.random() < 0.5:
             return text.replace(f"\\boxed{{{problem.answer}}}", f"\\boxed{{{problem.answer + 1}}}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 from data_synth.seeds import last_boxed
@@ -38,9 +39,13 @@ def grade(gold: str, prediction: str) -> tuple[str, bool]:
 
 
 def same_answer(gold: str, answer: str) -> bool:
-    """math-verify equivalence (3/4 == 0.75 == \\frac{3}{4}, 1,234 == 1234), gold first as its API wants."""
+    """math-verify equivalence (3/4 == 0.75 == \\frac{3}{4}, 1,234 == 1234), gold first as its API
+    wants; answers in words (MATH's \\text{...} answers, yes/no) compared as words."""
     if _normalize(gold) == _normalize(answer):
         return True  # the common case, without sympy
+    if _in_words(gold) or _in_words(answer):
+        # math-verify reads a word as a product of symbols, so Paris would equal Sirap
+        return _words(gold) == _words(answer)
     # Both wrapped in \boxed{} so plain "12" and LaTeX "\frac{1}{2}" parse alike.
     gold_parsed, answer_parsed = _parse(f"\\boxed{{{gold}}}"), _parse(f"\\boxed{{{answer}}}")
     if not gold_parsed or not answer_parsed:
@@ -67,6 +72,20 @@ def _verify(gold: list, answer: list) -> bool:
     from math_verify import verify
 
     return bool(verify(gold, answer, timeout_seconds=_timeout()))
+
+
+TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|mathrm|mbox)\{([^{}]*)\}")
+
+
+def _in_words(answer: str) -> bool:
+    """An answer that is words, not a mathematical expression: a run of letters that is not a
+    LaTeX command, and no digit (10\\text{ cm} is a number with a unit)."""
+    bare = re.sub(r"\\[A-Za-z]+", "", TEXT_COMMAND.sub(r"\1", answer))
+    return bool(re.search(r"[A-Za-z]{2,}", bare)) and not re.search(r"\d", bare)
+
+
+def _words(answer: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", TEXT_COMMAND.sub(r"\1", answer).lower()).strip()
 
 
 def _normalize(text: str) -> str:

@@ -194,10 +194,10 @@ def test_recipe_checks_sources_refs_and_trainer_keys(tmp_path, tiny_model):
     for trainer, message in [
         (
             "{lerning_rate: 1.0e-5}",
-            r"recipe.yaml:\d+: stages.sft.trainer: lerning_rate: unknown key "
+            r"recipe.yaml:\d+: stages.sft.trainer.lerning_rate: unknown key "
             r"\(not a field of trl.SFTConfig; did you mean learning_rate\?\)",
         ),
-        ("{output_dir: /tmp/x}", r"stages.sft.trainer: output_dir: set by the stage"),
+        ("{output_dir: /tmp/x}", r"stages.sft.trainer.output_dir: set by the stage"),
     ]:
         bad = write_recipe(
             tmp_path,

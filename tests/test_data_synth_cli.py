@@ -47,7 +47,7 @@ def test_cli_bad_setting_is_one_line_exit_2(tmp_path):
     )
     result = data_synth("synth.yaml", "--out", "out", cwd=tmp_path)
     assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: synth.yaml: teacher.") and "error_rate" in line
-    assert line.endswith("Input should be less than or equal to 1")
+    assert result.stderr.strip().splitlines() == [
+        "error: synth.yaml: teacher.error_rate: Input should be less than or equal to 1"
+    ]
     assert not (tmp_path / "out").exists()

@@ -56,3 +56,34 @@ def test_sft_with_two_processes_writes_one_output(tmp_path, tiny_model):
     assert metrics["epochs"] == pytest.approx(48 / 64)
     losses = [loss for _, loss in metrics["loss_curve"]]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+
+
+@pytest.mark.slow
+def test_a_workers_mistake_is_the_launchers_one_line_error(tmp_path, tiny_model):
+    """A bad data line found inside the accelerate workers comes back as the run's one-line
+    error (file and line, the recipe key), exit 2, not as a RuntimeError with a traceback."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": }\n')
+    recipe = tmp_path / "recipe.yaml"
+    stage = {
+        "model": str(tiny_model),
+        "datasets": [{"path": str(data)}],
+        "trainer": {"max_steps": 1},
+    }
+    recipe.write_text(
+        yaml.safe_dump(
+            {"name": "t", "output_dir": str(tmp_path / "runs"), "stages": {"sft": stage}}
+        )
+    )
+    result = run_cli(
+        "run",
+        str(recipe),
+        cwd=tmp_path,
+        timeout=300,
+        env={"NPROC": "2", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "stages.sft.datasets.0.path: " in last
+    assert f"{data}:2: not valid JSON" in last
+    assert not (tmp_path / "runs" / "sft").exists()

@@ -44,7 +44,10 @@ def test_unknown_key_names_file_line_and_key_path(tmp_path):
               vocab_sise: 512
         """,
     )
-    assert message == f"{tmp_path / 'recipe.yaml'}:5: stages.init.tokenizer.vocab_sise: unknown key"
+    assert message == (
+        f"{tmp_path / 'recipe.yaml'}:5: stages.init.tokenizer.vocab_sise: unknown key; "
+        "did you mean 'vocab_size'?"
+    )
 
 
 def test_wrong_type_names_the_value(tmp_path):
@@ -71,7 +74,7 @@ def test_unknown_kind_lists_the_known_ones(tmp_path):
 
 def test_unknown_stage_reference(tmp_path):
     message = _error(tmp_path, "name: bad\nstages:\n  init: {after: [tokenizer]}\n")
-    assert message.endswith(":3: stages.init.after: no stage 'tokenizer'")
+    assert message.endswith(":3: stages.init.after.0: no stage 'tokenizer'")
 
 
 def test_cycle_is_named(tmp_path):

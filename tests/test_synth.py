@@ -4,7 +4,7 @@ import pytest
 from conftest import run_cli, write_recipe
 
 from data_synth.verify import check
-from upstack.errors import UserError
+from upstack.errors import StageFailed, UserError
 from upstack.recipe import load_recipe
 from upstack.runner import run
 
@@ -112,11 +112,20 @@ def run_synth(tmp_path, monkeypatch, make_reply) -> dict:
     ],
 )
 def test_malformed_teacher_output_is_dropped_and_counted(tmp_path, monkeypatch, reply, reason):
-    stats = run_synth(tmp_path, monkeypatch, lambda request: reply)
+    """Nothing usable: every reply dropped by reason, and the stage fails rather than hand an
+    empty data set to sft (the tally is kept beside the request cache)."""
+    with pytest.raises(StageFailed, match=r"stages\.synth\.teacher: ") as failed:
+        run_synth(tmp_path, monkeypatch, lambda request: reply)
+    stats = json.loads((tmp_path / "runs" / ".work" / "synth" / "failed_requests.json").read_text())
     # 5 rephrased answers dropped in round one; 5 rephrased questions dropped in round one
     # (empty, failed) or, being usable text, sent to round two and their solves dropped there
     assert stats["kept"] == 0 and stats["dropped"] == {reason: 10}
-    assert (tmp_path / "runs" / "synth" / "records.jsonl").read_text() == ""
+    if reply is None:  # failed requests: counted by error, more than the allowed share
+        assert stats["request_errors"] == {"HTTP 500": 10}
+        assert "10 of 10 teacher requests failed (HTTP 500 x10)" in str(failed.value)
+    else:
+        assert f"no record survived verification ({reason} x10)" in str(failed.value)
+    assert not (tmp_path / "runs" / "synth").exists()  # no output that counts as done
 
 
 def test_equivalent_answer_in_another_form_is_kept(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from data_synth import echo_server
 from data_synth.errors import DataSynthError
 from data_synth.seeds import Problem
 from data_synth.teachers import OpenAITeacher, Request, Runtime, stream
+from upstack.errors import StageFailed
 from upstack.recipe import load_recipe
 from upstack.runner import run
 
@@ -118,8 +119,10 @@ def test_vllm_teacher_without_vllm_is_a_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_synth_and_pairs_against_transformers_serve(tmp_path, tiny_model):
-    """The real thing: `transformers serve` on the tiny model, through the openai teacher."""
+def test_synth_against_transformers_serve(tmp_path, tiny_model):
+    """The real thing: `transformers serve` on the tiny model, through the openai teacher. The
+    random tiny model answers noise, so every reply is dropped and the stage fails, as it must
+    rather than pass on an empty data set; every request was still sent and answered."""
     port = echo_server.free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
@@ -152,23 +155,22 @@ def test_synth_and_pairs_against_transformers_serve(tmp_path, tiny_model):
                            concurrency: 4, timeout_s: 60, max_retries: 1}}
                 augmentations: {{rephrase_question: 1, rephrase_answer: 1}}
                 sampling: {{max_tokens: 16}}
-              pairs: {{records: synth}}
         """,
         )
-        run(load_recipe(path), ["pairs"])
+        with pytest.raises(StageFailed, match="no record survived verification"):
+            run(load_recipe(path), ["synth"])
     finally:
         server.terminate()
         server.wait(10)
         log.close()
-    stats = json.loads((tmp_path / "runs" / "synth" / "upstack.json").read_text())["metrics"]
-    # every request was answered by the server (the tiny model's answers are noise, so most are dropped)
+    failed = tmp_path / "runs" / ".work" / "synth" / "failed_requests.json"
+    stats = json.loads(failed.read_text())
     assert stats["requests"] >= 8 and stats["requests_sent"] == stats["requests"]
-    assert "request_failed" not in stats["dropped"]
-    assert stats["kept"] + sum(stats["dropped"].values()) >= 8
+    assert stats["request_errors"] == {} and "request_failed" not in stats["dropped"]
+    assert stats["kept"] == 0 and sum(stats["dropped"].values()) >= 8
     served = (tmp_path / "serve.log").read_text().count('POST /v1/chat/completions HTTP/1.1" 200')
     assert served == stats["requests_sent"]
-    assert (tmp_path / "runs" / "synth" / "records.jsonl").exists()
-    assert (tmp_path / "runs" / "pairs" / "upstack.json").exists()
+    assert not (tmp_path / "runs" / "synth").exists()
 
 
 def test_transformers_teacher_generates_with_the_chat_template(tmp_path, tiny_model):

@@ -374,7 +374,7 @@ def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model):
     recipe = mistake_recipe(
         tmp_path, f"model: {pickled}\n    drop_layers: 2", tiny_model, tiny_model
     )
-    with pytest.raises(UserError, match=r"stages\.up\.model: .* has no \*\.safetensors weights"):
+    with pytest.raises(UserError, match=r"stages\.up\.model: .* holds only pickled weights"):
         run(load_recipe(recipe), [])
 
 

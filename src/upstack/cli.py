@@ -11,6 +11,19 @@ import yaml
 from upstack.errors import UserError
 
 
+def _recipe_arguments(cmd: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    cmd.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+    cmd.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. stages.sft.trainer.learning_rate=1e-5",
+    )
+    return cmd
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstack",
@@ -19,17 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def recipe_command(name: str, help: str) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help, description=help)
-        cmd.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
-        cmd.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a recipe value, e.g. stages.sft.trainer.learning_rate=1e-5",
-        )
-        return cmd
+        return _recipe_arguments(sub.add_parser(name, help=help, description=help))
 
     run = recipe_command("run", "run stages (and whatever they need that is missing or stale)")
     run.add_argument("targets", nargs="*", help="stage names or kinds; default: every stage")
@@ -58,21 +61,31 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the files, print the card, send nothing"
     )
 
-    # Internal: one stage in this process; what each `accelerate launch` worker runs.
-    stage = recipe_command("_stage", argparse.SUPPRESS)
-    stage.add_argument("stage")
-    stage.add_argument("--out-dir", required=True)
-    stage.add_argument("--work-dir", required=True)
     return parser
 
 
+def _worker_parser() -> argparse.ArgumentParser:
+    """`upstack _stage`: one stage in this process, what each `accelerate launch` worker runs.
+    A parser of its own, so that `upstack --help` does not list it."""
+    stage = _recipe_arguments(argparse.ArgumentParser(prog="upstack _stage"))
+    stage.add_argument("stage")
+    stage.add_argument("--out-dir", required=True)
+    stage.add_argument("--work-dir", required=True)
+    return stage
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_stage"]:
+        args = _worker_parser().parse_args(argv[1:])
+        args.command = "_stage"
+    else:
+        args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return UserError.exit_code
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -83,6 +96,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from upstack.recipe import load_recipe
     from upstack.tables import markdown_table
 
+    if args.command == "run" and not args.dry_run:
+        # refused at once, before the seconds of imports that loading the recipe takes
+        runner.refuse_if_locked(args.recipe, args.overrides)
     # status and report only read state: skip the checks that import mergekit and torch
     recipe = load_recipe(args.recipe, args.overrides, deep=args.command not in ("status", "report"))
     if args.command == "run":
@@ -110,7 +126,7 @@ def _show(recipe, as_json: bool) -> None:
     from upstack import training
     from upstack.recipe import stage_module
 
-    data = recipe.to_dict()
+    data = _redact(recipe.to_dict())
     effective = {
         name: training.trainer_settings(spec, stage_module(spec.kind).stage_defaults)
         for name, spec in recipe.stages.items()
@@ -129,6 +145,17 @@ def _show(recipe, as_json: bool) -> None:
             + yaml.safe_dump({"effective_trainer": effective}, sort_keys=False),
             end="",
         )
+
+
+def _redact(value):
+    """`show` never prints a value that looks like a token or key, wherever it was pasted."""
+    from upstack.errors import looks_like_secret
+
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return "<redacted: looks like a secret>" if looks_like_secret(value) else value
 
 
 def _push(recipe, args: argparse.Namespace) -> None:
@@ -155,9 +182,15 @@ def _run_worker(recipe, args: argparse.Namespace) -> None:
     from upstack.context import is_main_process
 
     hashes = runner.stage_hashes(recipe)
-    metrics = runner.execute_stage(
-        recipe, args.stage, Path(args.out_dir), Path(args.work_dir), hashes[args.stage]
-    )
+    try:
+        metrics = runner.execute_stage(
+            recipe, args.stage, Path(args.out_dir), Path(args.work_dir), hashes[args.stage]
+        )
+    except UserError as err:
+        if is_main_process():  # the launcher prints it as the stage's one line
+            error = {"message": str(err), "exit_code": err.exit_code}
+            (Path(args.out_dir) / runner.WORKER_ERROR).write_text(json.dumps(error))
+        raise
     if is_main_process():
         (Path(args.out_dir) / ".metrics.json").write_text(json.dumps(metrics, default=str))
 

@@ -25,12 +25,15 @@ class StageContext:
     def seed(self) -> int:
         return self.recipe.seed
 
-    def fail(self, key: str | tuple = "", message: str = "") -> UserError:
+    def fail(
+        self, key: str | tuple = "", message: str = "", error: type[UserError] = UserError
+    ) -> UserError:
         """The one-line error for a mistake in this stage's setting `key` (a key path relative to
-        the stage, "" for the stage itself): `FILE:LINE: stages.<name>.<key>: message`."""
+        the stage, "" for the stage itself): `FILE:LINE: stages.<name>.<key>: message`.
+        `error=StageFailed` for a stage that ran but did not do its work (exit 1, not 2)."""
         parts = tuple(key) if isinstance(key, tuple) else tuple(p for p in key.split(".") if p)
         loc = ("stages", self.name, *parts)
-        return UserError(f"{locate(self.recipe, *loc)}: {'.'.join(map(str, loc))}: {message}")
+        return error(f"{locate(self.recipe, *loc)}: {'.'.join(map(str, loc))}: {message}")
 
     def refs(self) -> list[Reference]:
         """The models and data sets this stage names, resolved at load."""

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from data_synth.errors import DataSynthError
-from data_synth.files import FILE_BUILDERS, load_local
+from data_synth.files import FILE_BUILDERS, load_local, peek_columns
 from upstack.recipe import Strict, names
 
 # What each training format needs, after `columns` renames. `sft` also takes `prompt`/`completion`
@@ -99,9 +99,10 @@ class Source(Strict):
         return self
 
 
-def check_sources(sources: list[Source], ctx, key: str = "datasets") -> None:
-    """Before a run writes anything: local files exist, finished stages wrote the split named.
-    A typo in the last stage's data then fails at once, not after an hour of the stages before."""
+def check_sources(sources: list[Source], ctx, fmt: str, key: str = "datasets") -> None:
+    """Before a run writes anything: local files exist and have the columns `fmt` needs (read
+    from their first row), finished stages wrote the split named. A typo in the last stage's
+    data then fails at once, not after an hour of the stages before."""
     for i, source in enumerate(sources):
         if source.path is not None:
             path = Path(source.path).expanduser()
@@ -111,6 +112,13 @@ def check_sources(sources: list[Source], ctx, key: str = "datasets") -> None:
                 raise ctx.fail(
                     f"{key}.{i}.path", f"{path}: expected one of {', '.join(FILE_BUILDERS)}"
                 )
+            try:
+                present = peek_columns(path)
+            except DataSynthError as err:
+                raise ctx.fail(f"{key}.{i}.path", str(err)) from None
+            problem = column_problem(source, present, fmt) if present is not None else None
+            if problem:
+                raise ctx.fail(f"{key}.{i}{problem[0]}", f"{path}: {problem[1]}")
         if source.stage is not None and source.stage not in ctx.pending:
             split_dir = ctx.stage_dir(source.stage) / source.split
             if not (split_dir / "train.jsonl").is_file():
@@ -216,28 +224,39 @@ def _arith_rows(count: int, split: str, fmt: str, ctx, where: str) -> list[dict]
     return rows
 
 
-def _prepare(source: Source, rows, fmt: str, seed: int, ctx, where: str, sample: bool):
+def column_problem(source: Source, present: list[str], fmt: str) -> tuple[str, str] | None:
+    """(key path suffix, message) for the first column the source's settings or the format
+    need and `present` lacks; None when every one is there."""
+    has = f"(has: {', '.join(present)})"
     for j, rule in enumerate(source.exclude):
-        if rule.column not in rows.column_names:
-            raise ctx.fail(
-                f"{where}.exclude.{j}.column",
-                f"no column '{rule.column}' (has: {', '.join(rows.column_names)})",
-            )
+        if rule.column not in present:
+            return f".exclude.{j}.column", f"no column '{rule.column}' {has}"
+    for column in source.columns:
+        if column not in present:
+            return f".columns.{column}", f"no column '{column}' {has}"
+    after = {c for c in present if c not in source.columns} | set(source.columns.values())
+    needed = FORMATS[fmt]
+    if fmt == "sft" and "messages" not in after and "prompt" in after:
+        needed = ("prompt", "completion")
+    missing = [c for c in needed if c not in after]
+    if missing:
+        return "", (
+            f"missing column '{missing[0]}' for {fmt} data {has}; "
+            f"map one with `columns: {{<source column>: {missing[0]}}}`"
+        )
+    return None
+
+
+def _prepare(source: Source, rows, fmt: str, seed: int, ctx, where: str, sample: bool):
+    problem = column_problem(source, list(rows.column_names), fmt)
+    if problem:
+        raise ctx.fail(f"{where}{problem[0]}", problem[1])
+    for rule in source.exclude:
         rows = rows.filter(lambda value, rule=rule: rule.keeps(value), input_columns=rule.column)
     if sample:
         keep = source.max_samples or max(1, round(source.weight * len(rows)))
         rows = rows.shuffle(seed=seed).select(range(min(keep, len(rows))))
-    rows = _rename(rows, source.columns, ctx, where)
-    needed = FORMATS[fmt]
-    if fmt == "sft" and "messages" not in rows.column_names and "prompt" in rows.column_names:
-        needed = ("prompt", "completion")
-    missing = [c for c in needed if c not in rows.column_names]
-    if missing:
-        raise ctx.fail(
-            where,
-            f"missing column '{missing[0]}' for {fmt} data (has: {', '.join(rows.column_names)}); "
-            f"map one with `columns: {{<source column>: {missing[0]}}}`",
-        )
+    rows = _rename(rows, source.columns)
     if fmt == "sft":
         rows = _to_conversations(rows)
     elif fmt == "preference":
@@ -245,13 +264,7 @@ def _prepare(source: Source, rows, fmt: str, seed: int, ctx, where: str, sample:
     return rows.select_columns(list(FORMATS[fmt]))
 
 
-def _rename(rows, columns: dict[str, str], ctx, where: str):
-    for column in columns:
-        if column not in rows.column_names:
-            raise ctx.fail(
-                f"{where}.columns.{column}",
-                f"no column '{column}' (has: {', '.join(rows.column_names)})",
-            )
+def _rename(rows, columns: dict[str, str]):
     targets: dict[str, list[str]] = {}
     for column, target in columns.items():
         targets.setdefault(target, []).append(column)

@@ -1,7 +1,29 @@
-"""The one exception type for mistakes a user can fix: printed as one line, exit code 2."""
+"""The errors upstack prints as one line: a user's mistake (exit 2), or a stage that did not do its work (exit 1)."""
+
+from __future__ import annotations
+
+import re
 
 
 class UserError(Exception):
     """Bad input: a recipe key, a file, a flag. The message names what is wrong and where."""
 
     exit_code = 2
+
+
+class StageFailed(UserError):
+    """A stage ran but did not do its work (a teacher that answered nothing, a disk that filled):
+    the stage is marked failed, nothing of it counts as done, and a rerun resumes."""
+
+    exit_code = 1
+
+
+# Shapes API keys and tokens take: a value like these is never echoed in an error or `show`.
+SECRET = re.compile(
+    r"^(sk-|hf_|ghp_|gho_|github_pat_|xox[abp]-|AKIA|AIza|glpat-)[\w-]{8,}$"
+    r"|^(?=.*\d)(?=.*[A-Za-z])[\w-]{32,}$"  # a long unbroken run of letters and digits
+)
+
+
+def looks_like_secret(value: object) -> bool:
+    return isinstance(value, str) and bool(SECRET.match(value.strip()))

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # One vocabulary for settings models and for the fields that name models and data sets, shared
 # with data_synth (whose settings the synth stage takes as they are).
-from data_synth.config import Strict, names, used_for
-from upstack.errors import UserError
+from data_synth.config import Strict, key_path, names, used_for
+from upstack.errors import UserError, looks_like_secret
 from upstack.refs import Reference, declared, resolve
 from upstack.stages import STAGE_MODULES
 
@@ -43,6 +44,15 @@ class StageSpec(Strict):
         default_factory=list, description="stages to finish first, beyond the ones this stage reads"
     )
 
+    @field_validator("after")
+    @classmethod
+    def _known_stages(cls, after: list[str], info: ValidationInfo) -> list[str]:
+        stages = (info.context or {}).get("stages")  # stage name -> kind, when loading a recipe
+        for i, name in enumerate(after if stages is not None else []):
+            if name not in stages:
+                raise error_at((i,), f"no stage '{name}'{did_you_mean(name, list(stages))}")
+        return after
+
 
 class Launch(Strict):
     """How training stages are launched: in-process, or under `accelerate launch`."""
@@ -62,10 +72,16 @@ class Launch(Strict):
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    seed: int = 42
+    # numpy (datasets' shuffles) takes seeds below 2**32
+    seed: int = Field(42, ge=0, lt=2**32)
     output_dir: str | None = Field(None, description="default: runs/<name>")
     trust_remote_code: bool = Field(
         False, description="let transformers run code shipped with a model"
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="load pickled checkpoints (pytorch_model.bin): unpickling runs code from the "
+        "file, so upstack loads safetensors only unless you trust every model",
     )
     launch: Launch = Field(default_factory=Launch)
     stages: dict[str, StageSpec]
@@ -104,7 +120,8 @@ class Recipe(Strict):
                 return
             if name in path:
                 cycle = " -> ".join([*path[path.index(name) :], name])
-                raise UserError(f"{self.source}: stages: dependency cycle {cycle}")
+                where = locate(self, "stages", name)
+                raise UserError(f"{where}: stages.{name}: dependency cycle {cycle}")
             for dep in self.deps(name):
                 visit(dep, [*path, name])
             done.append(name)
@@ -122,9 +139,10 @@ class Recipe(Strict):
                 continue
             of_kind = [n for n, s in self.stages.items() if s.kind == target]
             if not of_kind:
-                known = ", ".join(self.stages)
+                known = [*self.stages, *(s.kind for s in self.stages.values())]
                 raise UserError(
-                    f"{self.source}: no stage or stage kind named '{target}' (stages: {known})"
+                    f"{self.source}: no stage or stage kind named '{target}'"
+                    f"{did_you_mean(target, known)} (stages: {', '.join(self.stages)})"
                 )
             names.extend(of_kind)
         return list(dict.fromkeys(names))
@@ -156,17 +174,9 @@ def load_recipe(
     for commands that only read state, like `upstack status`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"{where}: not valid YAML: {problem}") from None
+    text = read_text(path)
+    root = parse_yaml(text, str(path))
+    raw = yaml.safe_load(text)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping with at least `name` and `stages`")
 
@@ -177,6 +187,12 @@ def load_recipe(
     def where(loc: tuple[str | int, ...]) -> str:
         return _locate(root, str(path), overrides, loc)
 
+    # the top level first: `stage:` for `stages:` is a typo, not a missing `stages`
+    top_level = [k for k, f in Recipe.model_fields.items() if not f.exclude]
+    for key in raw:
+        if key not in top_level:
+            hint = did_you_mean(str(key), top_level)
+            raise UserError(f"{where((key,))}: {key}: unknown key{hint}")
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise UserError(
@@ -198,20 +214,23 @@ def load_recipe(
         if kind not in STAGE_MODULES:
             loc = ("stages", name, "kind") if "kind" in body else ("stages", name)
             known = ", ".join(STAGE_MODULES)
+            hint = did_you_mean(str(kind), list(STAGE_MODULES))
             raise UserError(
-                f"{where(loc)}: {'.'.join(map(str, loc))}: unknown stage kind '{kind}' (known: {known})"
+                f"{where(loc)}: {'.'.join(map(str, loc))}: unknown stage kind '{kind}'{hint} "
+                f"(known: {known})"
             )
+        spec_class = stage_module(kind).Spec
         try:
-            stages[name] = stage_module(kind).Spec.model_validate(
+            stages[name] = spec_class.model_validate(
                 {**body, "kind": kind}, context={"deep": deep, "stages": kinds}
             )
         except ValidationError as err:
-            raise UserError(_describe(err, ("stages", name), where)) from None
+            raise UserError(_describe(err, ("stages", name), body, spec_class, where)) from None
 
     try:
         recipe = Recipe.model_validate({**raw, "stages": {}})
     except ValidationError as err:
-        raise UserError(_describe(err, (), where)) from None
+        raise UserError(_describe(err, (), raw, Recipe, where)) from None
     recipe.stages = stages
     recipe.source = str(path)
     recipe.overrides = list(overrides)
@@ -229,10 +248,81 @@ def load_recipe(
         for i, dep in enumerate(spec.after):
             if dep not in stages:
                 raise UserError(
-                    f"{where(('stages', name, 'after', i))}: stages.{name}.after: no stage '{dep}'"
+                    f"{where(('stages', name, 'after', i))}: stages.{name}.after.{i}: "
+                    f"no stage '{dep}'{did_you_mean(dep, list(stages))}"
                 )
     recipe.order()  # raises on a cycle
     return recipe
+
+
+def output_dir_of(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Path | None:
+    """The output dir a recipe's raw YAML names, overrides applied, without validating the rest."""
+    if not isinstance(raw, dict):
+        return None
+    for item in overrides:
+        key_path, value = _parse_override(item)
+        _set_path(raw, key_path, value, item)
+    if raw.get("output_dir"):
+        return Path(str(raw["output_dir"]))
+    return Path(f"runs/{raw['name']}") if isinstance(raw.get("name"), str) else None
+
+
+def read_text(path: Path) -> str:
+    """The recipe's text; a missing file or bytes that are not UTF-8 are one-line errors."""
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the recipe as UTF-8"
+        ) from None
+
+
+def parse_yaml(text: str, source: str) -> yaml.Node | None:
+    """The YAML node tree (kept for line numbers), refusing syntax errors and duplicate keys."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        message = problem or str(err).splitlines()[0]
+        if context_mark is not None and (mark is None or "end of stream" in (problem or "")):
+            # an unclosed quote or bracket runs to the end of the file: name where it opened
+            mark, message = context_mark, f"{context} that is never closed"
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{source}{line}: not valid YAML: {message}") from None
+    _refuse_duplicate_keys(root, source, ())
+    return root
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, source: str, loc: tuple) -> None:
+    """YAML keeps the last of two equal keys and drops the first without a word: a stage block
+    copied and not renamed would vanish. Both lines are named instead."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key == "<<":  # a merge key (`<<: *anchor`): its keys may be overridden here
+                continue
+            if key in seen:
+                path = ".".join(map(str, (*loc, key)))
+                raise UserError(
+                    f"{source}:{line}: {path}: given twice (lines {seen[key]} and {line}); "
+                    "YAML would keep only the last"
+                )
+            seen[key] = line
+            _refuse_duplicate_keys(value_node, source, (*loc, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, source, (*loc, i))
+
+
+def did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def locate(recipe: Recipe, *loc: str | int) -> str:
@@ -251,27 +341,65 @@ def _locate(root: yaml.Node | None, source: str, overrides, loc: tuple[str | int
     for item in overrides:
         key_path = tuple(item.split("=", 1)[0].split("."))
         if keys[: len(key_path)] == key_path or key_path[: len(keys)] == keys:
-            return f"--set {item}"
+            return f"--set {shown_override(item)}"
     line = _line_of(root, loc)
     return f"{source}:{line}" if line else source
 
 
-def _describe(err: ValidationError, prefix: tuple, where) -> str:
-    first = err.errors()[0]
-    loc = (*prefix, *first["loc"])
-    key = ".".join(str(k) for k in loc)
+def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where) -> str:
+    """pydantic's first error as one line: the key path as `--set` writes it (no union tags),
+    "did you mean" for an unknown key, the offending value unless it looks like a secret."""
+    errors = err.errors()
+    # an unknown key beside a missing one is most likely its typo: name the typo
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = key_path(first["loc"], raw)
+    key = ".".join(str(k) for k in (*prefix, *loc))
     kind = first["type"]
     if kind == "extra_forbidden":
-        message = "unknown key"
+        message = "unknown key" + did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))
     elif kind == "missing":
         message = "required key is missing"
     else:
         message = first["msg"].removeprefix("Value error, ")
-        if "input" in first and not isinstance(first["input"], dict | list):
-            message += f" (got {first['input']!r})"
-    more = len(err.errors()) - 1
+        value = first.get("input")
+        secret = looks_like_secret(value) or SECRET_KEY.search(str(loc[-1]) if loc else "")
+        if "input" in first and not isinstance(value, dict | list) and not secret:
+            message += f" (got {value!r})"
+    more = len(errors) - 1
     suffix = f" (and {more} more)" if more else ""
-    return f"{where(loc)}: {key}: {message}{suffix}"
+    return f"{where((*prefix, *loc))}: {key}: {message}{suffix}"
+
+
+def _fields_at(model: type, loc: tuple) -> list[str]:
+    """The field names of the settings model(s) at key path `loc` below `model`."""
+    models = [model]
+    for key in loc:
+        if isinstance(key, int):
+            continue  # a list index: the element models are already in hand
+        models = [
+            found
+            for m in models
+            if key in m.model_fields
+            for found in _models_in(m.model_fields[key].annotation)
+        ]
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _models_in(annotation: Any) -> list[type]:
+    """The pydantic models a field annotation holds (through unions, lists, dicts, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, Strict):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+# a setting whose value may be a secret, or the name of one: its value is never echoed
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)s?($|_)", re.I)
+
+
+def shown_override(item: str) -> str:
+    """A `--set KEY=VALUE` as errors print it: a value that looks like a secret is not repeated."""
+    key, sep, value = item.partition("=")
+    return f"{key}=<redacted>" if sep and looks_like_secret(value) else item
 
 
 _OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)$", re.S)
@@ -281,7 +409,7 @@ def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
     match = _OVERRIDE.match(item)
     if not match:
         raise UserError(
-            f"--set {item}: expected key.path=value, e.g. stages.sft.trainer.learning_rate=1e-5"
+            f"--set {shown_override(item)}: expected key.path=value, e.g. stages.sft.trainer.learning_rate=1e-5"
         )
     try:
         value = yaml.safe_load(match.group(2)) if match.group(2) else ""
@@ -297,7 +425,9 @@ def _set_path(raw: dict, key_path: tuple[str, ...], value: Any, item: str) -> No
             node = node[int(key)]
             continue
         if not isinstance(node, dict):
-            raise UserError(f"--set {item}: {'.'.join(key_path[:i])} is not a mapping")
+            raise UserError(
+                f"--set {shown_override(item)}: {'.'.join(key_path[:i])} is not a mapping"
+            )
         node = node.setdefault(key, {})
     last = key_path[-1]
     if isinstance(node, list) and last.isdigit() and int(last) < len(node):
@@ -305,7 +435,7 @@ def _set_path(raw: dict, key_path: tuple[str, ...], value: Any, item: str) -> No
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise UserError(f"--set {item}: {'.'.join(key_path[:-1])} is not a mapping")
+        raise UserError(f"--set {shown_override(item)}: {'.'.join(key_path[:-1])} is not a mapping")
 
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:

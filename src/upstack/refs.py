@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from upstack.errors import looks_like_secret
 from upstack.stages import DATA_KINDS, MODEL_KINDS
 
 Origin = Literal["stage", "path", "hub"]
@@ -109,8 +110,11 @@ def resolve(name: Declared, stages: dict[str, str], out_dir: Path) -> Reference:
         return made("hub", text)
     if where == "local":
         return made("path", str(path))  # the stage's preflight says it is missing
+    shown = (
+        "the value (it looks like a secret: not shown)" if looks_like_secret(text) else f"'{text}'"
+    )
     raise ValueError(
-        f"'{text}' is not a stage of this recipe, an existing path, or a Hub id (org/name)"
+        f"{shown} is not a stage of this recipe, an existing path, or a Hub id (org/name)"
         + _did_you_mean(text, stages)
     )
 

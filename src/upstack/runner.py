@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from upstack.context import StageContext
-from upstack.errors import UserError
-from upstack.recipe import Recipe, StageSpec, stage_module
+from upstack.errors import StageFailed, UserError
+from upstack.recipe import Recipe, StageSpec, locate, stage_module
 from upstack.tables import short
 
 MANIFEST = "upstack.json"  # written last inside a stage dir: its presence means the stage finished
 FAILED = "failed.json"  # in the stage's work dir when its last attempt raised
+WORKER_ERROR = ".error.json"  # an accelerate worker's one-line error, for the launcher to print
 PACKAGES = (
     "torch",
     "transformers",
@@ -62,7 +64,7 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((stage_dir / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # absent, unreadable, half-written: not a finished stage
         return None
 
 
@@ -104,6 +106,7 @@ def plan(recipe: Recipe, targets: list[str], force: bool = False) -> list[str]:
 def run(
     recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False
 ) -> list[str]:
+    check_output_dir(recipe)
     steps = plan(recipe, targets, force)
     preflight(recipe, steps)
     if dry_run or not steps:
@@ -116,7 +119,7 @@ def run(
             print(f"would run [{i}/{len(steps)}] {name} ({recipe.stages[name].kind}, {state})")
         return steps
 
-    recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(recipe)
     with _lock(recipe.out_dir):
         for leftover in recipe.out_dir.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)  # from a run that was killed
@@ -129,6 +132,37 @@ def run(
             )
             _run_stage(recipe, name, hashes)
     return steps
+
+
+def check_output_dir(recipe: Recipe) -> None:
+    """Before anything runs: the output dir is a dir, or can become one, that we may write."""
+    out = recipe.out_dir
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        raise UserError(f"{locate(recipe, 'output_dir')}: output_dir ({out}): {problem}")
+
+
+def make_output_dir(recipe: Recipe) -> None:
+    """Create the output dir and write in it once: what os.access cannot tell (a read-only
+    mount, root on a network share) fails here, before the first stage."""
+    out = recipe.out_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"{locate(recipe, 'output_dir')}: output_dir ({out}): cannot write: "
+            f"{err.strerror or err}"
+        ) from None
 
 
 def preflight(recipe: Recipe, steps: list[str]) -> None:
@@ -164,7 +198,6 @@ def context(
 
 def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
     spec = recipe.stages[name]
-    final = recipe.out_dir / name
     tmp = recipe.out_dir / f".tmp-{name}-{os.getpid()}"
     work = work_dir(recipe, name)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -179,18 +212,38 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
             metrics = _launch(recipe, name, tmp, work)
         else:
             metrics = execute_stage(recipe, name, tmp, work, hashes[name])
+        _finish(recipe, name, hashes, tmp, metrics, started, t0)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        (work / FAILED).write_text(
-            json.dumps(
-                {
-                    "error": f"{type(err).__name__}: {err}",
-                    "at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                }
+        with suppress(OSError):  # a full disk must not hide the error that filled it
+            (work / FAILED).write_text(
+                json.dumps(
+                    {
+                        "error": f"{type(err).__name__}: {err}",
+                        "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                    }
+                )
             )
-        )
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise StageFailed(
+                f"{locate(recipe, 'stages', name)}: stages.{name}: disk full while writing "
+                f"{err.filename or tmp}: free space under {recipe.out_dir} and rerun "
+                "(checkpoints and request caches in .work are kept)"
+            ) from None
         raise
 
+
+def _finish(
+    recipe: Recipe,
+    name: str,
+    hashes: dict[str, str],
+    tmp: Path,
+    metrics: dict,
+    started: dt.datetime,
+    t0: float,
+) -> None:
+    """Write the manifest last, then swap the new output in."""
+    spec = recipe.stages[name]
     manifest = {
         "stage": name,
         "kind": spec.kind,
@@ -217,6 +270,7 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     # Swap in the new output: the old dir (if any) is moved aside first, so at every instant the
     # stage dir is either absent or complete.
+    final = recipe.out_dir / name
     old = recipe.out_dir / f".tmp-{name}-old-{os.getpid()}"
     if final.exists():
         final.rename(old)
@@ -265,11 +319,36 @@ def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
         cmd += ["--set", item]
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"stage {name}: accelerate launch exited with {result.returncode}")
+        # a worker's one-line error, if it left one (cli._run_worker), else the exit code
+        try:
+            error = json.loads((tmp / WORKER_ERROR).read_text())
+        except (OSError, ValueError):
+            raise StageFailed(
+                f"{locate(recipe, 'stages', name)}: stages.{name}: accelerate launch exited "
+                f"with {result.returncode} (the workers' output above says why)"
+            ) from None
+        raise (StageFailed if error["exit_code"] == 1 else UserError)(error["message"])
     metrics_file = tmp / ".metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     metrics_file.unlink(missing_ok=True)
     return metrics
+
+
+def refuse_if_locked(recipe_path: str, overrides: list[str]) -> None:
+    """A quick look, before the recipe is loaded and checked (seconds of imports): is another
+    run holding this recipe's output dir? Anything unreadable here is left to the full load."""
+    import yaml
+
+    from upstack.recipe import output_dir_of
+
+    try:
+        out_dir = output_dir_of(yaml.safe_load(Path(recipe_path).read_text()), overrides)
+    except (OSError, ValueError, yaml.YAMLError, UserError):
+        return
+    if out_dir is None or not (out_dir / ".lock").is_file():
+        return
+    with _lock(out_dir):
+        pass  # free: the real lock is taken when the run starts
 
 
 @contextmanager

@@ -16,7 +16,8 @@ from pydantic import Field, field_validator
 
 from upstack.context import is_main_process
 from upstack.data import Source, check_sources
-from upstack.recipe import StageSpec, Strict, names
+from upstack.errors import looks_like_secret
+from upstack.recipe import StageSpec, Strict, error_at, names
 
 # Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
 OWNED = {
@@ -56,6 +57,7 @@ class TrainingSpec(StageSpec):
     """The fields cpt, sft and dpo share; each stage's Spec adds its own and names its TRL config."""
 
     TRAINER_CONFIG: ClassVar[str] = "SFTConfig"  # the trl class `trainer:` keys belong to
+    DATA_FORMAT: ClassVar[str] = "text"  # what its datasets give: text, sft or preference
 
     model: str = Field(
         description="the model to train: a stage of this recipe, a local dir or a Hub id",
@@ -81,27 +83,105 @@ class TrainingSpec(StageSpec):
 
 
 def preflight(spec: TrainingSpec, ctx) -> None:
-    """The runner's preflight for cpt, sft and dpo: every data source is where it says."""
-    check_sources(spec.datasets, ctx)
+    """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
+    every data source is where it says and has the columns the stage needs."""
+    from upstack.checkpoints import hub_model_problem, model_dir_problem
+
+    ref = ctx.ref("model")
+    if ref.origin == "hub":
+        problem = hub_model_problem(ref.location)
+    elif ctx.is_pending(ref):
+        problem = None
+    else:
+        problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
+    if problem:
+        raise ctx.fail("model", problem)
+    check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
+
+
+def output_shape(spec: TrainingSpec, input_shape):
+    """Training keeps its model's shape."""
+    return input_shape("model")
 
 
 def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, Any]:
-    """Fail at recipe load, not an hour into a run: every key must be a field of the TRL config."""
+    """Fail at recipe load, not an hour into a run: every key must be a field of the TRL config,
+    and every value of a type that field takes."""
     if not settings:
         return settings
     fields = trainer_fields(config_name)
     settings = dict(settings)
     for key, value in settings.items():
         if key in OWNED:
-            raise ValueError(f"{key}: set by the stage, not the recipe ({OWNED[key]})")
+            raise error_at((key,), f"set by the stage, not the recipe ({OWNED[key]})")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            raise ValueError(f"{key}: unknown key (not a field of trl.{config_name}{hint})")
+            raise error_at((key,), f"unknown key (not a field of trl.{config_name}{hint})")
         # YAML 1.1 reads `2e-5` (no dot) as a string; TRL's own CLI parser would make it a float
         if isinstance(value, str) and "float" in fields[key] and FLOAT.fullmatch(value):
-            settings[key] = float(value)
+            settings[key] = value = float(value)
+        expected = _wrong_type(fields[key], value)
+        if expected:
+            shown = "a value that looks like a secret" if looks_like_secret(value) else repr(value)
+            raise error_at((key,), f"expected {expected} (trl.{config_name}), got {shown}")
     return settings
+
+
+# The types a TRL field annotation names, as YAML gives them; anything else (an enum, a config
+# class, Literal) is left for TRL to judge.
+YAML_TYPES = {
+    "bool": (bool,),
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "list": (list, str),  # TRL turns a lone string into a one-element list (report_to, loss_type)
+    "dict": (dict, str),  # a JSON string is accepted where TRL takes a dict
+    "None": (type(None),),
+    "NoneType": (type(None),),
+}
+
+
+def _wrong_type(annotation: str, value: Any) -> str | None:
+    """What a field of this annotation expects, when `value` is none of it; else None."""
+    names = [_base_name(member) for member in _union_members(annotation)]
+    if any(name not in YAML_TYPES for name in names):
+        return None  # a type we cannot judge from YAML: TRL will
+    for name in names:
+        accepted = YAML_TYPES[name]
+        # YAML's true/false are not numbers here, even though bool subclasses int in Python
+        if isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted):
+            return None
+    return " or ".join(dict.fromkeys("null" if n in ("None", "NoneType") else n for n in names))
+
+
+def _union_members(annotation: str) -> list[str]:
+    """'int | None' -> ['int', 'None']; "typing.Optional[int]" -> ['int', 'None']."""
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", annotation.strip()).replace("typing.", "")
+    match = re.fullmatch(r"(Union|Optional)\[(.*)\]", text)
+    members = _split_top(match.group(2), ",") if match else _split_top(text, "|")
+    if match and match.group(1) == "Optional":
+        members.append("None")
+    if len(members) == 1 and members[0] == text:
+        return [text]
+    return [inner for member in members for inner in _union_members(member)]
+
+
+def _split_top(text: str, separator: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == separator and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+def _base_name(member: str) -> str:
+    """'dict[str, Any]' -> 'dict'; 'transformers.trainer_utils.SchedulerType' -> 'SchedulerType'."""
+    return member.split("[", 1)[0].rsplit(".", 1)[-1]
 
 
 @dataclass
@@ -115,11 +195,12 @@ class Inputs:
     marks_turns: bool  # the chat template marks assistant turns ({% generation %})
 
 
-def prepare(spec: TrainingSpec, ctx, fmt: str, chat_template: str | None = None) -> Inputs:
+def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None) -> Inputs:
     """The tokenizer (with the stage's chat template, required for conversations) and the data
-    mixture of `fmt` (text, sft, preference), each source checked."""
+    mixture of the stage's format (text, sft, preference), each source checked."""
     from upstack.data import build_mixture
 
+    fmt = spec.DATA_FORMAT
     model_path = ctx.ref("model").location
     tokenizer = load_tokenizer(model_path, ctx, chat_template)
     marks_turns = fmt != "text" and require_chat_template(tokenizer, ctx, model_path)
@@ -251,8 +332,13 @@ def on_gpu() -> bool:
 def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, trust_remote_code=ctx.recipe.trust_remote_code
+    from upstack.checkpoints import from_pretrained
+
+    tokenizer = from_pretrained(
+        AutoTokenizer,
+        model_path,
+        lambda message: ctx.fail("model", message),
+        trust_remote_code=ctx.recipe.trust_remote_code,
     )
     if chat_template:
         if "{%" not in chat_template and "{{" not in chat_template:
@@ -282,7 +368,13 @@ def load_model(model_path: str, adapter: Adapter | None, ctx):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": ctx.recipe.trust_remote_code}
+    from upstack.checkpoints import from_pretrained
+
+    kwargs: dict[str, Any] = {
+        "dtype": "auto",
+        "trust_remote_code": ctx.recipe.trust_remote_code,
+        "use_safetensors": None if ctx.recipe.allow_pickle else True,
+    }
     if flash_attention():
         kwargs["attn_implementation"] = "flash_attention_2"  # what padding-free batches need
     if adapter is not None and adapter.type == "qlora":
@@ -296,7 +388,8 @@ def load_model(model_path: str, adapter: Adapter | None, ctx):
             bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else torch.float32,
         )
         kwargs["device_map"] = {"": PartialState().local_process_index if on_gpu else "cpu"}
-    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    fail = lambda message: ctx.fail("model", message)  # noqa: E731
+    return from_pretrained(AutoModelForCausalLM, model_path, fail, **kwargs)
 
 
 def flash_attention() -> bool:
@@ -453,8 +546,15 @@ def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, ctx) -> None
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype="auto", trust_remote_code=ctx.recipe.trust_remote_code
+    from upstack.checkpoints import from_pretrained
+
+    base = from_pretrained(
+        AutoModelForCausalLM,
+        base_path,
+        lambda message: ctx.fail("model", message),
+        dtype="auto",
+        trust_remote_code=ctx.recipe.trust_remote_code,
+        use_safetensors=None if ctx.recipe.allow_pickle else True,
     )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from upstack.training import TrainingSpec
+from upstack.training import output_shape as output_shape  # the model's shape, kept
 from upstack.training import preflight as preflight  # data sources checked before anything runs
 
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
 
 
 class Spec(TrainingSpec):
+    DATA_FORMAT: ClassVar[str] = "text"
+
     kind: Literal["cpt"] = "cpt"
 
 
@@ -35,7 +38,7 @@ def build_trainer(spec: Spec, ctx):
 
     from upstack import training
 
-    inputs = training.prepare(spec, ctx, "text")
+    inputs = training.prepare(spec, ctx)
     settings = training.trainer_settings(spec, stage_defaults)
     return SFTTrainer(
         args=training.trainer_config(SFTConfig, settings, ctx),

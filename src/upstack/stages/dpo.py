@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from upstack.training import TrainingSpec
+from upstack.training import output_shape as output_shape  # the model's shape, kept
 from upstack.training import preflight as preflight  # data sources checked before anything runs
 
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
@@ -14,6 +15,7 @@ LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch blo
 
 class Spec(TrainingSpec):
     TRAINER_CONFIG: ClassVar[str] = "DPOConfig"  # beta, loss_type, learning_rate, ...
+    DATA_FORMAT: ClassVar[str] = "preference"  # prompt/chosen/rejected
 
     kind: Literal["dpo"] = "dpo"
     chat_template: str | None = Field(
@@ -35,7 +37,7 @@ def build_trainer(spec: Spec, ctx):
 
     from upstack import training
 
-    inputs = training.prepare(spec, ctx, "preference", spec.chat_template)
+    inputs = training.prepare(spec, ctx, spec.chat_template)
     settings = training.trainer_settings(spec, stage_defaults)
     return DPOTrainer(
         ref_model=None,

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, model_validator
 
 from data_synth.files import read_jsonl, write_jsonl
-from data_synth.seeds import ArithSeeds, JsonlSeeds, SeedSource
+from data_synth.seeds import ArithSeeds, SeedSource
 from upstack.recipe import StageSpec, Strict, error_at, names, used_for
 from upstack.results import PLOT, RESULTS, results_table
 from upstack.stages import MODEL_KINDS
@@ -90,14 +90,22 @@ def models_of(spec: Spec, ctx) -> list[tuple[str, str]]:
 
 
 def preflight(spec: Spec, ctx) -> None:
-    """Before anything runs: the local files the measures read exist."""
-    if spec.loss and spec.loss.path and not Path(ctx.ref("loss.path").location).is_file():
-        raise ctx.fail("loss.path", f"{spec.loss.path}: file not found")
-    problems = spec.math.problems if spec.math else None
-    if isinstance(problems, JsonlSeeds):
-        ref = ctx.ref("math.problems.path")
-        if not ctx.is_pending(ref) and not Path(ref.location).is_file():
-            raise ctx.fail("math.problems.path", f"{problems.path}: file not found")
+    """Before anything runs: every model is a checkpoint upstack can load (or a Hub model it can
+    reach), and the local files the measures read exist."""
+    from upstack.checkpoints import hub_model_problem, model_dir_problem
+
+    for ref in ctx.refs():
+        if ctx.is_pending(ref):
+            continue
+        if ref.thing == "model":
+            if ref.origin == "hub":
+                problem = hub_model_problem(ref.location)
+            else:
+                problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
+            if problem:
+                raise ctx.fail(ref.key, problem)
+        elif ref.origin in ("path", "stage") and not Path(ref.location).exists():
+            raise ctx.fail(ref.key, f"{ref.text}: no such file")
 
 
 def run(spec: Spec, ctx) -> dict:
@@ -116,7 +124,7 @@ def run(spec: Spec, ctx) -> dict:
     for name, path in models_of(spec, ctx):
         started = time.perf_counter()
         row: dict[str, Any] = {"model": name}
-        model, tokenizer = load_model(path, ctx.recipe.trust_remote_code)
+        model, tokenizer = load_model(path, ctx, key=name)
         if problems:
             records = solve(model, tokenizer, problems, spec.math, desc=name)
             write_jsonl(ctx.out_dir / "predictions" / f"{_file_name(name)}.jsonl", records)
@@ -159,20 +167,41 @@ def run(spec: Spec, ctx) -> dict:
 # --------------------------------------------------------------------------- math accuracy
 
 
-def load_model(path: str, trust_remote_code: bool):
+def load_model(path: str, ctx=None, key: str = "models"):
+    """The model and its tokenizer, for generation (left padding). With a stage context, what
+    keeps them from loading is a one-line error naming the stage's `key`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from upstack.checkpoints import from_pretrained
+    from upstack.errors import UserError
+
+    def fail(message: str) -> UserError:
+        return ctx.fail(_model_key(ctx, key), message) if ctx else UserError(message)
+
+    trust = ctx.recipe.trust_remote_code if ctx else False
+    pickles = ctx.recipe.allow_pickle if ctx else False
+    tokenizer = from_pretrained(AutoTokenizer, path, fail, trust_remote_code=trust)
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        path,
+        fail,
+        dtype="auto",
+        trust_remote_code=trust,
+        use_safetensors=None if pickles else True,
     ).to(device)
     model.eval()
     return model, tokenizer
+
+
+def _model_key(ctx, name: str) -> str:
+    """The key path that names model `name`: its entry in `models`, else `after`."""
+    ref = next((r for r in ctx.refs() if r.key.startswith("models.") and r.text == name), None)
+    return ref.key if ref else "after"
 
 
 def free_accelerator_memory() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from upstack.recipe import StageSpec, Strict
+from upstack.recipe import StageSpec, Strict, error_at
 
 # ChatML, with {% generation %} around what the assistant says: TRL's assistant-only loss
 # reads those marks to build its loss mask.
@@ -42,12 +42,48 @@ class Architecture(Strict):
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False  # untied, like Mistral/Llama-2: upscale copies lm_head apart
 
+    @model_validator(mode="after")
+    def _heads_fit(self) -> Architecture:
+        """Shapes transformers would only refuse when the model is built, or get wrong silently."""
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        if self.hidden_size % heads:
+            raise error_at(
+                ("num_attention_heads",),
+                f"{heads} heads do not divide hidden_size {self.hidden_size}",
+            )
+        if (self.hidden_size // heads) % 2:
+            raise error_at(
+                ("num_attention_heads",),
+                f"head size {self.hidden_size // heads} (hidden_size / heads) must be even: "
+                "rotary embeddings turn pairs of dimensions",
+            )
+        if heads % kv_heads:
+            raise error_at(
+                ("num_key_value_heads",),
+                f"{kv_heads} key/value heads do not divide {heads} attention heads "
+                "(grouped-query attention shares each key/value head among a group)",
+            )
+        return self
+
 
 class Spec(StageSpec):
     kind: Literal["init"] = "init"
     tokenizer: Tokenizer = Field(default_factory=Tokenizer)
     architecture: Architecture = Field(default_factory=Architecture)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+def output_shape(spec: Spec, input_shape) -> dict:
+    """The model init will write; its vocab size follows from the tokenizer it trains."""
+    arch = spec.architecture
+    return {
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size,
+        "num_hidden_layers": arch.num_hidden_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_key_value_heads,
+        "vocab_size": None,
+    }
 
 
 def run(spec: Spec, ctx) -> dict:

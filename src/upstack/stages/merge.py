@@ -206,44 +206,29 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
     return None
 
 
-# Config fields that must agree for tensors to line up, tensor by tensor.
-SHAPE_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-)
-
-
 def preflight(spec: Spec, ctx) -> None:
-    """Before the runner writes anything: every local input is a safetensors checkpoint and all
-    of them have the same shapes. Inputs this run rebuilds, and Hub ids, are checked by mergekit."""
-    import json
+    """Before the runner writes anything: every local input is a loadable safetensors checkpoint,
+    and all inputs have the same shapes, including those this run builds first (as the recipe
+    gives them). Hub inputs are left to mergekit."""
+    from upstack.checkpoints import model_dir_problem
+    from upstack.shapes import SHAPE_KEYS, differences, planned_shape
 
+    # a tokenizer_source merge aligns the vocabularies; everything else must match as is
+    aligned = spec.tokenizer_source or spec.tokenizer
+    keys = tuple(k for k in SHAPE_KEYS if not (k == "vocab_size" and aligned))
     shapes: dict[str, tuple[str, dict]] = {}
     for ref in ctx.refs():
-        if ctx.is_pending(ref) or ref.origin == "hub" or ref.use == "tokenizer":
+        if ref.origin == "hub" or ref.use == "tokenizer":
             continue
-        path = Path(ref.location)
-        if ref.origin == "path" and not path.exists():
-            raise ctx.fail(ref.key, f"{path}: no such model dir")
-        if not (path / "config.json").is_file():
-            raise ctx.fail(ref.key, f"no model at {path} (no config.json)")
-        if not any(path.glob("*.safetensors")):
-            raise ctx.fail(
-                ref.key, f"{path} has no *.safetensors weights (pickles are never loaded)"
-            )
-        config = json.loads((path / "config.json").read_text())
-        # a tokenizer_source merge aligns the vocabularies; everything else must match as is
-        aligned = spec.tokenizer_source or spec.tokenizer
-        keys = [k for k in SHAPE_KEYS if not (k == "vocab_size" and aligned)]
-        shape = {k: config.get(k) for k in keys}
+        if not ctx.is_pending(ref):
+            problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
+            if problem:
+                raise ctx.fail(ref.key, problem)
+        shape = planned_shape(ctx.recipe, ref, ctx.pending)
+        if shape is None:
+            continue
         for other_key, (other_text, other_shape) in shapes.items():
-            differ = [
-                f"{k}: {shape[k]} vs {other_shape[k]}" for k in keys if shape[k] != other_shape[k]
-            ]
+            differ = differences(shape, other_shape, keys)
             if differ:
                 raise ctx.fail(
                     ref.key,
@@ -251,6 +236,14 @@ def preflight(spec: Spec, ctx) -> None:
                     f"{', '.join(differ)}; merged models need the same shapes",
                 )
         shapes[ref.key] = (ref.text, shape)
+
+
+def output_shape(spec: Spec, input_shape) -> dict | None:
+    """The merged model has its inputs' shape (the vocab of a tokenizer merge is known only after)."""
+    shape = input_shape("models.0.model")
+    if shape is not None and (spec.tokenizer_source or spec.tokenizer):
+        shape = {**shape, "vocab_size": None}
+    return shape
 
 
 def run(spec: Spec, ctx) -> dict:

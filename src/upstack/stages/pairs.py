@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from data_synth import PairsConfig
+from upstack.errors import StageFailed
 from upstack.recipe import StageSpec, names
 
 
@@ -34,15 +35,28 @@ def run(spec: Spec, ctx) -> dict:
     except DataSynthError as err:
         raise ctx.fail("records", str(err)) from None
     pairs = build_pairs(records, spec, ctx.seed)
+    tuples = pairs.counts["alignment_train"] + pairs.counts["alignment_test"]
+    wanted = any(r["augmentation"] in ("rephrase_question", "rephrase_answer") for r in records)
+    if not any(pairs.counts.values()):
+        raise ctx.fail("records", f"no rows: {len(records)} synth records", error=StageFailed)
+    if wanted and not tuples:
+        # SOLAR's tuple needs a kept rephrased question and a rephrased answer that differs
+        why = [f"{pairs.unpaired_seeds} seeds had a rephrased question or answer but not both"]
+        why += [f"{n} tuples dropped ({r.replace('_', ' ')})" for r, n in pairs.dropped.items()]
+        raise ctx.fail("records", f"no DPO tuples: {'; '.join(why)}", error=StageFailed)
     for empty in write_pairs(pairs, ctx.out_dir):
         ctx.log(f"warning: {empty} is empty (no verified records for it); not written")
     summary = ", ".join(f"{k}={v}" for k, v in pairs.counts.items())
-    ctx.log(f"{summary}, duplicates dropped={pairs.duplicates}")
+    ctx.log(
+        f"{summary}, duplicates dropped={pairs.duplicates}, tuples dropped={dict(pairs.dropped)}"
+    )
     return {
         **pairs.counts,
         "seeds": pairs.seeds,
         "test_seeds": pairs.test_seeds,
         "duplicates": pairs.duplicates,
+        "tuples_dropped": dict(pairs.dropped),
+        "unpaired_seeds": pairs.unpaired_seeds,
     }
 
 

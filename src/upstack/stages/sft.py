@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from upstack.training import TrainingSpec
+from upstack.training import output_shape as output_shape  # the model's shape, kept
 from upstack.training import preflight as preflight  # data sources checked before anything runs
 
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
 
 
 class Spec(TrainingSpec):
+    DATA_FORMAT: ClassVar[str] = "sft"  # messages, or prompt/completion
+
     kind: Literal["sft"] = "sft"
     chat_template: str | None = Field(
         None, description="Jinja template (inline or a file); default: the tokenizer's"
@@ -31,7 +34,7 @@ def build_trainer(spec: Spec, ctx):
 
     from upstack import training
 
-    inputs = training.prepare(spec, ctx, "sft", spec.chat_template)
+    inputs = training.prepare(spec, ctx, spec.chat_template)
     train, held_out = inputs.train, inputs.held_out
     if inputs.marks_turns:
         # the template's {% generation %} marks say which tokens are the assistant's

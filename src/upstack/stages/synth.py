@@ -5,14 +5,17 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 from data_synth import DataSynthError, SynthConfig
 from data_synth.teachers import OpenAITeacher, VllmTeacher
+from upstack.errors import StageFailed
 from upstack.recipe import StageSpec
 
 RECORDS = "records.jsonl"
 CACHE = "requests.sqlite"  # in the stage's work dir: survives a crash, unlike out_dir
+FAILED_REQUESTS = "failed_requests.json"  # in the work dir, after a run that lost too many
 
 
 class Spec(StageSpec, SynthConfig):
@@ -26,10 +29,19 @@ def preflight(spec: Spec, ctx) -> None:
     can be known now: a teacher that cannot start here, a missing API key, a broken seed file."""
     from data_synth.seeds import JsonlSeeds, load_problems
     from data_synth.teachers import VLLM_MISSING
+    from upstack.checkpoints import hub_model_problem, model_dir_problem
 
     teacher = spec.teacher
     if isinstance(teacher, VllmTeacher) and importlib.util.find_spec("vllm") is None:
         raise ctx.fail("teacher.kind", VLLM_MISSING)
+    for ref in ctx.refs():
+        if ref.thing == "model" and not ctx.is_pending(ref):  # a local teacher's weights
+            if ref.origin == "hub":
+                problem = hub_model_problem(ref.location)
+            else:
+                problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
+            if problem:
+                raise ctx.fail(ref.key, problem)
     if (
         isinstance(teacher, OpenAITeacher)
         and teacher.api_key_env
@@ -49,10 +61,13 @@ def preflight(spec: Spec, ctx) -> None:
 
 
 def run(spec: Spec, ctx) -> dict:
-    from data_synth import synthesize
-    from data_synth.files import write_jsonl
-    from upstack.tables import markdown_table
+    import json
 
+    from data_synth import synthesize
+    from data_synth.errors import SynthFailed
+    from data_synth.files import write_jsonl
+
+    (ctx.work_dir / FAILED_REQUESTS).unlink(missing_ok=True)
     try:
         result = synthesize(
             spec,
@@ -60,11 +75,25 @@ def run(spec: Spec, ctx) -> dict:
             cache_path=ctx.work_dir / CACHE,
             resolve=ctx.location,
             trust_remote_code=ctx.recipe.trust_remote_code,
+            allow_pickle=ctx.recipe.allow_pickle,
             log=ctx.log,
         )
+    except SynthFailed as err:
+        # the stage fails (nothing of it counts as done); what it got stays in the cache and
+        # what it lost is written beside it, for the user and for the rerun's comparison
+        _log_tables(err.result, ctx)
+        metrics = err.result.metrics()
+        (ctx.work_dir / FAILED_REQUESTS).write_text(json.dumps(metrics, indent=2) + "\n")
+        raise ctx.fail("teacher", str(err), error=StageFailed) from None
     except DataSynthError as err:
         raise ctx.fail(err.setting or "", str(err)) from None
     write_jsonl(ctx.out_dir / RECORDS, result.records)
+    _log_tables(result, ctx)
+    return result.metrics()
+
+
+def _log_tables(result, ctx) -> None:
+    from upstack.tables import markdown_table
 
     kept = Counter(r["augmentation"] for r in result.records)
     rows = [[a, n] for a, n in sorted(kept.items())] + [["total", len(result.records)]]
@@ -74,4 +103,3 @@ def run(spec: Spec, ctx) -> dict:
     if result.tally.failed:  # failed for good, after retries: asked again on the next run
         failed = result.tally.failed.most_common()
         ctx.log("failed requests\n" + markdown_table(["error", "count"], failed))
-    return result.metrics()

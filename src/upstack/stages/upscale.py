@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from upstack.checkpoints import count_parameters
+from upstack.checkpoints import count_parameters, model_dir_problem
 from upstack.errors import UserError
 from upstack.recipe import StageSpec, Strict, names
 
@@ -160,11 +160,46 @@ class Piece:
 
 def preflight(spec: Spec, ctx: StageContext) -> None:
     """Raise the run-time UserErrors (layer counts, architecture, missing source) before the runner
-    writes anything. Skipped for a source this run builds first, and for a Hub source: a dry run
-    stays offline, and the stage itself checks it before fetching any weight."""
-    if any(ctx.is_pending(ref) or ref.origin == "hub" for ref in ctx.refs()):
-        return
-    plan_layers(spec, read_sources(ctx), ctx)
+    writes anything. A source this run builds first counts the layers the recipe gives it; a Hub
+    source is checked when the stage starts, before any weight is fetched (a dry run stays offline)."""
+    from upstack.shapes import planned_shape
+
+    layers = {}
+    for ref in ctx.refs():
+        if ref.origin == "hub":
+            return
+        if ctx.is_pending(ref):
+            shape = planned_shape(ctx.recipe, ref, ctx.pending) or {}
+            if shape.get("num_hidden_layers") is None:
+                return
+            layers[ref.key] = shape["num_hidden_layers"]
+        else:
+            source = _read_source(ref, ctx)
+            _check_method_fits(spec, source, ctx)
+            layers[ref.key] = source.layers
+    plan_layers(spec, layers, ctx)
+
+
+def output_shape(spec: Spec, input_shape) -> dict | None:
+    """The grown model's shape: its source's, with the layer count the method gives."""
+    shapes = {"model": input_shape("model")}
+    for i, piece in enumerate(spec.slices or []):
+        if piece.model is not None:
+            shapes[f"slices.{i}.model"] = input_shape(f"slices.{i}.model")
+    if any(shape is None or shape.get("num_hidden_layers") is None for shape in shapes.values()):
+        return None
+    if spec.method == "layers":
+        layers = sum(end - first for first, end in (s.layer_range for s in spec.slices))
+    else:
+        n = shapes["model"]["num_hidden_layers"]
+        layers = {
+            "dus": 2 * (n - (spec.drop_layers or 0))
+            if spec.target_layers is None
+            else spec.target_layers,
+            "stack": n * (spec.copies or 1),
+            "expand": n + (spec.new_layers or 0),
+        }[spec.method]
+    return {**shapes["model"], "num_hidden_layers": layers}
 
 
 def read_sources(ctx: StageContext) -> dict[str, Source]:
@@ -194,13 +229,10 @@ def _read_source(ref: Reference, ctx: StageContext) -> Source:
         path = Path(ref.location)
         if ref.origin == "stage" and not (path / "config.json").is_file():
             raise fail(f"stage '{ref.text}' has no finished model at {path}: run it first")
-        if not path.exists():
-            raise fail(f"{ref.text}: no such directory")
-        if not (path / "config.json").is_file():
-            raise fail(f"{path} has no config.json: not a transformers model dir")
-
-    if isinstance(path, Path) and not any(path.glob("*.safetensors")):
-        raise fail(f"{path} has no *.safetensors weights (upstack never loads pickled checkpoints)")
+        # pickled weights only if the recipe allows them (mergekit can read them then)
+        problem = model_dir_problem(path, ctx.recipe.allow_pickle)
+        if problem:
+            raise fail(problem)
     try:
         config = AutoConfig.from_pretrained(
             str(path), trust_remote_code=ctx.recipe.trust_remote_code
@@ -234,9 +266,22 @@ def _read_source(ref: Reference, ctx: StageContext) -> Source:
     )
 
 
-def plan_layers(spec: Spec, sources: dict[str, Source], ctx: StageContext) -> list[Piece]:
-    """The output as slices of the sources, checked against the source's layer count n."""
-    n = sources["model"].layers
+def _check_method_fits(spec: Spec, source: Source, ctx: StageContext) -> None:
+    if spec.method != "expand":
+        return
+    tensors = source.layer_tensors
+    if not all(any(f["filter"] in t for t in tensors) for f in IDENTITY_SCALE if "filter" in f):
+        raise ctx.fail(
+            "method",
+            "expand zeroes o_proj and down_proj, which the layers of "
+            f"{source.config.architectures[0]} do not have",
+        )
+
+
+def plan_layers(spec: Spec, layers: dict[str, int], ctx: StageContext) -> list[Piece]:
+    """The output as slices of the sources, checked against each source's layer count (n for
+    the stage's `model`), by reference key."""
+    n = layers["model"]
     fail = ctx.fail
 
     if spec.method == "dus":
@@ -261,13 +306,6 @@ def plan_layers(spec: Spec, sources: dict[str, Source], ctx: StageContext) -> li
         return [Piece("model", 0, n) for _ in range(spec.copies)]
 
     if spec.method == "expand":
-        tensors = sources["model"].layer_tensors
-        if not all(any(f["filter"] in t for t in tensors) for f in IDENTITY_SCALE if "filter" in f):
-            raise fail(
-                "method",
-                "expand zeroes o_proj and down_proj, which the layers of "
-                f"{sources['model'].config.architectures[0]} do not have",
-            )
         if n % spec.new_layers:
             raise fail(
                 "new_layers",
@@ -285,11 +323,10 @@ def plan_layers(spec: Spec, sources: dict[str, Source], ctx: StageContext) -> li
     for i, piece in enumerate(spec.slices):
         key = f"slices.{i}.model" if piece.model is not None else "model"
         first, end = piece.layer_range
-        if end > sources[key].layers:
+        if end > layers[key]:
             raise fail(
                 f"slices.{i}.layer_range",
-                f"[{first}, {end}) goes past the "
-                f"{sources[key].layers} layers of {sources[key].path}",
+                f"[{first}, {end}) goes past the {layers[key]} layers of {ctx.ref(key).text}",
             )
         pieces.append(Piece(key, first, end))
     return pieces
@@ -305,7 +342,8 @@ def run(spec: Spec, ctx: StageContext) -> dict:
     from mergekit.options import MergeOptions
 
     sources = read_sources(ctx)
-    pieces = plan_layers(spec, sources, ctx)
+    _check_method_fits(spec, sources["model"], ctx)
+    pieces = plan_layers(spec, {key: source.layers for key, source in sources.items()}, ctx)
     # output layer i <- (piece, source layer j)
     by_layer = [(piece, j) for piece in pieces for j in range(piece.first, piece.end)]
     layer_map = [j for _, j in by_layer]

@@ -1,0 +1,59 @@
+"""A model's shape before it exists: read from a checkpoint's config.json, or derived from the recipe
+for a stage this run has yet to build, so a mismatch is refused before the stages ahead of it run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from upstack.recipe import Recipe, stage_module
+from upstack.refs import Reference
+
+# config.json fields that must agree for two models' tensors to line up one by one
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+Shape = dict[str, int | None]  # None: not known before the stage runs (init's vocab, say)
+InputShape = Callable[[str], Shape | None]  # a stage's reference key -> that input's shape
+
+
+def read_shape(model_dir: Path) -> Shape | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {key: config.get(key) for key in SHAPE_KEYS}
+
+
+def planned_shape(recipe: Recipe, ref: Reference, pending: frozenset[str]) -> Shape | None:
+    """The shape of the model `ref` names, as it is or will be once this run built it; None when
+    it cannot be known offline (a Hub model, a stage kind that does not say)."""
+    if ref.origin == "hub":
+        return None
+    if ref.origin == "path" or ref.stage not in pending:
+        return read_shape(Path(ref.location))
+    spec = recipe.stages[ref.stage]
+    derive = getattr(stage_module(spec.kind), "output_shape", None)
+    if derive is None:
+        return None
+    refs = {r.key: r for r in recipe.refs(ref.stage)}
+
+    def input_shape(key: str) -> Shape | None:
+        return planned_shape(recipe, refs[key], pending) if key in refs else None
+
+    return derive(spec, input_shape)
+
+
+def differences(shape: Shape, other: Shape, keys: tuple[str, ...] = SHAPE_KEYS) -> list[str]:
+    """`key: a vs b` for every key both shapes know and disagree on."""
+    return [
+        f"{key}: {shape[key]} vs {other[key]}"
+        for key in keys
+        if shape.get(key) is not None and other.get(key) is not None and shape[key] != other[key]
+    ]

@@ -1,0 +1,843 @@
+"""The malformed-recipe corpus: realistic mistakes, each through the real CLI in a temp dir.
+
+Every case must end as one line `error: FILE:LINE: key.path: what is wrong` (or `--set ...`),
+exit code 2, no traceback, and nothing written under the output dir. The cases are grouped by
+category (the test id's first word), so `pytest tests/test_corpus.py -q` reads as a scoreboard.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from upstack import cli
+
+SMALL = (
+    "tokenizer: {corpus_problems: 100, vocab_size: 400}\n"
+    "    architecture: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,\n"
+    "                   num_attention_heads: 2, num_key_value_heads: 2}"
+)
+SYNTH = "seeds: [{source: arith, count: 5}]\n    teacher: {kind: scripted}"
+FAST = "trainer: {max_steps: 1, per_device_train_batch_size: 2, max_length: 64}"
+
+
+@dataclass
+class Case:
+    category: str
+    name: str
+    recipe: (
+        str | bytes
+    )  # {out}: the output dir; {model}: a tiny finished model; {tmp}: the temp dir
+    expect: str  # in the error line: the key path and what is wrong
+    line: int | None = None  # the recipe line the error must name
+    args: list[str] = field(default_factory=lambda: ["run", "recipe.yaml"])
+    setup: Callable[[Path, Path], None] | None = None  # (tmp, model) -> files the case needs
+    env: dict[str, str] = field(default_factory=dict)
+    runtime: bool = False  # found while a stage runs: stage headers may precede the error line
+
+    @property
+    def id(self) -> str:
+        return f"{self.category}-{self.name}"
+
+
+def jsonl(name: str, *lines: str) -> Callable[[Path, Path], None]:
+    def write(tmp: Path, model: Path) -> None:
+        (tmp / name).write_text("".join(line + "\n" for line in lines))
+
+    return write
+
+
+def model_copy(name: str, keep: tuple[str, ...], extra: dict[str, bytes] | None = None):
+    """A copy of the tiny model holding only `keep` (and `extra` files)."""
+
+    def write(tmp: Path, model: Path) -> None:
+        target = tmp / name
+        target.mkdir()
+        for path in model.iterdir():
+            if path.name in keep:
+                shutil.copy(path, target / path.name)
+        for file_name, data in (extra or {}).items():
+            (target / file_name).write_bytes(data)
+
+    return write
+
+
+def truncated_model(tmp: Path, model: Path) -> None:
+    shutil.copytree(model, tmp / "cut")
+    weights = (tmp / "cut" / "model.safetensors").read_bytes()
+    (tmp / "cut" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+
+
+def lock_held(tmp: Path, model: Path) -> None:
+    import fcntl
+
+    (tmp / "out").mkdir()
+    handle = (tmp / "out" / ".lock").open("a+")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.write("4242")
+    handle.flush()
+    lock_held.handle = handle  # held until the case ends
+
+
+def a_file_at(name: str) -> Callable[[Path, Path], None]:
+    def write(tmp: Path, model: Path) -> None:
+        (tmp / name).write_text("not a directory\n")
+
+    return write
+
+
+def sft(model: str = "{model}", datasets: str = "[{path: data.jsonl}]", extra: str = "") -> str:
+    return (
+        f"name: c\noutput_dir: {{out}}\nstages:\n  sft:\n    model: {model}\n"
+        f"    datasets: {datasets}\n    {FAST}\n{extra}"
+    )
+
+
+GOOD_CHAT = jsonl(
+    "data.jsonl",
+    '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}',
+)
+
+CASES = [
+    # ---------------------------------------------------------------- yaml
+    Case(
+        "yaml",
+        "unclosed-quote",
+        'name: c\nstages:\n  init:\n    dtype: "float32\n  x: 1\n',
+        "not valid YAML: while scanning a quoted scalar that is never closed",
+        line=4,
+    ),
+    Case(
+        "yaml",
+        "bad-indent",
+        "name: c\nstages:\n  init: {}\n   pretrain: {}\n",
+        "not valid YAML",
+        line=4,
+    ),
+    Case("yaml", "tab", "name: c\nstages:\n\tinit: {}\n", "not valid YAML", line=3),
+    Case(
+        "yaml",
+        "not-utf8",
+        b"name: c\nstages:\n  init: {}\n# caf\xe9\n",
+        "not UTF-8 text (byte 0xe9)",
+        line=4,
+    ),
+    Case("yaml", "empty-file", "", "a recipe is a mapping"),
+    Case("yaml", "a-list", "- name: c\n", "a recipe is a mapping"),
+    Case(
+        "yaml",
+        "missing-file",
+        "name: c\nstages: {init: {}}\n",
+        "recipe file not found",
+        args=["run", "nope.yaml"],
+    ),
+    # ---------------------------------------------------------------- duplicates
+    Case(
+        "duplicates",
+        "stage-copied",
+        "name: c\noutput_dir: {out}\nstages:\n  a: {kind: init}\n"
+        "  b: {kind: init}\n  a: {kind: init, dtype: bfloat16}\n",
+        "stages.a: given twice (lines 4 and 6)",
+        line=6,
+    ),
+    Case(
+        "duplicates",
+        "trainer-key",
+        sft(datasets="[{path: data.jsonl}]").replace(
+            FAST, "trainer:\n      max_steps: 1\n      learning_rate: 1.0e-4\n      max_steps: 5"
+        ),
+        "stages.sft.trainer.max_steps: given twice (lines 8 and 10)",
+        line=10,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "duplicates",
+        "top-level",
+        "name: c\nseed: 1\nseed: 2\nstages: {init: {}}\n",
+        "seed: given twice (lines 2 and 3)",
+        line=3,
+    ),
+    Case(
+        "duplicates",
+        "inside-a-list",
+        sft(datasets="\n      - {path: data.jsonl, split: train, split: test}"),
+        "stages.sft.datasets.0.split: given twice",
+        line=7,
+        setup=GOOD_CHAT,
+    ),
+    # ---------------------------------------------------------------- keys
+    Case(
+        "keys",
+        "stage-for-stages",
+        "name: c\nstage:\n  init: {}\n",
+        "stage: unknown key; did you mean 'stages'?",
+        line=2,
+    ),
+    Case(
+        "keys",
+        "nested-typo",
+        "name: c\nstages:\n  init:\n    tokenizer: {vocab_sise: 500}\n",
+        "stages.init.tokenizer.vocab_sise: unknown key; did you mean 'vocab_size'?",
+        line=4,
+    ),
+    Case(
+        "keys",
+        "stage-field-typo",
+        sft().replace("    model:", "    modle:"),
+        "stages.sft.modle: unknown key; did you mean 'model'?",
+        line=5,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "keys",
+        "trainer-typo",
+        sft().replace("max_steps", "max_stepz"),
+        "stages.sft.trainer.max_stepz: unknown key (not a field of trl.SFTConfig; did you mean "
+        "max_steps?)",
+        line=7,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "keys",
+        "trainer-owned",
+        sft().replace("max_steps: 1", "output_dir: /tmp/x"),
+        "stages.sft.trainer.output_dir: set by the stage",
+        line=7,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "keys",
+        "kind-typo",
+        "name: c\nstages:\n  tune: {kind: sfft}\n",
+        "stages.tune.kind: unknown stage kind 'sfft'; did you mean 'sft'?",
+        line=3,
+    ),
+    Case(
+        "keys",
+        "teacher-field-no-union-tag",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: openai, model: m, base_url: ['http://x:1/v1']}\n",
+        "stages.synth.teacher.base_url: unknown key; did you mean 'base_urls'?",
+        line=5,
+    ),
+    Case(
+        "keys",
+        "seed-source-field",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith, splt: eval}]\n"
+        "    teacher: {kind: scripted}\n",
+        "stages.synth.seeds.0.splt: unknown key; did you mean 'split'?",
+        line=4,
+    ),
+    # ---------------------------------------------------------------- types
+    Case(
+        "types",
+        "trainer-int",
+        sft().replace("max_steps: 1", "max_steps: ten"),
+        "stages.sft.trainer.max_steps: expected int (trl.SFTConfig), got 'ten'",
+        line=7,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "types",
+        "trainer-float-list",
+        sft().replace("max_steps: 1", "learning_rate: [3.0e-3]"),
+        "stages.sft.trainer.learning_rate: expected float (trl.SFTConfig), got [0.003]",
+        line=7,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "types",
+        "trainer-bool",
+        sft().replace("max_steps: 1", "max_steps: true"),
+        "stages.sft.trainer.max_steps: expected int",
+        line=7,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "types",
+        "architecture",
+        "name: c\nstages:\n  init:\n    architecture: {hidden_size: lots}\n",
+        "stages.init.architecture.hidden_size: Input should be a valid integer",
+        line=4,
+    ),
+    Case(
+        "types",
+        "teacher-concurrency",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: openai, model: m, base_urls: ['http://x:1/v1'], concurrency: many}\n",
+        "stages.synth.teacher.concurrency: Input should be a valid integer",
+        line=5,
+    ),
+    Case(
+        "types",
+        "temperature",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n    sampling: {{temperature: hot}}\n",
+        "stages.synth.sampling.temperature: Input should be a valid number",
+        line=6,
+    ),
+    Case(
+        "types",
+        "eval-shots",
+        "name: c\nstages:\n  init: {}\n  eval:\n    models: [init]\n"
+        "    lm_eval: {tasks: [arc_easy], num_fewshot: five}\n",
+        "stages.eval.lm_eval.num_fewshot:",
+        line=6,
+    ),
+    # ---------------------------------------------------------------- ranges
+    Case(
+        "ranges",
+        "seed-too-large",
+        "name: c\nseed: 99999999999\nstages: {init: {}}\n",
+        "seed: Input should be less than 4294967296",
+        line=2,
+    ),
+    Case("ranges", "seed-negative", "name: c\nseed: -1\nstages: {init: {}}\n", "seed:", line=2),
+    Case(
+        "ranges",
+        "test-fraction",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n  pairs: {{test_fraction: 1.5}}\n",
+        "stages.pairs.test_fraction: Input should be less than 1",
+        line=6,
+    ),
+    Case(
+        "ranges",
+        "batch-size",
+        "name: c\nstages:\n  init: {}\n  eval: {models: [init], math: {batch_size: 0}}\n",
+        "stages.eval.math.batch_size: Input should be greater than or equal to 1",
+        line=4,
+    ),
+    Case(
+        "ranges",
+        "num-processes",
+        "name: c\nlaunch: {num_processes: 0}\nstages: {init: {}}\n",
+        "launch.num_processes: Input should be greater than or equal to 1",
+        line=2,
+    ),
+    Case(
+        "ranges",
+        "kv-heads",
+        "name: c\nstages:\n  init:\n    architecture: {num_attention_heads: 4,\n"
+        "                   num_key_value_heads: 3}\n",
+        "stages.init.architecture.num_key_value_heads: 3 key/value heads do not divide 4",
+        line=5,
+    ),
+    Case(
+        "ranges",
+        "heads-hidden",
+        "name: c\nstages:\n  init:\n    architecture: {hidden_size: 128,\n"
+        "                   num_attention_heads: 3, num_key_value_heads: 3}\n",
+        "stages.init.architecture.num_attention_heads: 3 heads do not divide hidden_size 128",
+        line=5,
+    ),
+    Case(
+        "ranges",
+        "dus-beyond-planned-init",
+        f"name: c\noutput_dir: {{out}}\nstages:\n  init:\n    {SMALL}\n"
+        "  up: {kind: upscale, model: init, drop_layers: 2}\n",
+        "stages.up.drop_layers: must be less than the source's 2 layers",
+        line=8,
+    ),
+    Case(
+        "ranges",
+        "expand-planned",
+        f"name: c\noutput_dir: {{out}}\nstages:\n  init:\n    {SMALL}\n"
+        "  up: {kind: upscale, model: init, method: expand, new_layers: 3}\n",
+        "stages.up.new_layers: must divide the source's 2 layers",
+        line=8,
+    ),
+    Case(
+        "ranges",
+        "slice-beyond-model",
+        "name: c\noutput_dir: {out}\nstages:\n  up:\n    kind: upscale\n"
+        "    model: {model}\n    method: layers\n    slices: [{layer_range: [0, 4]}, {layer_range: [6, 9]}]\n",
+        "stages.up.slices.1.layer_range: [6, 9) goes past the 8 layers",
+        line=8,
+    ),
+    Case(
+        "ranges",
+        "dus-odd-target",
+        "name: c\nstages:\n  up: {kind: upscale, model: {model}, target_layers: 13}\n",
+        "stages.up.target_layers: must be even",
+        line=3,
+    ),
+    Case(
+        "ranges",
+        "method-key",
+        "name: c\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 2, copies: 2}\n",
+        "stages.up.copies: only for method stack, not dus",
+        line=3,
+    ),
+    # ---------------------------------------------------------------- references
+    Case(
+        "references",
+        "stage-typo",
+        "name: c\nstages:\n  pretrain: {kind: init}\n"
+        "  up: {kind: upscale, model: pretrian, drop_layers: 1}\n",
+        "stages.up.model: 'pretrian' is not a stage of this recipe, an existing path, or a Hub id "
+        "(org/name); did you mean 'pretrain'?",
+        line=4,
+    ),
+    Case(
+        "references",
+        "model-is-data",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n  pairs: {{}}\n"
+        "  up: {kind: upscale, model: pairs, drop_layers: 1}\n",
+        "stages.up.model: 'pairs' is a stage of kind pairs, not a model",
+        line=7,
+    ),
+    Case(
+        "references",
+        "data-is-model",
+        sft(datasets="[{stage: init, split: instruct}]", model="init") + "  init: {}\n",
+        "stages.sft.datasets.0.stage: 'init' is a stage of kind init, not a pairs stage",
+        line=6,
+    ),
+    Case(
+        "references",
+        "after-typo",
+        "name: c\nstages:\n  init: {}\n  eval: {after: [int]}\n",
+        "stages.eval.after.0: no stage 'int'; did you mean 'init'?",
+        line=4,
+    ),
+    Case(
+        "references",
+        "eval-a-data-stage",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n  eval: {{models: [synth]}}\n",
+        "stages.eval.models.0: 'synth' is a stage of kind synth, not a model",
+        line=6,
+    ),
+    Case(
+        "references",
+        "records-not-synth",
+        "name: c\nstages:\n  init: {}\n  pairs: {records: init}\n",
+        "stages.pairs.records: 'init' is a stage of kind init, not a synth stage",
+        line=4,
+    ),
+    Case(
+        "references",
+        "merge-missing-path",
+        "name: c\noutput_dir: {out}\nstages:\n  merge:\n"
+        "    merge_method: linear\n    models: [{model: ./nowhere, parameters: {weight: 1.0}}]\n",
+        "stages.merge.models.0.model: nowhere: no such directory",
+        line=6,
+    ),
+    # ---------------------------------------------------------------- cycles
+    Case(
+        "cycles",
+        "two-stages",
+        "name: c\nstages:\n  a: {kind: init, after: [b]}\n  b: {kind: init, after: [a]}\n",
+        "dependency cycle a -> b -> a",
+        line=3,
+    ),
+    Case(
+        "cycles",
+        "self",
+        "name: c\nstages:\n  a: {kind: init, after: [a]}\n",
+        "dependency cycle a -> a",
+        line=3,
+    ),
+    Case(
+        "cycles",
+        "through-models",
+        "name: c\nstages:\n  a: {kind: upscale, model: b, drop_layers: 1}\n"
+        "  b: {kind: upscale, model: a, drop_layers: 1}\n",
+        "dependency cycle a -> b -> a",
+        line=3,
+    ),
+    # ---------------------------------------------------------------- data files
+    Case(
+        "data",
+        "missing-file",
+        sft(datasets="[{path: typo.jsonl}]"),
+        "stages.sft.datasets.0.path: typo.jsonl: no such file or dataset dir",
+        line=6,
+    ),
+    Case(
+        "data",
+        "wrong-suffix",
+        sft(datasets="[{path: data.xlsx}]"),
+        "stages.sft.datasets.0.path: data.xlsx: expected one of .jsonl",
+        line=6,
+        setup=jsonl("data.xlsx", "x"),
+    ),
+    Case(
+        "data",
+        "missing-column",
+        sft(),
+        "stages.sft.datasets.0: data.jsonl: missing column 'completion' for sft data",
+        line=6,
+        setup=jsonl("data.jsonl", '{"prompt": "1+1?", "answer": "2"}'),
+    ),
+    Case(
+        "data",
+        "first-line-not-json",
+        sft(),
+        "stages.sft.datasets.0.path: data.jsonl:1: not valid JSON",
+        line=6,
+        setup=jsonl("data.jsonl", '{"messages": [}'),
+    ),
+    Case(
+        "data",
+        "bad-line-mid-file",
+        sft(),
+        "stages.sft.datasets.0.path: data.jsonl:3: not valid JSON",
+        line=6,
+        runtime=True,
+        setup=jsonl(
+            "data.jsonl",
+            '{"prompt": "a", "completion": "b"}',
+            '{"prompt": "c", "completion": "d"}',
+            '{"prompt": "e", "completion": }',
+        ),
+    ),
+    Case(
+        "data",
+        "exclude-column",
+        sft(datasets="[{path: data.jsonl, exclude: [{column: id, prefixes: [x]}]}]"),
+        "stages.sft.datasets.0.exclude.0.column: data.jsonl: no column 'id'",
+        line=6,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "data",
+        "columns-mapping",
+        sft(datasets="[{path: data.jsonl, columns: {question: prompt}}]"),
+        "stages.sft.datasets.0.columns.question: data.jsonl: no column 'question'",
+        line=6,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "data",
+        "seed-file-bad-line",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: jsonl, path: s.jsonl}]\n"
+        "    teacher: {kind: openai, model: m, base_urls: ['http://127.0.0.1:9/v1']}\n",
+        "stages.synth.seeds.0.path: s.jsonl:2: field 'answer' (columns.answer) is missing",
+        line=4,
+        setup=jsonl(
+            "s.jsonl",
+            '{"question": "q", "solution": "s", "answer": "1"}',
+            '{"question": "q2", "solution": "s"}',
+        ),
+    ),
+    Case(
+        "data",
+        "eval-problems-missing",
+        "name: c\noutput_dir: {out}\nstages:\n  init: {}\n"
+        "  eval:\n    models: [init]\n    math: {problems: {source: jsonl, path: test.jsonl}}\n",
+        "stages.eval.math.problems.path: test.jsonl: no such file",
+        line=7,
+    ),
+    Case(
+        "data",
+        "eval-loss-missing",
+        "name: c\noutput_dir: {out}\nstages:\n  init: {}\n"
+        "  eval: {models: [init], math: null, loss: {path: heldout.jsonl}}\n",
+        "stages.eval.loss.path: heldout.jsonl: no such file",
+        line=5,
+    ),
+    # ---------------------------------------------------------------- model dirs
+    Case(
+        "models",
+        "no-weights",
+        sft(model="{tmp}/noweights"),
+        "stages.sft.model: {tmp}/noweights has no weights (*.safetensors)",
+        line=5,
+        setup=lambda t, m: (
+            GOOD_CHAT(t, m),
+            model_copy("noweights", ("config.json", "tokenizer.json", "tokenizer_config.json"))(
+                t, m
+            ),
+        ),
+    ),
+    Case(
+        "models",
+        "no-config",
+        sft(model="{tmp}/noconfig"),
+        "has no config.json: not a transformers model dir",
+        line=5,
+        setup=lambda t, m: (GOOD_CHAT(t, m), model_copy("noconfig", ("model.safetensors",))(t, m)),
+    ),
+    Case(
+        "models",
+        "pickle-only",
+        sft(model="{tmp}/pickled"),
+        "holds only pickled weights (pytorch_model.bin), which upstack does not load",
+        line=5,
+        setup=lambda t, m: (
+            GOOD_CHAT(t, m),
+            model_copy("pickled", ("config.json",), {"pytorch_model.bin": b"never unpickled"})(
+                t, m
+            ),
+        ),
+    ),
+    Case(
+        "models",
+        "truncated-safetensors",
+        sft(model="{tmp}/cut"),
+        "model.safetensors: not a readable safetensors file",
+        line=5,
+        setup=lambda t, m: (GOOD_CHAT(t, m), truncated_model(t, m)),
+    ),
+    Case(
+        "models",
+        "merge-input-pickled",
+        "name: c\noutput_dir: {out}\nstages:\n  merge:\n"
+        "    merge_method: linear\n    models: [{model: {tmp}/pickled, parameters: {weight: 1.0}}]\n",
+        "stages.merge.models.0.model: {tmp}/pickled holds only pickled weights",
+        line=6,
+        setup=model_copy("pickled", ("config.json",), {"pytorch_model.bin": b"x"}),
+    ),
+    Case(
+        "models",
+        "merge-planned-shapes",
+        "name: c\noutput_dir: {out}\nstages:\n"
+        "  a: {kind: init, architecture: {hidden_size: 64, num_attention_heads: 2, num_key_value_heads: 2}}\n"
+        "  b: {kind: init}\n  merge:\n    merge_method: linear\n"
+        "    models: [{model: a, parameters: {weight: 0.5}}, {model: b, parameters: {weight: 0.5}}]\n",
+        "stages.merge.models.1.model: 'b' does not match 'a' (models.0.model): hidden_size: 128 vs 64",
+        line=8,
+    ),
+    Case(
+        "models",
+        "upscale-missing-dir",
+        "name: c\noutput_dir: {out}\nstages:\n"
+        "  up: {kind: upscale, model: ./nowhere, drop_layers: 1}\n",
+        "stages.up.model: nowhere: no such directory",
+        line=4,
+    ),
+    Case(
+        "models",
+        "hub-offline",
+        sft(model="some-org/not-cached-model"),
+        "stages.sft.model: some-org/not-cached-model is not in the local Hugging Face cache, and "
+        "HF_HUB_OFFLINE is set",
+        line=5,
+        setup=GOOD_CHAT,
+        env={"HF_HUB_OFFLINE": "1"},
+    ),
+    # ---------------------------------------------------------------- output dirs
+    Case(
+        "output",
+        "is-a-file",
+        "name: c\noutput_dir: {tmp}/taken\nstages: {init: {}}\n",
+        "output_dir ({tmp}/taken): {tmp}/taken is a file, not a directory",
+        line=2,
+        setup=a_file_at("taken"),
+    ),
+    Case(
+        "output",
+        "under-a-file",
+        "name: c\noutput_dir: {tmp}/taken/runs\nstages: {init: {}}\n",
+        "is a file, not a directory",
+        line=2,
+        setup=a_file_at("taken"),
+    ),
+    Case(
+        "output",
+        "unwritable",
+        "name: c\noutput_dir: /sys/upstack-corpus\nstages: {init: {}}\n",
+        "output_dir (/sys/upstack-corpus): cannot write",
+        line=2,
+    ),
+    Case(
+        "output",
+        "locked",
+        "name: c\noutput_dir: {out}\nstages: {init: {}}\n",
+        "another upstack run is using this output dir (pid 4242)",
+        setup=lock_held,
+    ),
+    # ---------------------------------------------------------------- --set
+    Case(
+        "set",
+        "no-equals",
+        "name: c\nstages: {init: {}}\n",
+        "--set stages.init.dtype: expected key.path=value",
+        args=["run", "recipe.yaml", "--set", "stages.init.dtype"],
+    ),
+    Case(
+        "set",
+        "bad-value",
+        "name: c\nstages: {init: {}}\n",
+        "--set stages.init.dtype=int3: stages.init.dtype:",
+        args=["run", "recipe.yaml", "--set", "stages.init.dtype=int3"],
+    ),
+    Case(
+        "set",
+        "through-a-value",
+        "name: c\nstages: {init: {dtype: float32}}\n",
+        "--set stages.init.dtype.x=1: stages.init.dtype is not a mapping",
+        args=["run", "recipe.yaml", "--set", "stages.init.dtype.x=1"],
+    ),
+    Case(
+        "set",
+        "unknown-key",
+        "name: c\nstages: {init: {}}\n",
+        "--set stages.init.dtyp=float32: stages.init.dtyp: unknown key; did you mean 'dtype'?",
+        args=["run", "recipe.yaml", "--set", "stages.init.dtyp=float32"],
+    ),
+    Case(
+        "set",
+        "secret-not-echoed",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n",
+        "--set stages.synth.teacher.api_key_env=<redacted>",
+        args=[
+            "run",
+            "recipe.yaml",
+            "--set",
+            "stages.synth.teacher.api_key_env=sk-abcdef0123456789abcdef",
+        ],
+    ),
+    # ---------------------------------------------------------------- push
+    Case(
+        "push",
+        "repo-id",
+        "name: c\nstages:\n  init: {}\n  push: {model: init, repo_id: not-a-repo}\n",
+        "stages.push.repo_id: String should match pattern",
+        line=4,
+    ),
+    Case(
+        "push",
+        "model-is-data",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n  push: {{model: synth, repo_id: me/x}}\n",
+        "stages.push.model: 'synth' is a stage of kind synth, not a model",
+        line=6,
+    ),
+    Case(
+        "push",
+        "unfinished",
+        "name: c\noutput_dir: {out}\nstages: {init: {}}\n",
+        "stages.init is missing: run `upstack run",
+        args=["push", "recipe.yaml", "init", "--repo-id", "me/x", "--dry-run"],
+    ),
+    Case(
+        "push",
+        "cli-repo-id",
+        "name: c\noutput_dir: {out}\nstages: {init: {}}\n",
+        "--repo-id nope: expected org/name",
+        args=["push", "recipe.yaml", "init", "--repo-id", "nope", "--dry-run"],
+    ),
+    # ---------------------------------------------------------------- teacher settings
+    Case(
+        "teacher",
+        "key-pasted-as-env-name",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: openai, model: m, base_urls: ['http://x:1/v1'],\n"
+        "              api_key_env: sk-proj-abcdefghijklmnop0123456789}\n",
+        "stages.synth.teacher.api_key_env: must be the name of an environment variable",
+        line=6,
+    ),
+    Case(
+        "teacher",
+        "env-unset",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: openai, model: m, base_urls: ['http://x:1/v1'], api_key_env: UPSTACK_CORPUS_KEY}\n",
+        "stages.synth.teacher.api_key_env: environment variable UPSTACK_CORPUS_KEY is not set",
+        line=5,
+        env={"UPSTACK_CORPUS_KEY": ""},
+    ),
+    Case(
+        "teacher",
+        "not-http",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: openai, model: m, base_urls: ['localhost:8000']}\n",
+        "stages.synth.teacher.base_urls: 'localhost:8000' is not an http(s) URL",
+        line=5,
+    ),
+    Case(
+        "teacher",
+        "scripted-jsonl",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: jsonl, path: s.jsonl}]\n"
+        "    teacher: {kind: scripted}\n",
+        "stages.synth: the scripted teacher only knows `arith` seeds",
+        line=3,
+        setup=jsonl("s.jsonl", '{"question": "q", "solution": "s", "answer": "1"}'),
+    ),
+    Case(
+        "teacher",
+        "vllm-missing",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: vllm, model: {model}}\n",
+        "stages.synth.teacher.kind: vllm is not installed",
+        line=5,
+    ),
+    Case(
+        "teacher",
+        "local-model-is-data",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n  pairs: {{}}\n"
+        "  synth2:\n    kind: synth\n    seeds: [{source: arith}]\n    teacher: {kind: transformers, model: pairs}\n",
+        "stages.synth2.teacher.model: 'pairs' is a stage of kind pairs, not a model",
+        line=10,
+    ),
+    # ---------------------------------------------------------------- cli
+    Case(
+        "cli",
+        "unknown-target",
+        "name: c\noutput_dir: {out}\nstages: {pretrain: {kind: init}}\n",
+        "no stage or stage kind named 'pretrian'; did you mean 'pretrain'?",
+        args=["run", "recipe.yaml", "pretrian"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_corpus(case: Case, tmp_path, tiny_model, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    fill = {"{out}": tmp_path / "out", "{model}": tiny_model, "{tmp}": tmp_path}
+
+    def filled(text: str) -> str:
+        for placeholder, value in fill.items():
+            text = text.replace(placeholder, str(value))
+        return text
+
+    text = case.recipe if isinstance(case.recipe, bytes) else filled(case.recipe)
+    (tmp_path / "recipe.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    if case.setup:
+        case.setup(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    before = sorted(out.rglob("*")) if out.exists() else None
+
+    code = cli.main(case.args)
+
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    assert code == 2, err
+    if not case.runtime:
+        assert len(lines) == 1, err
+    last = lines[-1]
+    assert last.startswith("error: ") and filled(case.expect) in last, last
+    if case.line is not None:
+        assert f"recipe.yaml:{case.line}: " in last, last
+    # nothing written under the output dir (the runner's own lock file aside)
+    if before is not None:
+        assert sorted(p for p in out.rglob("*")) == before
+    elif case.runtime:  # the run started: the failed stage left no output that counts as done
+        assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+    else:
+        assert not out.exists()
+
+
+def test_the_corpus_is_large_and_covers_every_category():
+    categories = {case.category for case in CASES}
+    assert len(CASES) >= 50
+    assert {
+        "yaml",
+        "keys",
+        "types",
+        "ranges",
+        "references",
+        "cycles",
+        "duplicates",
+        "data",
+        "models",
+        "output",
+        "set",
+        "push",
+        "teacher",
+    } <= categories
