@@ -150,7 +150,8 @@ TeacherSpec = Annotated[
 
 def teacher_model(spec: TeacherSpec) -> str:
     """The model name recorded in request keys and provenance."""
-    return "arith-script" if isinstance(spec, ScriptedTeacher) else spec.model
+    # versioned: a change in what the script answers must not be served from an old cache
+    return "arith-script-2" if isinstance(spec, ScriptedTeacher) else spec.model
 
 
 def stream(
