@@ -772,6 +772,41 @@ CASES = [
         "stages.synth2.teacher.model: 'pairs' is a stage of kind pairs, not a model",
         line=10,
     ),
+    # ---------------------------------------------------------------- mixtures (BiMix)
+    Case(
+        "mixture",
+        "shares-count",
+        "name: c\nstages:\n  cpt:\n    model: {model}\n"
+        "    datasets: [{arith: {problems: 10}}, {generated: {task: noise, problems: 10}}]\n"
+        "    mixture: {weights: [0.5, 0.3, 0.2]}\n",
+        "stages.cpt.mixture.weights: 3 shares for 2 datasets: one each",
+        line=6,
+    ),
+    Case(
+        "mixture",
+        "shares-sum",
+        "name: c\nstages:\n  cpt:\n    model: {model}\n"
+        "    datasets: [{arith: {problems: 10}}, {generated: {task: noise, problems: 10}}]\n"
+        "    mixture: {weights: [0.5, 0.6]}\n",
+        "stages.cpt.mixture.weights: shares must be positive and sum to 1 (sum 1.1)",
+        line=6,
+    ),
+    Case(
+        "mixture",
+        "weight-beside-mixture",
+        "name: c\nstages:\n  cpt:\n    model: {model}\n    datasets:\n"
+        "      - {arith: {problems: 10}, weight: 0.5}\n"
+        "      - {generated: {task: noise, problems: 10}}\n    mixture: {weights: entropy}\n",
+        "stages.cpt.datasets.0.weight: the mixture decides how much of each source to use",
+        line=6,
+    ),
+    Case(
+        "mixture",
+        "noise-as-conversations",
+        sft(datasets="[{generated: {task: noise, problems: 10}}]"),
+        "stages.sft.datasets.0.generated.task: noise gives text only, not sft data",
+        line=6,
+    ),
     # ---------------------------------------------------------------- cli
     Case(
         "cli",

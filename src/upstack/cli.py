@@ -61,6 +61,20 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the files, print the card, send nothing"
     )
 
+    mixture = sub.add_parser(
+        "mixture", help="data mixtures (BiMix)", description="data mixtures (BiMix)"
+    )
+    mixture_commands = mixture.add_subparsers(dest="mixture_command", required=True)
+    fit = _recipe_arguments(
+        mixture_commands.add_parser(
+            "fit",
+            help="fit the mixing law to finished cpt proxy runs; print the best shares",
+            description="fit BiMix's L(s, r) = (A/s^alpha + C)(B/r^beta) per source to the "
+            "held-out curves of cpt stages run with different `mixture.weights`",
+        )
+    )
+    fit.add_argument("stages", nargs="+", help="finished cpt stages with `mixture:`")
+    fit.add_argument("--steps", type=int, help="step budget to choose shares for")
     return parser
 
 
@@ -115,6 +129,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(report(recipe), end="")
     elif args.command == "push":
         _push(recipe, args)
+    elif args.command == "mixture":
+        _mixture_fit(recipe, args)
     elif args.command == "_stage":
         _run_worker(recipe, args)
     return 0
@@ -145,6 +161,35 @@ def _show(recipe, as_json: bool) -> None:
             + yaml.safe_dump({"effective_trainer": effective}, sort_keys=False),
             end="",
         )
+
+
+def _mixture_fit(recipe, args: argparse.Namespace) -> None:
+    """`upstack mixture fit`: laws per source, the shares they predict best; JSON and PNG."""
+    from upstack.mixture import fit_stages, plot_fit
+    from upstack.tables import markdown_table
+
+    result = fit_stages(recipe, args.stages, args.steps)
+    out = recipe.out_dir / "mixture-fit"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fit.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_fit(result, out / "fit.png")
+    rows = [
+        [
+            name,
+            law["alpha"],
+            law["beta"],
+            law["K"],
+            law["M"],
+            law["rmse"],
+            result["best_shares"][name],
+            result["predicted_loss"][name],
+        ]
+        for name, law in result["laws"].items()
+    ]
+    headers = ["source", "alpha", "beta", "K=A*B", "M=C*B", "rmse(log)", "best share", "loss"]
+    print(f"L(s, r) = (K / s^alpha + M) / r^beta, best shares for {result['steps']} steps:")
+    print(markdown_table(headers, rows))
+    print(f"wrote {out / 'fit.json'} and {out / 'fit.png'}")
 
 
 def _redact(value):

@@ -55,8 +55,19 @@ class Arith(Strict):
     )
 
 
+class Generated(Strict):
+    """Data generated here, for the tiny world: list/string instructions with exact answers
+    (data_synth.listops), or near-random text (a domain nothing can be learned from)."""
+
+    task: Literal["listops", "noise"]
+    problems: int = Field(ge=1, description="rows of the train split (eval: a tenth as many)")
+
+
+ORIGINS = ("hub", "path", "stage", "arith", "generated")
+
+
 class Source(Strict):
-    """One entry of a stage's `datasets:` list. Exactly one of hub, path, stage, arith."""
+    """One entry of a stage's `datasets:` list. Exactly one of hub, path, stage, arith, generated."""
 
     hub: str | None = Field(
         None, description="Hub dataset id, org/name", json_schema_extra=names("data", "hub")
@@ -74,6 +85,12 @@ class Source(Strict):
         json_schema_extra=names("data", "stage", kinds=("pairs",)),
     )
     arith: Arith | None = None
+    generated: Generated | None = None
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="a short name for per-source logs (default: from the origin)",
+    )
     split: str = Field("train", description="split to train on (for a stage source: its subdir)")
     eval_split: str | None = Field(
         None, description="the source's own held-out split, for eval loss"
@@ -89,11 +106,9 @@ class Source(Strict):
 
     @model_validator(mode="after")
     def _one_origin(self) -> Source:
-        origins = [k for k in ("hub", "path", "stage", "arith") if getattr(self, k) is not None]
+        origins = [k for k in ORIGINS if getattr(self, k) is not None]
         if len(origins) != 1:
-            raise ValueError(
-                f"give exactly one of hub, path, stage, arith (got {origins or 'none'})"
-            )
+            raise ValueError(f"give exactly one of {', '.join(ORIGINS)} (got {origins or 'none'})")
         if self.weight != 1.0 and self.max_samples is not None:
             raise ValueError("give weight or max_samples, not both")
         return self
@@ -157,12 +172,95 @@ def build_mixture(
     return train, None
 
 
+def source_name(source: Source, index: int) -> str:
+    """A short name for a source, for per-source logs and metric keys (eval_<name>_loss)."""
+    import re
+
+    if source.name:
+        return source.name
+    if source.arith is not None:
+        name = "arith"
+    elif source.generated is not None:
+        name = source.generated.task
+    elif source.stage is not None:
+        name = f"{source.stage}_{source.split}"
+    else:
+        name = Path(source.hub or source.path or "").stem or f"source{index}"
+    return re.sub(r"\W+", "_", name).strip("_") or f"source{index}"
+
+
+def build_weighted_mixture(sources: list[Source], mixture, tokenizer, ctx, eval_fraction: float):
+    """(train, held-out sets by source name, report) for text sources sharing the training rows
+    by `mixture` (cpt's BiMix mixtures): shares from entropy proxies of each source's tokens, or
+    as given; each source's own held-out rows kept apart, so every domain's loss can be watched."""
+    from datasets import concatenate_datasets
+
+    from upstack.mixture import entropies, mixture_rows, shares_from_entropy
+
+    names, parts, held_out = [], [], {}
+    for i, source in enumerate(sources):
+        where = f"datasets.{i}"
+        name = source_name(source, i)
+        if name in names:
+            name = f"{name}_{i}"
+        rows = _prepare(
+            source,
+            _load(source, source.split, "text", ctx, where),
+            "text",
+            ctx.seed + i,
+            ctx,
+            where,
+            sample=False,
+        )
+        if source.eval_split:
+            held = _load(source, source.eval_split, "text", ctx, where)
+            held_out[name] = _prepare(source, held, "text", ctx.seed + i, ctx, where, sample=False)
+        elif eval_fraction > 0 and len(rows) > 1:
+            split = rows.train_test_split(test_size=eval_fraction, seed=ctx.seed)
+            rows, held_out[name] = split["train"], split["test"]
+        names.append(name)
+        parts.append(rows.shuffle(seed=ctx.seed + i))
+
+    measured = {}
+    if mixture.weights == "entropy":
+        for name, rows in zip(names, parts, strict=True):
+            sample = list(rows.select(range(min(mixture.sample_rows, len(rows))))["text"])
+            measured[name] = entropies(tokenizer(sample, add_special_tokens=False)["input_ids"])
+        shares = shares_from_entropy([measured[n][mixture.proxy] for n in names], mixture.normalize)
+    else:
+        shares = list(mixture.weights)
+    counts = mixture_rows([len(rows) for rows in parts], shares, mixture.rows)
+    taken = []
+    for rows, count in zip(parts, counts, strict=True):
+        copies, rest = divmod(count, len(rows))  # past its size a source repeats: say so below
+        taken += [rows] * copies + ([rows.select(range(rest))] if rest else [])
+    train = concatenate_datasets(taken).shuffle(seed=ctx.seed)
+    report = {
+        name: {
+            "share": round(share, 4),
+            "rows": count,
+            "source_rows": len(rows),
+            "repeats": round(count / len(rows), 3),
+            **(
+                {f"entropy_{k}": round(v, 4) for k, v in measured[name].items()} if measured else {}
+            ),
+        }
+        for name, share, count, rows in zip(names, shares, counts, parts, strict=True)
+    }
+    return train, held_out or None, report
+
+
 def _load(source: Source, split: str, fmt: str, ctx, where: str):
     import datasets
 
     if source.arith is not None:
         return datasets.Dataset.from_list(
-            _arith_rows(source.arith.problems, split, fmt, ctx, where)
+            _generated_rows("arith", source.arith.problems, split, fmt, ctx, f"{where}.arith")
+        )
+    if source.generated is not None:
+        task, count = source.generated.task, source.generated.problems
+        return datasets.Dataset.from_list(
+            _generated_rows(task, count, split, fmt, ctx, f"{where}.generated")
         )
     if source.hub is not None:
         try:
@@ -193,21 +291,30 @@ def _load(source: Source, split: str, fmt: str, ctx, where: str):
         raise ctx.fail(f"{where}.path", str(err)) from None
 
 
-def _arith_rows(count: int, split: str, fmt: str, ctx, where: str) -> list[dict]:
+def _generated_rows(task: str, count: int, split: str, fmt: str, ctx, where: str) -> list[dict]:
+    """Rows of a generated task: arith or listops problems, as text or conversations; noise text."""
     import random
 
-    from data_synth import arith
+    from data_synth import arith, listops
 
     if split not in ("train", "eval"):
-        raise ctx.fail(f"{where}.split", f"arith has the splits train and eval (got '{split}')")
-    if fmt == "preference":
-        raise ctx.fail(f"{where}.arith", "arith gives text or messages, not preference pairs")
+        raise ctx.fail(
+            f"{where.rsplit('.', 1)[0]}.split",
+            f"{task} has the splits train and eval (got '{split}')",
+        )
+    if fmt == "preference" or (task == "noise" and fmt != "text"):
+        what = "text" if task == "noise" else "text or messages"
+        raise ctx.fail(where, f"{task} gives {what}, not {fmt} data")
     if split == "eval":
         count = max(1, count // 10)
+    if task == "noise":
+        # eval rows come from another seed than train rows: none of them is trained on
+        return [{"text": t} for t in listops.noise(count, ctx.seed + (split == "eval"))]
+    module = arith if task == "arith" else listops
     if fmt == "text" and split == "train":
-        return [{"text": t} for t in arith.corpus(count, ctx.seed)]
+        return [{"text": t} for t in module.corpus(count, ctx.seed)]
     rows = []
-    for problem in arith.problems(count, ctx.seed, split):
+    for problem in module.problems(count, ctx.seed, split):
         rng = random.Random(problem.id)  # a fixed but varied wording per problem
         question, solution = rng.choice(problem.questions()), rng.choice(problem.solutions())
         if fmt == "text":

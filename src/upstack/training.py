@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from upstack.context import is_main_process
 from upstack.data import Source, check_sources
@@ -80,6 +80,21 @@ class TrainingSpec(StageSpec):
     @classmethod
     def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         return check_trainer_keys(value, cls.TRAINER_CONFIG)
+
+    @model_validator(mode="after")
+    def _generated_data_fits(self) -> TrainingSpec:
+        """Generated sources give text (noise) or text and conversations (arith, listops)."""
+        for i, source in enumerate(self.datasets):
+            task = "arith" if source.arith else source.generated.task if source.generated else None
+            if task == "noise" and self.DATA_FORMAT != "text":
+                loc = ("datasets", i, "generated", "task")
+                raise error_at(
+                    loc, f"noise gives text only, not {self.DATA_FORMAT} data: use it in cpt"
+                )
+            if task and self.DATA_FORMAT == "preference":
+                loc = ("datasets", i, "arith" if source.arith else "generated")
+                raise error_at(loc, f"{task} gives text or conversations, not preference pairs")
+        return self
 
 
 def preflight(spec: TrainingSpec, ctx) -> None:
@@ -191,19 +206,26 @@ class Inputs:
     model_path: str
     tokenizer: Any
     train: Any  # datasets.Dataset
-    held_out: Any  # datasets.Dataset or None
+    held_out: Any  # datasets.Dataset, a dict of them by source name (a mixture), or None
     marks_turns: bool  # the chat template marks assistant turns ({% generation %})
+    mixture: dict | None = None  # source name -> share, rows, entropies (cpt's `mixture:`)
 
 
-def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None) -> Inputs:
+def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=None) -> Inputs:
     """The tokenizer (with the stage's chat template, required for conversations) and the data
-    mixture of the stage's format (text, sft, preference), each source checked."""
-    from upstack.data import build_mixture
+    mixture of the stage's format (text, sft, preference), each source checked. With a
+    `mixture` (cpt), the sources share the rows as it says and keep their own held-out sets."""
+    from upstack.data import build_mixture, build_weighted_mixture
 
     fmt = spec.DATA_FORMAT
     model_path = ctx.ref("model").location
     tokenizer = load_tokenizer(model_path, ctx, chat_template)
     marks_turns = fmt != "text" and require_chat_template(tokenizer, ctx, model_path)
+    if mixture is not None:
+        train_rows, held_out, report = build_weighted_mixture(
+            spec.datasets, mixture, tokenizer, ctx, spec.eval_fraction
+        )
+        return Inputs(model_path, tokenizer, train_rows, held_out, marks_turns, report)
     train_rows, held_out = build_mixture(spec.datasets, fmt, ctx, spec.eval_fraction)
     return Inputs(model_path, tokenizer, train_rows, held_out, marks_turns)
 
@@ -485,7 +507,16 @@ def train(trainer, ctx) -> dict[str, Any]:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
-    eval_loss = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+    evaluated = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    # one held-out set logs eval_loss; a mixture's sets log eval_<source>_loss each
+    by_source = {
+        key.removeprefix("eval_").removesuffix("_loss"): value
+        for key, value in evaluated.items()
+        if key.startswith("eval_") and key.endswith("_loss") and key != "eval_loss"
+    }
+    eval_loss = evaluated.get("eval_loss")
+    if eval_loss is None and by_source:
+        eval_loss = sum(by_source.values()) / len(by_source)  # the sources' mean
 
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
@@ -510,6 +541,17 @@ def train(trainer, ctx) -> dict[str, Any]:
         "peak_memory_mb": round(peak_mb, 1),
         "loss_curve": [[h["step"], h["loss"]] for h in history if "loss" in h],
     }
+    if by_source:  # each source's held-out loss at every eval step: is a domain starved?
+        metrics["eval_loss_by_source"] = {name: round(v, 5) for name, v in by_source.items()}
+        # the last evaluation at a step wins (the final evaluate() repeats the last eval step)
+        metrics["eval_curves"] = {
+            name: sorted(
+                {
+                    h["step"]: h[f"eval_{name}_loss"] for h in history if f"eval_{name}_loss" in h
+                }.items()
+            )
+            for name in by_source
+        }
     for key in ("rewards/accuracies", "rewards/margins"):
         values = [h[key] for h in history if key in h and "loss" in h]
         if values:
@@ -584,11 +626,19 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+    sources = sorted(
+        {k for h in history for k in h if k.startswith("eval_") and k.endswith("_loss")}
+        - {"eval_loss"}
+    )
+    series = [("loss", "train"), ("eval_loss", "eval")]
+    series += [(key, f"eval {key[5:-5]}") for key in sources]  # a mixture's sources, one each
+    for key, label in series:
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(
-                *zip(*points, strict=True), marker="." if label == "eval" else None, label=label
+                *zip(*points, strict=True),
+                marker="." if label.startswith("eval") else None,
+                label=label,
             )
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend()
