@@ -49,14 +49,28 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return count
 
 
+def data_files(path: Path, split: str) -> list[Path]:
+    """The files `load_local(path, split)` reads, in the order it reads them."""
+    import datasets
+
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = datasets.load_dataset_builder(str(path)).config.data_files
+    if split not in files:
+        raise DataSynthError(f"{path}: no split '{split}' (has: {', '.join(files)})")
+    return [Path(str(f)) for f in files[split]]
+
+
 def is_saved_dataset(path: Path) -> bool:
     """A dir written by `save_to_disk` (as opposed to a dir of data files)."""
     return path.is_dir() and any((path / name).exists() for name in SAVED_DATASET_FILES)
 
 
-def load_local(path: Path, split: str):
+def load_local(path: Path, split: str, streaming: bool = False):
     """A local data file, a `save_to_disk` dir or a dir of data files, as the `datasets.Dataset`
-    of `split`. A single file is one split: whichever the caller asks for."""
+    of `split` (an IterableDataset over the same rows in the same order when `streaming`). A
+    single file is one split: whichever the caller asks for."""
     import datasets
 
     path = Path(path)
@@ -66,9 +80,9 @@ def load_local(path: Path, split: str):
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
                     raise DataSynthError(f"{path}: no split '{split}' (has: {', '.join(loaded)})")
-                return loaded[split]
-            return loaded
-        return datasets.load_dataset(str(path), split=split)
+                loaded = loaded[split]
+            return loaded.to_iterable_dataset() if streaming else loaded
+        return datasets.load_dataset(str(path), split=split, streaming=streaming)
     builder = FILE_BUILDERS.get(path.suffix)
     if builder is None:
         raise DataSynthError(
@@ -77,7 +91,9 @@ def load_local(path: Path, split: str):
     if not path.is_file():
         raise DataSynthError(f"{path}: no such file")
     try:
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+        return datasets.load_dataset(
+            builder, data_files={split: str(path)}, split=split, streaming=streaming
+        )
     except Exception as err:  # datasets/pyarrow bury the row in a chained traceback: find it
         if path.suffix == ".jsonl":
             for _ in read_jsonl(path):

@@ -189,7 +189,9 @@ def _stream(seed: int) -> Iterator[ListProblem]:
         kind = rng.choice(kinds)
         args = KINDS[kind].draw(rng)
         ident = hashlib.sha256(f"{kind}:{args}".encode()).hexdigest()[:12]
-        yield ListProblem(id=f"listops-{ident}", kind=kind, args=args, answer=KINDS[kind].answer(*args))
+        yield ListProblem(
+            id=f"listops-{ident}", kind=kind, args=args, answer=KINDS[kind].answer(*args)
+        )
     raise ValueError("asked for more distinct list problems than exist")
 
 

@@ -254,3 +254,68 @@ def test_a_missing_file_in_a_later_stage_fails_before_anything_runs(tmp_path, ti
     ):
         run(load_recipe(path), [])
     assert not (tmp_path / "runs" / "cpt").exists()
+
+
+def _fineweb_like(directory, files: int, rows: int, kind: str) -> None:
+    """A local corpus shaped like FineWeb: text, id, url, dump, score, over several files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir()
+    for f in range(files):
+        docs = [
+            {
+                "text": f"document {f}-{i}: " + " ".join(["words"] * (i % 7 + 1)),
+                "id": f"<urn:uuid:{f:03d}-{i:05d}>",
+                "url": f"https://example.org/{f}/{i}",
+                "dump": "CC-MAIN-2024-10",
+                "score": (i % 5) / 5,
+            }
+            for i in range(rows)
+        ]
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(docs), directory / f"train-{f:05d}.parquet")
+        else:
+            (directory / f"train-{f:05d}.jsonl").write_text(
+                "".join(json.dumps(d) + "\n" for d in docs)
+            )
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_streaming_selects_the_same_rows_as_loading_for_the_same_seed(tmp_path, kind):
+    corpus = tmp_path / "fineweb"
+    _fineweb_like(corpus, files=3, rows=200, kind=kind)
+
+    def texts(streaming: bool, seed: int = 7, **settings) -> list[str]:
+        source = Source(path=str(corpus), streaming=streaming, **settings)
+        train, _ = build_mixture([source], "text", _ctx(tmp_path / f"{streaming}{seed}", seed))
+        return sorted(train["text"])
+
+    loaded, streamed = texts(False, max_samples=50), texts(True, max_samples=50)
+    assert len(loaded) == 50 and streamed == loaded
+    files = {t.split()[1].split("-")[0] for t in loaded}
+    assert len(files) == 3  # a random subset over every file, not the head of the first
+    assert texts(True, seed=8, max_samples=50) != streamed  # another seed, other rows
+    assert texts(True, weight=0.1) == texts(False, weight=0.1)  # 60 of 600 either way
+    assert len(texts(True, weight=0.1)) == 60
+    # the kept rows are all that is held: the stream is written to the work dir, not a list
+    assert len(list((tmp_path / "True7" / "work" / "streamed").glob("datasets_0-*.jsonl"))) == 1
+
+
+def test_max_tokens_takes_rows_in_order_until_the_budget(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    corpus = tmp_path / "fineweb"
+    _fineweb_like(corpus, files=2, rows=100, kind="jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def tokens(streaming: bool) -> tuple[int, list[str]]:
+        source = Source(path=str(corpus), streaming=streaming, max_tokens=300)
+        train, _ = build_mixture(
+            [source], "text", _ctx(tmp_path / str(streaming)), tokenizer=tokenizer
+        )
+        counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in train["text"]]
+        return sum(counts), sorted(train["text"])
+
+    spent, rows = tokens(True)
+    assert 300 <= spent < 300 + 40 and tokens(False) == (spent, rows)

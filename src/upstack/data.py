@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +105,14 @@ class Source(Strict):
     )
     weight: float = Field(1.0, gt=0, le=1, description="fraction of this source to use")
     max_samples: int | None = Field(None, ge=1, description="at most this many rows of this source")
+    max_tokens: int | None = Field(
+        None, ge=1, description="cpt: rows until this many tokens (stage tokenizer), in order"
+    )
+    streaming: bool = Field(
+        False,
+        description="hub/path sources: read as a stream, keeping only the rows selected (memory "
+        "bounded, not proportional to the corpus); the same rows as without streaming",
+    )
     exclude: list[Exclude] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -111,6 +122,8 @@ class Source(Strict):
             raise ValueError(f"give exactly one of {', '.join(ORIGINS)} (got {origins or 'none'})")
         if self.weight != 1.0 and self.max_samples is not None:
             raise ValueError("give weight or max_samples, not both")
+        if self.streaming and self.hub is None and self.path is None:
+            raise ValueError("streaming reads hub or path sources (the others are small)")
         return self
 
 
@@ -148,20 +161,23 @@ def build_mixture(
     ctx,
     eval_fraction: float = 0.0,
     key: str = "datasets",
+    tokenizer=None,
 ):
-    """(train, eval or None): every source loaded, filtered, sampled, renamed and checked, then
+    """(train, eval or None): every source loaded, sampled, filtered, renamed and checked, then
     concatenated and shuffled with the recipe seed. Eval rows come from the sources' own eval
-    splits, else `eval_fraction` of the mixture is held out."""
+    splits, else `eval_fraction` of the mixture is held out. `tokenizer` counts `max_tokens`."""
     from datasets import concatenate_datasets
 
     train_parts, eval_parts = [], []
     for i, source in enumerate(sources):
         where = f"{key}.{i}"  # the source's key path, for errors
-        rows = _load(source, source.split, fmt, ctx, where)
-        train_parts.append(_prepare(source, rows, fmt, ctx.seed + i, ctx, where, sample=True))
+        rows = _selected(source, fmt, ctx, where, ctx.seed + i, tokenizer)
+        train_parts.append(_prepare(source, rows, fmt, ctx, where))
         if source.eval_split:
-            rows = _load(source, source.eval_split, fmt, ctx, where)
-            eval_parts.append(_prepare(source, rows, fmt, ctx.seed + i, ctx, where, sample=False))
+            rows = _filtered(
+                source, _load(source, source.eval_split, fmt, ctx, where), fmt, ctx, where
+            )
+            eval_parts.append(_prepare(source, rows, fmt, ctx, where))
 
     train = concatenate_datasets(train_parts).shuffle(seed=ctx.seed)
     if eval_parts:
@@ -170,6 +186,179 @@ def build_mixture(
         split = train.train_test_split(test_size=eval_fraction, seed=ctx.seed)
         return split["train"], split["test"]
     return train, None
+
+
+# --------------------------------------------------------------------------- row selection
+#
+# Which rows of a source train is a function of the seed and each row's position in the source
+# (its files in order, its rows in order) alone: the `keep` positions with the smallest seeded
+# hash, an exact uniform random subset. A stream knows the positions as it reads them, so it
+# keeps the same rows as an in-memory load, holding only the rows it keeps; `max_tokens` then
+# takes the kept rows in order until the budget is spent. Selection comes before the `exclude`
+# filters, which may drop some of the selected rows.
+
+
+def selected_positions(total: int, keep: int, seed: int):
+    """Sorted positions of the `keep` rows of `total` a source trains on, for this seed."""
+    import numpy as np
+
+    if keep >= total:
+        return np.arange(total)
+    # splitmix64 over (seed, position): a uniform number per row, the same in any process
+    with np.errstate(over="ignore"):
+        z = np.arange(total, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return np.sort(np.argpartition(z, keep - 1)[:keep])
+
+
+def _keep(source: Source, total: int) -> int:
+    if source.max_samples is not None:
+        return min(source.max_samples, total)
+    return min(total, max(1, round(source.weight * total)))
+
+
+def _selected(source: Source, fmt: str, ctx, where: str, seed: int, tokenizer):
+    """The source's training rows, filtered, then selected by position (see above), loaded or
+    streamed."""
+    if source.streaming:
+        return _stream(source, fmt, ctx, where, seed, tokenizer)
+    rows = _filtered(source, _load(source, source.split, fmt, ctx, where), fmt, ctx, where)
+    rows = rows.select(selected_positions(len(rows), _keep(source, len(rows)), seed))
+    if source.max_tokens is not None:
+        texts = rows[_text_column(source)]
+        rows = rows.select(range(_rows_within(texts, source.max_tokens, tokenizer)))
+    return rows
+
+
+def _text_column(source: Source) -> str:
+    """The source column that becomes `text` (after `columns` renames)."""
+    return next((c for c, target in source.columns.items() if target == "text"), "text")
+
+
+def _rows_within(texts, budget: int, tokenizer) -> int:
+    """How many of `texts`, in order, fit in `budget` tokens (the row that crosses it counts)."""
+    spent, count = 0, 0
+    for text in texts:
+        if spent >= budget:
+            break
+        spent += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        count += 1
+    return count
+
+
+def _stream(source: Source, fmt: str, ctx, where: str, seed: int, tokenizer):
+    """Read a hub or path source as a stream, keep the selected positions, write them to the
+    work dir and load that back (memory-mapped): memory bounded by nothing but the kept rows."""
+    import datasets
+    import numpy as np
+
+    from data_synth.files import write_jsonl
+
+    # with exclude filters the filtered stream's length is unknown: it keeps the first rows
+    total = None if source.exclude else stream_length(source, ctx, where)
+    chosen = None
+    if total is not None and source.max_tokens is None:
+        chosen = selected_positions(total, _keep(source, total), seed)
+    elif source.max_samples is None and source.max_tokens is None and source.weight != 1.0:
+        raise ctx.fail(
+            f"{where}.weight",
+            "a stream of unknown length cannot be thinned by weight: "
+            "give max_samples or max_tokens",
+        )
+    limit = source.max_samples or (len(chosen) if chosen is not None else None)
+    stream = _open_stream(source, source.split, ctx, where)
+    wanted = np.zeros(total, dtype=bool) if chosen is not None else None
+    if wanted is not None:
+        wanted[chosen] = True
+
+    def passing():
+        for row in stream:
+            if all(rule.keeps(row.get(rule.column)) for rule in source.exclude):
+                yield row
+
+    def rows():
+        kept, spent, text = 0, 0, _text_column(source)
+        for position, row in enumerate(passing()):
+            if wanted is not None and (position >= total or not wanted[position]):
+                if position >= total or kept >= len(chosen):
+                    return
+                continue
+            yield row
+            kept += 1
+            if source.max_tokens is not None:
+                spent += len(tokenizer(row[text], add_special_tokens=False)["input_ids"])
+            if (limit and kept >= limit) or (source.max_tokens and spent >= source.max_tokens):
+                return
+
+    first = next(iter(stream), None)  # the columns, checked before anything is kept
+    if first is None:
+        raise ctx.fail(where, "the stream gave no rows")
+    problem = column_problem(source, list(first), fmt)
+    if problem:
+        raise ctx.fail(f"{where}{problem[0]}", problem[1])
+    # Named by what it holds: under accelerate the main process writes it first
+    # (training.prepare) and the other ranks find it instead of reading the stream again.
+    identity = json.dumps([source.model_dump(mode="json"), seed, fmt], sort_keys=True)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    out = ctx.work_dir / "streamed" / f"{where.replace('.', '_')}-{digest}.jsonl"
+    if not out.is_file():
+        partial = out.with_suffix(f".{os.getpid()}.tmp")
+        if not write_jsonl(partial, rows()):
+            raise ctx.fail(where, "no row of the stream passed the exclude filters")
+        partial.replace(out)  # whole or absent: a killed run never leaves half a selection
+    return datasets.load_dataset("json", data_files=str(out), split="train")
+
+
+def stream_length(source: Source, ctx, where: str) -> int | None:
+    """Rows in a source without reading it: parquet footers, line counts of text files, the
+    Hub's dataset info; None when only reading all of it would tell."""
+    from data_synth.files import data_files, is_saved_dataset
+
+    if source.path is not None:
+        path = Path(source.path).expanduser()
+        if is_saved_dataset(path):
+            return None  # read in memory-mapped pieces anyway: streaming adds nothing
+        total = 0
+        for file in data_files(path, source.split):
+            if file.suffix == ".parquet":
+                import pyarrow.parquet
+
+                total += pyarrow.parquet.ParquetFile(file).metadata.num_rows
+            elif file.suffix in (".jsonl", ".txt"):
+                with file.open("rb") as handle:  # counted in blocks: memory stays flat
+                    total += sum(1 for line in handle if line.strip())
+            else:
+                return None
+        return total
+    try:
+        import datasets
+
+        info = datasets.load_dataset_builder(source.hub, source.config).info
+        return info.splits[source.split].num_examples if info.splits else None
+    except Exception:  # no metadata reachable: the stream's order decides
+        return None
+
+
+def _open_stream(source: Source, split: str, ctx, where: str):
+    """The same rows, in the same order, as `_load` gives, as a stream."""
+    import datasets
+
+    try:
+        if source.hub is not None:
+            return datasets.load_dataset(
+                source.hub, source.config, data_dir=source.data_dir, split=split, streaming=True
+            )
+        return load_local(Path(source.path).expanduser(), split, streaming=True)
+    except DataSynthError as err:
+        raise ctx.fail(f"{where}.path", str(err)) from None
+    except (FileNotFoundError, ValueError) as err:
+        from upstack.checkpoints import hub_hint
+
+        raise ctx.fail(
+            f"{where}.hub", f"cannot stream '{source.hub}': {str(err).splitlines()[0]}{hub_hint()}"
+        ) from None
 
 
 def source_name(source: Source, index: int) -> str:
@@ -203,18 +392,15 @@ def build_weighted_mixture(sources: list[Source], mixture, tokenizer, ctx, eval_
         name = source_name(source, i)
         if name in names:
             name = f"{name}_{i}"
-        rows = _prepare(
-            source,
-            _load(source, source.split, "text", ctx, where),
-            "text",
-            ctx.seed + i,
-            ctx,
-            where,
-            sample=False,
+        rows = _filtered(
+            source, _load(source, source.split, "text", ctx, where), "text", ctx, where
         )
+        rows = _prepare(source, rows, "text", ctx, where)
         if source.eval_split:
-            held = _load(source, source.eval_split, "text", ctx, where)
-            held_out[name] = _prepare(source, held, "text", ctx.seed + i, ctx, where, sample=False)
+            held = _filtered(
+                source, _load(source, source.eval_split, "text", ctx, where), "text", ctx, where
+            )
+            held_out[name] = _prepare(source, held, "text", ctx, where)
         elif eval_fraction > 0 and len(rows) > 1:
             split = rows.train_test_split(test_size=eval_fraction, seed=ctx.seed)
             rows, held_out[name] = split["train"], split["test"]
@@ -354,15 +540,18 @@ def column_problem(source: Source, present: list[str], fmt: str) -> tuple[str, s
     return None
 
 
-def _prepare(source: Source, rows, fmt: str, seed: int, ctx, where: str, sample: bool):
+def _filtered(source: Source, rows, fmt: str, ctx, where: str):
+    """The rows with the columns the format needs, less those the exclude rules drop."""
     problem = column_problem(source, list(rows.column_names), fmt)
     if problem:
         raise ctx.fail(f"{where}{problem[0]}", problem[1])
     for rule in source.exclude:
         rows = rows.filter(lambda value, rule=rule: rule.keeps(value), input_columns=rule.column)
-    if sample:
-        keep = source.max_samples or max(1, round(source.weight * len(rows)))
-        rows = rows.shuffle(seed=seed).select(range(min(keep, len(rows))))
+    return rows
+
+
+def _prepare(source: Source, rows, fmt: str, ctx, where: str):
+    """Selected rows in the format's columns: renamed, as conversations or preference pairs."""
     rows = _rename(rows, source.columns)
     if fmt == "sft":
         rows = _to_conversations(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -34,6 +35,8 @@ OWNED = {
     "model_init_kwargs": "the stage loads the model (see `adapter` for 4-bit)",
 }
 CHECKPOINTS = "checkpoints"
+# rows from which tokenizing in worker processes pays for starting them
+TOKENIZE_IN_PARALLEL = 50_000
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -85,6 +88,9 @@ class TrainingSpec(StageSpec):
     def _generated_data_fits(self) -> TrainingSpec:
         """Generated sources give text (noise) or text and conversations (arith, listops)."""
         for i, source in enumerate(self.datasets):
+            if source.max_tokens is not None and self.DATA_FORMAT != "text":
+                message = "counts tokens of text: a cpt setting (use max_samples here)"
+                raise error_at(("datasets", i, "max_tokens"), message)
             task = "arith" if source.arith else source.generated.task if source.generated else None
             if task == "noise" and self.DATA_FORMAT != "text":
                 loc = ("datasets", i, "generated", "task")
@@ -221,12 +227,19 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
     model_path = ctx.ref("model").location
     tokenizer = load_tokenizer(model_path, ctx, chat_template)
     marks_turns = fmt != "text" and require_chat_template(tokenizer, ctx, model_path)
-    if mixture is not None:
-        train_rows, held_out, report = build_weighted_mixture(
-            spec.datasets, mixture, tokenizer, ctx, spec.eval_fraction
+    from accelerate import PartialState
+
+    # Under accelerate, rank 0 reads (and streams) the data first; the other ranks then find
+    # what it wrote (streamed selections, datasets' caches) instead of all reading the corpus.
+    with PartialState().main_process_first():
+        if mixture is not None:
+            train_rows, held_out, report = build_weighted_mixture(
+                spec.datasets, mixture, tokenizer, ctx, spec.eval_fraction
+            )
+            return Inputs(model_path, tokenizer, train_rows, held_out, marks_turns, report)
+        train_rows, held_out = build_mixture(
+            spec.datasets, fmt, ctx, spec.eval_fraction, tokenizer=tokenizer
         )
-        return Inputs(model_path, tokenizer, train_rows, held_out, marks_turns, report)
-    train_rows, held_out = build_mixture(spec.datasets, fmt, ctx, spec.eval_fraction)
     return Inputs(model_path, tokenizer, train_rows, held_out, marks_turns)
 
 
@@ -323,11 +336,16 @@ def upstack_defaults(on_gpu: bool) -> dict[str, Any]:
     }
 
 
-def trainer_settings(spec: TrainingSpec, stage_defaults) -> dict[str, Any]:
+def trainer_settings(
+    spec: TrainingSpec, stage_defaults, inputs: Inputs | None = None
+) -> dict[str, Any]:
     """Every setting the TRL config gets but output_dir and seed, on this machine: upstack's
-    defaults, then the stage's (`stage_defaults(flash_attention)`), then the recipe's `trainer:`."""
+    defaults, then the stage's (`stage_defaults(flash_attention)`), then the recipe's `trainer:`.
+    With the data in hand, a large data set is tokenized by several worker processes."""
     gpu = on_gpu()
     defaults = upstack_defaults(gpu)
+    if inputs is not None and len(inputs.train) >= TOKENIZE_IN_PARALLEL:
+        defaults["dataset_num_proc"] = min(8, len(os.sched_getaffinity(0)))
     if spec.trainer.get("fp16"):
         defaults["bf16"] = False
     if gpu:

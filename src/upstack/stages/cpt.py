@@ -92,7 +92,7 @@ def build(spec: Spec, ctx) -> tuple[Any, dict | None]:
     from upstack.tables import markdown_table
 
     inputs = training.prepare(spec, ctx, mixture=spec.mixture)
-    settings = training.trainer_settings(spec, stage_defaults)
+    settings = training.trainer_settings(spec, stage_defaults, inputs)
     if inputs.mixture:
         columns = list(next(iter(inputs.mixture.values())))
         rows = [[name, *info.values()] for name, info in inputs.mixture.items()]

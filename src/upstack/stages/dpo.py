@@ -38,7 +38,7 @@ def build_trainer(spec: Spec, ctx):
     from upstack import training
 
     inputs = training.prepare(spec, ctx, spec.chat_template)
-    settings = training.trainer_settings(spec, stage_defaults)
+    settings = training.trainer_settings(spec, stage_defaults, inputs)
     return DPOTrainer(
         ref_model=None,
         args=training.trainer_config(DPOConfig, settings, ctx),

@@ -43,7 +43,7 @@ def build_trainer(spec: Spec, ctx):
         # No marks: loss on the last (assistant) turn only, as a prompt/completion pair.
         train, held_out = (_as_completion(d) if d is not None else None for d in (train, held_out))
         loss_mask = {"completion_only_loss": True}
-    settings = {**training.trainer_settings(spec, stage_defaults), **loss_mask}
+    settings = {**training.trainer_settings(spec, stage_defaults, inputs), **loss_mask}
     return SFTTrainer(
         args=training.trainer_config(SFTConfig, settings, ctx),
         train_dataset=train,
