@@ -299,7 +299,7 @@ def test_streaming_selects_the_same_rows_as_loading_for_the_same_seed(tmp_path, 
     assert texts(True, weight=0.1) == texts(False, weight=0.1)  # 60 of 600 either way
     assert len(texts(True, weight=0.1)) == 60
     # the kept rows are all that is held: the stream is written to the work dir, not a list
-    assert len(list((tmp_path / "True7" / "work" / "streamed").glob("datasets_0-*.jsonl"))) == 1
+    assert list((tmp_path / "True7" / "work" / "streamed").glob("datasets_0-*.jsonl"))
 
 
 def test_max_tokens_takes_rows_in_order_until_the_budget(tmp_path, tiny_model):

@@ -598,7 +598,9 @@ def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> N
     plot_losses(
         trainer.state.log_history, ctx.out_dir / "loss.png", f"{ctx.recipe.name} / {ctx.name}"
     )
-    shutil.rmtree(ctx.work_dir / CHECKPOINTS, ignore_errors=True)  # big, and the stage is done
+    # big, and the stage is done: checkpoints and the streamed selections of its data
+    shutil.rmtree(ctx.work_dir / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(ctx.work_dir / "streamed", ignore_errors=True)
 
 
 def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, ctx) -> None:
