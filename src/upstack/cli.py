@@ -89,6 +89,9 @@ def _worker_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from upstack.cpu import configure_process
+
+    configure_process()  # before torch is imported by anything below
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_stage"]:
         args = _worker_parser().parse_args(argv[1:])

@@ -245,11 +245,18 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
 
 def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
     """The trainer arguments every stage passes alike: the model, its adapter config, the guards."""
+    callbacks = [nan_guard(ctx)]
+    from upstack.cpu import budget_threads
+
+    if not on_gpu() and budget_threads():
+        from upstack.cpu import thread_budget
+
+        callbacks.append(thread_budget())  # share the CPU with whatever else runs beside
     return {
         "model": load_model(inputs.model_path, spec.adapter, ctx),
         "processing_class": inputs.tokenizer,
         "peft_config": lora_config(spec.adapter),
-        "callbacks": [nan_guard(ctx)],
+        "callbacks": callbacks,
     }
 
 
