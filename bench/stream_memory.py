@@ -27,7 +27,31 @@ from upstack.tables import markdown_table
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 WORK = OUT / "stream-memory"
-WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+]
 
 
 def write_corpus(gigabytes: float) -> Path:
