@@ -117,7 +117,15 @@ class TrainingSpec(StageSpec):
 
 def preflight(spec: TrainingSpec, ctx) -> None:
     """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
-    every data source is where it says and has the columns the stage needs."""
+    every data source is where it says and has the columns the stage needs, `train_layers`
+    names layers the model has."""
+    check_model(ctx)
+    check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
+    check_train_layers(spec, ctx)
+
+
+def check_model(ctx) -> None:
+    """The stage's `model` is a checkpoint upstack can load (or one this run builds first)."""
     from upstack.checkpoints import hub_model_problem, model_dir_problem
 
     ref = ctx.ref("model")
@@ -129,8 +137,6 @@ def preflight(spec: TrainingSpec, ctx) -> None:
         problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
     if problem:
         raise ctx.fail("model", problem)
-    check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
-    check_train_layers(spec, ctx)
 
 
 def check_train_layers(spec: TrainingSpec, ctx) -> None:

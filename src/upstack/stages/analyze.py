@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from upstack.data import Source
+from upstack.data import Source, check_sources
 from upstack.recipe import StageSpec, names
-from upstack.training import preflight as preflight  # the model loads, the text sources exist
+from upstack.training import check_model
 
 
 class Spec(StageSpec):
-    DATA_FORMAT: ClassVar[str] = "text"  # what preflight checks the sources for
-
     kind: Literal["analyze"] = "analyze"
     model: str = Field(
         description="the model to measure: a stage of this recipe, a local dir or a Hub id",
@@ -28,6 +26,12 @@ class Spec(StageSpec):
     samples: int = Field(64, ge=1, description="sequences measured, each max_length tokens")
     max_length: int = Field(256, ge=2, description="tokens per sequence (documents packed)")
     batch_size: int = Field(8, ge=1)
+
+
+def preflight(spec: Spec, ctx) -> None:
+    """Before anything runs: the model is a checkpoint upstack can load, the text is there."""
+    check_model(ctx)
+    check_sources(spec.datasets, ctx, "text")
 
 
 def run(spec: Spec, ctx) -> dict:
