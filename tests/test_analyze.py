@@ -112,7 +112,7 @@ def test_the_suggestion_fed_into_upscale_gives_the_expected_slices(analyzed):
         config = yaml.safe_load((analyzed.out_dir / stage / "mergekit_config.yml").read_text())
         return [s["sources"][0]["layer_range"] for s in config["slices"]]
 
-    assert slices("prune") == [[0, drop], [drop + 1, 10]]
+    assert slices("prune") == [r for r in ([0, drop], [drop + 1, 10]) if r[0] < r[1]]
     assert slices("grow") == [[0, pair + 2], [pair, 10]]
     manifest = json.loads((analyzed.out_dir / "grow" / "upstack.json").read_text())["metrics"]
     assert manifest["seam_slices"] == [[0, pair + 2], [pair, 10]]

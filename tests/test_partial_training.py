@@ -134,6 +134,15 @@ def test_seam_resolves_to_the_same_layers_two_stages_down(grown):
         else:
             assert torch.equal(after[name], tensor), name
 
+    # the card shows the layer map compactly and what each stage trained
+    from upstack.stages.push import model_card
+
+    card = model_card(recipe, "sft_seam", "org/tiny-seam")
+    assert "Layer map" in card and "| 4      |" in card and "original+seam" in card
+    assert "| 7-9    |" in card and "| 5-7           |" in card  # one row: 7-9 <- source 5-7
+    line = "Trained layers 4, 5 (`train_layers: seam`); frozen: embeddings, lm_head, final_norm"
+    assert card.count(line) == 2  # cpt_seam and sft_seam
+
 
 def test_lora_adapts_only_the_listed_layers(grown, tmp_path):
     recipe = grown

@@ -107,12 +107,12 @@ def cheapest_blocks(angular_distance: list[list[float]]) -> list[dict[str, Any]]
 
 
 def seam_slices(n: int, target_layers: int, start: int) -> list[tuple[int, int]]:
-    """The two DUS slices that give `target_layers` layers from n with the block of
-    k = |target − n| layers at `start` duplicated (growth) or dropped (shrinking)."""
+    """The DUS slices that give `target_layers` layers from n with the block of
+    k = |target − n| layers at `start` duplicated (growth) or dropped (shrinking); a slice left
+    empty (the dropped block at an end) is left out."""
     k = target_layers - n
-    if k >= 0:
-        return [(0, start + k), (start, n)]
-    return [(0, start), (start - k, n)]
+    slices = [(0, start + k), (start, n)] if k >= 0 else [(0, start), (start - k, n)]
+    return [(first, end) for first, end in slices if first < end]
 
 
 def read(stage_dir: Path) -> dict[str, Any]:
