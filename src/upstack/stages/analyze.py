@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field
@@ -55,18 +56,15 @@ def run(spec: Spec, ctx) -> dict:
     model.to(device)
     tokenizer = training.load_tokenizer(path, ctx)
     rows, _ = build_mixture(spec.datasets, "text", ctx)
-    sequences = packed(tokenizer, rows["text"], spec.samples, spec.max_length)
+    # row by row: a large corpus is read only as far as the sample needs
+    sequences = packed(tokenizer, (row["text"] for row in rows), spec.samples, spec.max_length)
     if not sequences:
         raise ctx.fail("datasets", f"the text gives fewer than max_length={spec.max_length} tokens")
-    batches = (
-        {
-            "input_ids": torch.tensor(sequences[i : i + spec.batch_size], device=device),
-            "attention_mask": torch.ones(
-                len(sequences[i : i + spec.batch_size]), spec.max_length, device=device
-            ),
-        }
+    chunks = (
+        torch.tensor(sequences[i : i + spec.batch_size], device=device)
         for i in range(0, len(sequences), spec.batch_size)
     )
+    batches = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in chunks)
     try:
         results = layer_analysis.measure(model, batches)
     except ValueError as err:
@@ -78,8 +76,6 @@ def run(spec: Spec, ctx) -> dict:
         **results,
         "blocks": layer_analysis.cheapest_blocks(results["angular_distance"]),
     }
-
-    import json
 
     (ctx.out_dir / layer_analysis.RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     table = layer_analysis.table(results)

@@ -184,9 +184,10 @@ def preflight(spec: Spec, ctx: StageContext) -> None:
             source = _read_source(ref, ctx)
             _check_method_fits(spec, source, ctx)
             layers[ref.key] = source.layers
-    pieces = plan_layers(spec, layers, ctx, seam_from_analysis(spec, layers["model"], ctx))
+    start = seam_from_analysis(spec, layers["model"], ctx)
+    pieces = plan_layers(spec, layers, ctx, start)
     if spec.analysis is not None:  # the plan shows where the seam goes, before anything runs
-        ctx.log(_seam_note(spec, pieces, layers["model"], ctx))
+        ctx.log(_seam_note(spec, pieces, layers["model"], start))
 
 
 def output_shape(spec: Spec, input_shape) -> dict | None:
@@ -265,9 +266,9 @@ def seam_from_analysis(spec: Spec, n: int, ctx: StageContext) -> int | None:
     return next((b["start"] for b in results["blocks"] if b["size"] == size), 0)
 
 
-def _seam_note(spec: Spec, pieces: list[Piece], n: int, ctx: StageContext) -> str:
+def _seam_note(spec: Spec, pieces: list[Piece], n: int, start: int | None) -> str:
     target = sum(p.end - p.first for p in pieces)
-    if seam_from_analysis(spec, n, ctx) is None:
+    if start is None:
         return f"seam placed by '{spec.analysis}' once it has run ({n} -> {target} layers)"
     slices = " + ".join(f"[{p.first}, {p.end})" for p in pieces)
     return f"seam placed by '{spec.analysis}': {n} -> {target} layers as {slices}"
@@ -373,11 +374,8 @@ def plan_layers(
         if not 1 <= target <= 2 * n:
             key = "target_layers" if spec.target_layers is not None else "drop_layers"
             raise fail(key, f"{target} layers is not reachable from {n}: DUS gives 1 to {2 * n}")
-        if seam_start is None:  # the analysis has not run yet: the count is known, the seam not
-            return [Piece("model", 0, min(target, n)), Piece("model", 0, target - n)][
-                : 1 + (target > n)
-            ]
-        return [Piece("model", a, b) for a, b in seam_slices(n, target, seam_start)]
+        # before the analysis has run only the count is known: any start gives it
+        return [Piece("model", a, b) for a, b in seam_slices(n, target, seam_start or 0)]
 
     if spec.method == "dus":
         if spec.target_layers is not None:
