@@ -779,7 +779,7 @@ CASES = [
         "name: c\noutput_dir: {out}\nstages:\n  cpt:\n    model: {model}\n"
         "    datasets: [{arith: {problems: 5}}]\n    train_layers: seam\n",
         "stages.cpt.train_layers: seam needs the layer map of an upscale stage, and model "
-        "{model} (not a stage) has none in its lineage",
+        "{model} is no stage of this recipe nor a dir an upscale stage wrote",
         line=7,
     ),
     Case(
@@ -815,7 +815,7 @@ CASES = [
         "new-on-dus",
         "name: c\noutput_dir: {out}\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 3}\n"
         "  cpt:\n    model: up\n    datasets: [{arith: {problems: 5}}]\n    train_layers: new\n",
-        "stages.cpt.train_layers: the layer map of 'up' (dus) has no new layers "
+        "stages.cpt.train_layers: the layer map of 'up' has no new layers "
         "(it has: duplicate, original, seam)",
         line=8,
     ),

@@ -144,6 +144,16 @@ def test_seam_resolves_to_the_same_layers_two_stages_down(grown):
     assert card.count(line) == 2  # cpt_seam and sft_seam
 
 
+def test_a_dir_an_upscale_stage_wrote_carries_its_layer_map(grown, tmp_path):
+    """Another recipe trains the grown model by path: the map comes from its manifest."""
+    path = recipe_from_stages(
+        tmp_path,
+        {"cpt": {"model": str(grown.out_dir / "up_dus"), "datasets": DATA, "train_layers": "seam"}},
+    )
+    recipe = load_recipe(path)
+    assert layermap.train_layers("seam", context(recipe, "cpt", "h"), 10) == [4, 5]
+
+
 def test_lora_adapts_only_the_listed_layers(grown, tmp_path):
     recipe = grown
     ctx = context(recipe, "lora_some", "test", out_dir=tmp_path / "out", work=tmp_path / "work")

@@ -164,20 +164,31 @@ def train_layers(selection: str | list[int], ctx, num_layers: int | None) -> lis
                 )
         return sorted(selection)
     model = ctx.ref("model")
-    try:
-        ancestor = upscale_ancestor(ctx.recipe, model.stage) if model.stage else None
-    except ValueError as err:
-        raise ctx.fail("train_layers", f"{selection} needs one layer map: {err}") from None
-    if ancestor is None:
-        where = f"stage '{model.stage}'" if model.stage else f"{model.text} (not a stage)"
-        raise ctx.fail(
-            "train_layers",
-            f"{selection} needs the layer map of an upscale stage, and model {where} has "
-            "none in its lineage; use all or a list of layer indices",
-        )
-    layer_map = layer_map_of(ctx.recipe, ancestor, ctx.pending)
-    if layer_map is None:
-        return None
+    if model.stage is None:
+        # a dir an upscale stage wrote (another recipe's, say) carries its map in its manifest
+        ancestor = model.text
+        layer_map = read_layer_map(Path(model.location)) if model.origin == "path" else None
+        if layer_map is None:
+            raise ctx.fail(
+                "train_layers",
+                f"{selection} needs the layer map of an upscale stage, and model {model.text} "
+                "is no stage of this recipe nor a dir an upscale stage wrote; use all or a "
+                "list of layer indices",
+            )
+    else:
+        try:
+            ancestor = upscale_ancestor(ctx.recipe, model.stage)
+        except ValueError as err:
+            raise ctx.fail("train_layers", f"{selection} needs one layer map: {err}") from None
+        if ancestor is None:
+            raise ctx.fail(
+                "train_layers",
+                f"{selection} needs the layer map of an upscale stage, and model stage "
+                f"'{model.stage}' has none in its lineage; use all or a list of layer indices",
+            )
+        layer_map = layer_map_of(ctx.recipe, ancestor, ctx.pending)
+        if layer_map is None:
+            return None
     if num_layers is not None and num_layers != len(layer_map):
         raise ctx.fail(
             "train_layers",
@@ -187,10 +198,9 @@ def train_layers(selection: str | list[int], ctx, num_layers: int | None) -> lis
     chosen = select(layer_map, selection)
     if not chosen:
         present = sorted({role for entry in layer_map for role in entry["roles"]})
-        method = getattr(ctx.recipe.stages[ancestor], "method", "")
         raise ctx.fail(
             "train_layers",
-            f"the layer map of '{ancestor}' ({method}) has no {SELECTORS[selection]} layers "
+            f"the layer map of '{ancestor}' has no {SELECTORS[selection]} layers "
             f"(it has: {', '.join(present)})",
         )
     return chosen
