@@ -270,26 +270,24 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
 
     model = load_model(inputs.model_path, spec.adapter, ctx)
     parts = trainable_parts(spec, ctx, model)
+    peft_config = None
     if spec.adapter is None:
         trainable.freeze(model, parts)
-        return {
-            "model": model,
-            "processing_class": inputs.tokenizer,
-            "peft_config": None,
-            "callbacks": [nan_guard(ctx)],
-        }
-    targets = spec.adapter.target_modules
-    if spec.train_layers != "all":
-        targets = trainable.lora_targets(model, parts, targets)
-        if not targets:
-            raise ctx.fail(
-                "adapter.target_modules",
-                f"no Linear module of layers {list(parts.layers)} matches {spec.adapter.target_modules}",
-            )
+    else:
+        targets = spec.adapter.target_modules
+        if spec.train_layers != "all":
+            targets = trainable.lora_targets(model, parts, targets)
+            if not targets:
+                raise ctx.fail(
+                    "adapter.target_modules",
+                    f"no Linear module of layers {list(parts.layers)} matches "
+                    f"{spec.adapter.target_modules}",
+                )
+        peft_config = lora_config(spec.adapter, targets, trainable.modules_to_save(model, parts))
     return {
         "model": model,
         "processing_class": inputs.tokenizer,
-        "peft_config": lora_config(spec.adapter, targets, trainable.modules_to_save(model, parts)),
+        "peft_config": peft_config,
         "callbacks": [nan_guard(ctx)],
     }
 
