@@ -807,6 +807,94 @@ CASES = [
         "stages.sft.datasets.0.generated.task: noise gives text only, not sft data",
         line=6,
     ),
+    # ---------------------------------------------------------------- layers
+    Case(
+        "layers",
+        "seam-without-upscale",
+        "name: c\noutput_dir: {out}\nstages:\n  cpt:\n    model: {model}\n"
+        "    datasets: [{arith: {problems: 5}}]\n    train_layers: seam\n",
+        "stages.cpt.train_layers: seam needs the layer map of an upscale stage, and model "
+        "{model} is no stage of this recipe nor a dir an upscale stage wrote",
+        line=7,
+    ),
+    Case(
+        "layers",
+        "seam-of-init",
+        f"name: c\noutput_dir: {{out}}\nstages:\n  init:\n    {SMALL}\n"
+        "  cpt: {model: init, datasets: [{arith: {problems: 5}}], train_layers: duplicates}\n",
+        "stages.cpt.train_layers: duplicates needs the layer map of an upscale stage, and model "
+        "stage 'init' has none in its lineage",
+        line=8,
+    ),
+    Case(
+        "layers",
+        "index-out-of-range",
+        "name: c\noutput_dir: {out}\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 3}\n"
+        "  cpt:\n    model: up\n    datasets: [{arith: {problems: 5}}]\n"
+        "    train_layers: [0, 10]\n",
+        "stages.cpt.train_layers.1: layer 10 is out of range: the model has 10 layers (0 to 9)",
+        line=8,
+    ),
+    Case(
+        "layers",
+        "index-out-of-range-two-down",
+        "name: c\noutput_dir: {out}\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 3}\n"
+        "  cpt: {model: up, datasets: [{arith: {problems: 5}}]}\n"
+        "  sft:\n    model: cpt\n    datasets: [{arith: {problems: 5}}]\n"
+        "    train_layers: [12]\n",
+        "stages.sft.train_layers.0: layer 12 is out of range: the model has 10 layers",
+        line=9,
+    ),
+    Case(
+        "layers",
+        "new-on-dus",
+        "name: c\noutput_dir: {out}\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 3}\n"
+        "  cpt:\n    model: up\n    datasets: [{arith: {problems: 5}}]\n    train_layers: new\n",
+        "stages.cpt.train_layers: the layer map of 'up' has no new layers "
+        "(it has: duplicate, original, seam)",
+        line=8,
+    ),
+    Case(
+        "layers",
+        "keyword-typo",
+        "name: c\nstages:\n  cpt:\n    model: {model}\n    datasets: [{arith: {problems: 5}}]\n"
+        "    train_layers: seams\n",
+        "stages.cpt.train_layers: expected all, new, seam, duplicates or a list of layer indices, "
+        "got 'seams'",
+        line=6,
+    ),
+    Case(
+        "layers",
+        "index-twice",
+        "name: c\nstages:\n  cpt:\n    model: {model}\n    datasets: [{arith: {problems: 5}}]\n"
+        "    train_layers: [1, 3, 1]\n",
+        "stages.cpt.train_layers.2: layer 1 is listed twice",
+        line=6,
+    ),
+    Case(
+        "layers",
+        "analyze-not-a-model",
+        f"name: c\nstages:\n  synth:\n    {SYNTH}\n  pairs: {{}}\n"
+        "  analyze:\n    model: pairs\n    datasets: [{arith: {problems: 5}}]\n",
+        "stages.analyze.model: 'pairs' is a stage of kind pairs, not a model",
+        line=8,
+    ),
+    Case(
+        "layers",
+        "analysis-not-an-analyze-stage",
+        "name: c\nstages:\n  init: {}\n"
+        "  up: {kind: upscale, model: init, target_layers: 3, analysis: init}\n",
+        "stages.up.analysis: 'init' is a stage of kind init, not an analyze stage",
+        line=4,
+    ),
+    Case(
+        "layers",
+        "analysis-for-stack",
+        "name: c\nstages:\n  analyze: {model: {model}, datasets: [{arith: {problems: 5}}]}\n"
+        "  up: {kind: upscale, model: {model}, method: stack, copies: 2, analysis: analyze}\n",
+        "stages.up.analysis: only for method dus, not stack",
+        line=4,
+    ),
     # ---------------------------------------------------------------- cli
     Case(
         "cli",
@@ -875,4 +963,5 @@ def test_the_corpus_is_large_and_covers_every_category():
         "set",
         "push",
         "teacher",
+        "layers",
     } <= categories

@@ -102,3 +102,25 @@ def test_lora_dpo_uses_the_adapter_disabled_model_as_reference(tmp_path, tiny_mo
     trainer.train()
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     assert margins[-1] > margins[0]
+
+
+def test_dpo_trains_only_the_listed_layers(tmp_path, tiny_model):
+    """train_layers in dpo: the listed layers move, everything else is saved bit-identical."""
+    data = _pairs(tmp_path / "pairs.jsonl", count=16)
+    stage = {
+        "model": str(tiny_model),
+        "datasets": [{"path": data, "columns": {"question": "prompt"}}],
+        "train_layers": [6, 7],
+        "trainer": {**FAST, "max_steps": 3},
+    }
+    run(load_recipe(recipe_from_stages(tmp_path, {"dpo": stage})), ["dpo"])
+    out = tmp_path / "runs" / "dpo"
+    trained = json.loads((out / "upstack.json").read_text())["metrics"]["trained"]
+    assert trained["layers"] == [6, 7] and trained["lm_head"] is False
+    before, after = (
+        load_file(str(tiny_model / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
+    for name, tensor in before.items():
+        listed = name.startswith(("model.layers.6.", "model.layers.7."))
+        assert torch.equal(after[name], tensor) != listed, name

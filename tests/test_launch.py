@@ -87,3 +87,65 @@ def test_a_workers_mistake_is_the_launchers_one_line_error(tmp_path, tiny_model)
     assert last.startswith("error: ") and "stages.sft.datasets.0.path: " in last
     assert f"{data}:2: not valid JSON" in last
     assert not (tmp_path / "runs" / "sft").exists()
+
+
+@pytest.mark.slow
+def test_seam_only_training_with_two_processes(tmp_path, tiny_model):
+    """DDP (gloo) over a DUS model with only its seam trainable, in full and with LoRA: the
+    frozen parameters take no part in the gradient all-reduce and come out bit-identical; the
+    seam layers train."""
+    import torch
+    from safetensors.torch import load_file
+
+    seam = {
+        "datasets": [{"arith": {"problems": 64}}],
+        "train_layers": "seam",
+        "trainer": {
+            "max_steps": 4,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 3e-3,
+            "max_length": 64,
+            "logging_steps": 1,
+        },
+    }
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "output_dir": str(tmp_path / "runs"),
+                "stages": {
+                    "up": {"kind": "upscale", "model": str(tiny_model), "drop_layers": 3},
+                    "cpt": {"model": "up", **seam},
+                    "lora": {"kind": "cpt", "model": "up", "adapter": {"r": 4}, **seam},
+                },
+            }
+        )
+    )
+    result = run_cli(
+        "run",
+        str(recipe),
+        cwd=tmp_path,
+        timeout=300,
+        env={
+            "ACCELERATE": str(ROOT / "recipes/accelerate/ddp.yaml"),
+            "NPROC": "2",
+            "OMP_NUM_THREADS": "1",
+        },
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = tmp_path / "runs"
+    metrics = json.loads((runs / "cpt" / "upstack.json").read_text())["metrics"]
+    assert metrics["processes"] == 2
+    trained = metrics["trained"]
+    assert trained["layers"] == [4, 5] and trained["embeddings"] is False
+    assert trained["optimizer_state_parameters"] == trained["parameters_trainable"]
+    before = load_file(str(runs / "up" / "model.safetensors"))
+    for stage in ("cpt", "lora"):
+        after = load_file(str(runs / stage / "model.safetensors"))
+        for name, tensor in before.items():
+            seam = name.startswith(("model.layers.4.", "model.layers.5."))
+            trains = seam and (stage == "cpt" or name.endswith("proj.weight"))
+            assert torch.equal(after[name], tensor) != trains, (stage, name)
+    lora = json.loads((runs / "lora" / "upstack.json").read_text())["metrics"]
+    assert lora["processes"] == 2 and lora["trained"]["adapter"] == "lora"

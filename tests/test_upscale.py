@@ -95,6 +95,14 @@ def test_dus_keeps_the_two_halves_of_solar(grown, tiny_model):
     assert (metrics["layers_before"], metrics["layers_after"]) == (N, 10)
     per_layer = metrics["parameters_before"] - metrics["parameters_after"]
     assert metrics["parameters_after"] > metrics["parameters_before"] and per_layer % 2 == 0
+    # the layer map: every layer's source and role, as SOLAR's n, m give them
+    origins = metrics["layer_origins"]
+    assert [(e["source"], e["source_layer"]) for e in origins] == [
+        (str(tiny_model), j) for j in expected
+    ]
+    assert [i for i, e in enumerate(origins) if "seam" in e["roles"]] == [4, 5]
+    assert [i for i, e in enumerate(origins) if "duplicate" in e["roles"]] == [5, 6]
+    assert [e["copy"] for e in origins] == [0] * 5 + [1, 1] + [0] * 3
 
 
 def test_target_layers_gives_the_same_model_as_drop_layers(grown):
@@ -104,6 +112,9 @@ def test_target_layers_gives_the_same_model_as_drop_layers(grown):
 
 def test_stack_repeats_the_whole_stack_in_the_asked_dtype(grown, tiny_model):
     assert_copied(grown / "stack", tiny_model, list(range(N)) * 3, dtype=torch.bfloat16)
+    origins = json.loads((grown / "stack" / "upstack.json").read_text())["metrics"]["layer_origins"]
+    assert [e["layer"] for e in origins if "seam" in e["roles"]] == [7, 8, 15, 16]
+    assert [e["copy"] for e in origins] == [0] * N + [1] * N + [2] * N
     assert json.loads((grown / "stack" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -117,6 +128,17 @@ def test_layers_method_mixes_sources_and_orders_after_them(grown, tiny_model):
     metrics = json.loads((grown / "mixed" / "upstack.json").read_text())["metrics"]
     assert metrics["layer_map"] == [8, 9, 0]
     assert [Path(p).name for p in metrics["layer_sources"]] == ["dus", "dus", tiny_model.name]
+    origins = metrics["layer_origins"]
+    assert [e["source"] for e in origins] == [
+        "dus",
+        "dus",
+        str(tiny_model),
+    ]  # as the recipe names them
+    assert [e["roles"] for e in origins] == [
+        ["original"],
+        ["original", "seam"],
+        ["original", "seam"],
+    ]
 
 
 def test_expanded_model_computes_what_the_base_computes(grown, tiny_model):
@@ -138,6 +160,9 @@ def test_expanded_model_computes_what_the_base_computes(grown, tiny_model):
                 assert torch.equal(tensor, source[j][name]), f"{i}.{name} is not source layer {j}'s"
     metrics = json.loads((out_dir / "upstack.json").read_text())["metrics"]
     assert metrics["identity_layers"] == sorted(identity)
+    origins = metrics["layer_origins"]
+    assert [e["layer"] for e in origins if e["roles"] == ["new"]] == sorted(identity)
+    assert all(e["roles"] == ["original"] for e in origins if e["layer"] not in identity)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     grown_model = AutoModelForCausalLM.from_pretrained(out_dir).eval()

@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     recipe_command(
         "report", "eval tables of the finished eval stages; writes <output_dir>/report.md"
     )
+    layers = recipe_command(
+        "layers",
+        "the layer map of upscale stages: each layer's source, copy and role (original, "
+        "duplicate, seam, new), and which layers the training stages below them train",
+    )
+    layers.add_argument(
+        "stage",
+        nargs="?",
+        help="an upscale stage, or a stage whose model comes from one; default: every upscale stage",
+    )
     push = recipe_command(
         "push", "upload a finished stage (model, or synth/pairs data) with a card"
     )
@@ -116,8 +126,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and not args.dry_run:
         # refused at once, before the seconds of imports that loading the recipe takes
         runner.refuse_if_locked(args.recipe, args.overrides)
-    # status and report only read state: skip the checks that import mergekit and torch
-    recipe = load_recipe(args.recipe, args.overrides, deep=args.command not in ("status", "report"))
+    # status, report and layers only read state: skip the checks that import mergekit and torch
+    recipe = load_recipe(
+        args.recipe, args.overrides, deep=args.command not in ("status", "report", "layers")
+    )
     if args.command == "run":
         runner.run(recipe, args.targets, force=args.force, dry_run=args.dry_run)
         if not args.dry_run:
@@ -130,6 +142,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from upstack.report import report
 
         print(report(recipe), end="")
+    elif args.command == "layers":
+        from upstack.report import layers_report
+
+        print(layers_report(recipe, args.stage), end="")
     elif args.command == "push":
         _push(recipe, args)
     elif args.command == "mixture":

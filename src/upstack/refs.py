@@ -95,7 +95,8 @@ def resolve(name: Declared, stages: dict[str, str], out_dir: Path) -> Reference:
         allowed = name.kinds or (MODEL_KINDS if name.thing == "model" else DATA_KINDS)
         if kind not in allowed:
             what = " or ".join(name.kinds) if name.kinds else f"{name.thing} ({', '.join(allowed)})"
-            raise ValueError(f"'{text}' is a stage of kind {kind}, not a {what} stage")
+            article = "an" if what[0] in "aeiou" else "a"
+            raise ValueError(f"'{text}' is a stage of kind {kind}, not {article} {what} stage")
         return made("stage", str(out_dir / text), kind)
     if where == "stage":
         raise ValueError(f"no stage '{text}'{_did_you_mean(text, stages)}")

@@ -1,4 +1,5 @@
-"""`upstack report`: the stage table and every finished eval table, printed and written to <output_dir>/report.md."""
+"""`upstack report`: the stage table and every finished eval table, printed and written to
+<output_dir>/report.md; `upstack layers`: the layer maps of the upscale stages."""
 
 from __future__ import annotations
 
@@ -45,3 +46,79 @@ def report(recipe: Recipe) -> str:
     text = "\n\n".join(sections) + "\n"
     (recipe.out_dir / "report.md").write_text(text)
     return text
+
+
+def layers_report(recipe: Recipe, stage: str | None = None) -> str:
+    """Each upscale stage's layer map (or the one `stage`'s model descends from): for every
+    output layer its source, source layer, copy and roles, and a column per training stage
+    below it that trains part of it (x: trained), as recorded or, not yet run, as planned."""
+    from upstack import layermap
+    from upstack.errors import UserError
+    from upstack.runner import context
+
+    hashes = runner.stage_hashes(recipe)
+    states = {name: runner.stage_state(recipe, name, hashes[name]) for name in recipe.stages}
+    pending = frozenset(name for name, state in states.items() if state != "done")
+    if stage is None:
+        upscales = [n for n in recipe.order() if recipe.stages[n].kind == "upscale"]
+        if not upscales:
+            return "No upscale stage in this recipe: no layer map to show.\n"
+    else:
+        if stage not in recipe.stages:
+            raise UserError(f"{recipe.source}: no stage '{stage}'")
+        try:
+            ancestor = layermap.upscale_ancestor(recipe, stage)
+        except ValueError as err:
+            raise UserError(f"{recipe.source}: {err}") from None
+        if ancestor is None:
+            raise UserError(f"{recipe.source}: stage '{stage}' has no upscale stage in its lineage")
+        upscales = [ancestor]
+
+    sections = []
+    for name in upscales:
+        spec = recipe.stages[name]
+        layer_map = layermap.layer_map_of(recipe, name, pending)
+        where = "recorded" if name not in pending else "planned from the recipe"
+        title = f"## {name} (upscale, {spec.method}, {states[name]}: {where})"
+        if layer_map is None:
+            sections.append(
+                f"{title}\n\nnot known before it runs (a Hub source, or a seam an analysis places)"
+            )
+            continue
+        trainers = {}
+        for other in recipe.order():
+            train_layers = getattr(recipe.stages[other], "train_layers", "all")
+            if train_layers == "all" or _ancestor(recipe, other) != name:
+                continue
+            manifest = runner.read_manifest(recipe.out_dir / other) or {}
+            recorded = manifest.get("metrics", {}).get("trained", {}).get("layers")
+            if other in pending or recorded is None:
+                try:
+                    ctx = context(recipe, other, hashes[other], pending)
+                    recorded = layermap.train_layers(train_layers, ctx, len(layer_map))
+                except UserError:
+                    recorded = None
+            trainers[other] = set(recorded or ())
+        rows = [
+            [
+                e["layer"],
+                e["source"],
+                e["source_layer"],
+                e["copy"],
+                "+".join(e["roles"]),
+                *("x" if e["layer"] in chosen else "" for chosen in trainers.values()),
+            ]
+            for e in layer_map
+        ]
+        headers = ["layer", "source", "source layer", "copy", "roles", *trainers]
+        sections.append(f"{title}\n\n{markdown_table(headers, rows)}")
+    return "\n\n".join(sections) + "\n"
+
+
+def _ancestor(recipe: Recipe, stage: str) -> str | None:
+    from upstack import layermap
+
+    try:
+        return layermap.upscale_ancestor(recipe, stage)
+    except ValueError:
+        return None

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from upstack.context import is_main_process
 from upstack.data import Source, check_sources
 from upstack.errors import looks_like_secret
+from upstack.layermap import SELECTORS
 from upstack.recipe import StageSpec, Strict, error_at, names
 
 # Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
@@ -75,6 +76,21 @@ class TrainingSpec(StageSpec):
         0.0, ge=0, lt=1, description="held out for eval loss if no source has eval_split"
     )
     adapter: Adapter | None = None
+    # LLaMA Pro trains only its inserted blocks; after DUS one may heal only the seam. Keywords
+    # resolve through the layer map of the model's upscale stage (upstack.layermap), however
+    # many training stages lie between.
+    train_layers: Literal["all", "new", "seam", "duplicates"] | list[int] = Field(
+        "all",
+        description="the decoder layers to train: all, new (expand's identity blocks), seam "
+        "(either side of a DUS join), duplicates (later copies of a layer), or indices; the "
+        "rest is frozen",
+    )
+    train_embeddings: bool | None = Field(
+        None, description="default: trained when train_layers is all (without adapter)"
+    )
+    train_lm_head: bool | None = Field(
+        None, description="default: trained when train_layers is all (without adapter)"
+    )
     trainer: dict[str, Any] = Field(
         default_factory=dict, description="fields of the stage's TRL config (SFTConfig, DPOConfig)"
     )
@@ -102,10 +118,35 @@ class TrainingSpec(StageSpec):
                 raise error_at(loc, f"{task} gives text or conversations, not preference pairs")
         return self
 
+    @field_validator("train_layers", mode="before")
+    @classmethod
+    def _layer_selection(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("all", *SELECTORS):
+            raise ValueError(
+                f"expected all, {', '.join(SELECTORS)} or a list of layer indices, got {value!r}"
+            )
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list trains no layer: list indices, or use all")
+            for i, index in enumerate(value):
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    raise error_at((i,), f"a layer index is an integer >= 0, got {index!r}")
+                if index in value[:i]:
+                    raise error_at((i,), f"layer {index} is listed twice")
+        return value
+
 
 def preflight(spec: TrainingSpec, ctx) -> None:
     """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
-    every data source is where it says and has the columns the stage needs."""
+    every data source is where it says and has the columns the stage needs, `train_layers`
+    names layers the model has."""
+    check_model(ctx)
+    check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
+    check_train_layers(spec, ctx)
+
+
+def check_model(ctx) -> None:
+    """The stage's `model` is a checkpoint upstack can load (or one this run builds first)."""
     from upstack.checkpoints import hub_model_problem, model_dir_problem
 
     ref = ctx.ref("model")
@@ -117,7 +158,21 @@ def preflight(spec: TrainingSpec, ctx) -> None:
         problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
     if problem:
         raise ctx.fail("model", problem)
-    check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
+
+
+def check_train_layers(spec: TrainingSpec, ctx) -> None:
+    """Before anything runs: `train_layers` names layers the model will have. The layer count
+    comes from the recipe (upstack.shapes) and a keyword's layers from the layer map the upscale
+    ancestor recorded, or will record (planned from the recipe); where neither is known offline
+    (a Hub model, a seam an analysis places in this run) the check waits for the stage's start."""
+    from upstack import layermap
+    from upstack.shapes import planned_shape
+
+    if spec.train_layers == "all":
+        return
+    ref = ctx.ref("model")
+    shape = planned_shape(ctx.recipe, ref, ctx.pending) or {}
+    layermap.train_layers(spec.train_layers, ctx, shape.get("num_hidden_layers"))
 
 
 def output_shape(spec: TrainingSpec, input_shape):
@@ -244,7 +299,26 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
 
 
 def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
-    """The trainer arguments every stage passes alike: the model, its adapter config, the guards."""
+    """The trainer arguments every stage passes alike: the model with what it does not train
+    frozen, its adapter config (limited to the trained layers), the guards."""
+    from upstack import trainable
+
+    model = load_model(inputs.model_path, spec.adapter, ctx)
+    parts = trainable_parts(spec, ctx, model)
+    peft_config = None
+    if spec.adapter is None:
+        trainable.freeze(model, parts)
+    else:
+        targets = spec.adapter.target_modules
+        if spec.train_layers != "all":
+            targets = trainable.lora_targets(model, parts, targets)
+            if not targets:
+                raise ctx.fail(
+                    "adapter.target_modules",
+                    f"no Linear module of layers {list(parts.layers)} matches "
+                    f"{spec.adapter.target_modules}",
+                )
+        peft_config = lora_config(spec.adapter, targets, trainable.modules_to_save(model, parts))
     callbacks = [nan_guard(ctx)]
     from upstack.cpu import budget_threads
 
@@ -253,19 +327,38 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
 
         callbacks.append(thread_budget())  # share the CPU with whatever else runs beside
     return {
-        "model": load_model(inputs.model_path, spec.adapter, ctx),
+        "model": model,
         "processing_class": inputs.tokenizer,
-        "peft_config": lora_config(spec.adapter),
+        "peft_config": peft_config,
         "callbacks": callbacks,
     }
+
+
+def trainable_parts(spec: TrainingSpec, ctx, model):
+    """What of `model` the stage trains (upstack.trainable), checked against the model itself."""
+    from upstack import trainable
+
+    parts = trainable.resolve(spec, ctx, model.config.num_hidden_layers)
+    if trainable.is_tied(model) and parts.embeddings != parts.lm_head:
+        raise ctx.fail(
+            "train_lm_head" if spec.train_lm_head is not None else "train_embeddings",
+            "the model ties lm_head to the embeddings (one tensor): "
+            "set train_embeddings and train_lm_head alike",
+        )
+    return parts
 
 
 def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
     """Train (resuming when an earlier attempt left a checkpoint), then save a plain checkpoint.
     The manifest gets the effective trainer settings: every field that differs from TRL's default."""
+    from upstack import trainable
+
     metrics = train(trainer, ctx)
+    layers = trainer.model.config.num_hidden_layers
+    trained = trainable.resolve(spec, ctx, layers).record(spec.train_layers)
+    trained.update(trainable.counted(trainer), adapter=spec.adapter.type if spec.adapter else None)
     save(trainer, trainer.processing_class, ctx.ref("model").location, spec.adapter, ctx)
-    return {**metrics, "trainer_settings": changed_fields(trainer.args)}
+    return {**metrics, "trained": trained, "trainer_settings": changed_fields(trainer.args)}
 
 
 def changed_fields(config) -> dict[str, Any]:
@@ -448,7 +541,13 @@ def flash_attention() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def lora_config(adapter: Adapter | None):
+def lora_config(
+    adapter: Adapter | None,
+    target_modules: list[str] | str | None = None,
+    modules_to_save: list[str] | None = None,
+):
+    """peft's LoraConfig; `target_modules`: the adapter's, or the full module names of the
+    trained layers; `modules_to_save`: embeddings or head trained in full beside the adapter."""
     if adapter is None:
         return None
     from peft import LoraConfig
@@ -457,7 +556,8 @@ def lora_config(adapter: Adapter | None):
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
+        target_modules=target_modules or adapter.target_modules,
+        modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )
 

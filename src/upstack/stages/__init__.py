@@ -8,6 +8,7 @@ kernel at the top; torch, transformers, mergekit and TRL are imported inside fun
 STAGE_MODULES: dict[str, str] = {
     "init": "upstack.stages.init",
     "upscale": "upstack.stages.upscale",
+    "analyze": "upstack.stages.analyze",
     "cpt": "upstack.stages.cpt",
     "synth": "upstack.stages.synth",
     "pairs": "upstack.stages.pairs",

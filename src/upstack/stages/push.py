@@ -269,6 +269,7 @@ def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
         }
         if metrics:
             parts.append("Results: " + ", ".join(f"{k}={short(v)}" for k, v in metrics.items()))
+        parts += _layer_notes(manifest.get("metrics", {}))
         # upscale and merge leave the exact mergekit config: the layer map or the merge recipe
         merge_config = recipe.out_dir / name / "mergekit_config.yml"
         if merge_config.is_file():
@@ -279,6 +280,30 @@ def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
                     text = text.replace(str(path), other)
             parts.append(f"mergekit config:\n\n```yaml\n{text}\n```")
     return "\n\n".join(parts)
+
+
+def _layer_notes(metrics: dict) -> list[str]:
+    """An upscale stage's layer map as a compact table; what a training stage trained when it
+    trained part of the model."""
+    from upstack.layermap import COMPACT_HEADERS, compact
+    from upstack.tables import markdown_table
+
+    notes = []
+    if metrics.get("layer_origins"):
+        table = markdown_table(COMPACT_HEADERS, compact(metrics["layer_origins"]))
+        notes.append(f"Layer map (output layers, where they came from, their roles):\n\n{table}")
+    trained = metrics.get("trained") or {}
+    if trained and trained.get("train_layers") != "all":
+        frozen = [k for k in ("embeddings", "lm_head", "final_norm") if not trained.get(k)]
+        share = trained.get("parameters_trainable", 0) / max(trained.get("parameters", 0), 1)
+        notes.append(
+            f"Trained layers {', '.join(map(str, trained['layers']))} "
+            f"(`train_layers: {trained['train_layers']}`)"
+            + (f"; frozen: {', '.join(frozen)}" if frozen else "")
+            + (f"; {share:.1%} of the parameters trained" if trained.get("parameters") else "")
+            + "."
+        )
+    return notes
 
 
 def _eval_section(recipe: Recipe, stage: str) -> str:

@@ -14,7 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from upstack.checkpoints import count_parameters, model_dir_problem
 from upstack.errors import UserError
-from upstack.recipe import StageSpec, Strict, names
+from upstack.recipe import StageSpec, Strict, error_at, names
 
 if TYPE_CHECKING:
     from upstack.context import StageContext
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # The keys each method reads; a key of another method is an error, not silently ignored.
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "dus": ("drop_layers", "target_layers"),
+    "dus": ("drop_layers", "target_layers", "analysis"),
     "stack": ("copies",),
     "expand": ("new_layers",),
     "layers": ("slices",),
@@ -71,7 +71,16 @@ class Spec(StageSpec):
         description="dus: layers dropped at the seam of each copy (SOLAR's m); 0 = plain repetition",
     )
     target_layers: int | None = Field(
-        None, ge=2, description="dus: layers wanted (SOLAR's s = 2(n-m)), instead of drop_layers"
+        None, ge=1, description="dus: layers wanted (SOLAR's s = 2(n-m)), instead of drop_layers"
+    )
+    # SOLAR duplicates (or, for m > n/2, drops) the middle block of k = |s - n| layers; an
+    # analysis picks the block of that size that changes the hidden state least instead, so the
+    # seam joins two states that are most alike (upstack.layer_analysis).
+    analysis: str | None = Field(
+        None,
+        description="dus: an analyze stage; the block duplicated or dropped at the seam is the "
+        "one its measurements find cheapest, not SOLAR's middle block",
+        json_schema_extra=names("data", "stage", kinds=("analyze",)),
     )
     copies: int | None = Field(
         None,
@@ -95,22 +104,13 @@ class Spec(StageSpec):
         "500MB", description="bytes per output shard (mergekit's out_shard_size)"
     )
 
-    @field_validator("drop_layers", "target_layers", "copies", "new_layers", "slices")
+    @field_validator("drop_layers", "target_layers", "analysis", "copies", "new_layers", "slices")
     @classmethod
     def _belongs_to_method(cls, value: Any, info: ValidationInfo) -> Any:
         method = info.data.get("method")
         if value is not None and method and info.field_name not in METHOD_KEYS[method]:
             owner = next(m for m, keys in METHOD_KEYS.items() if info.field_name in keys)
             raise ValueError(f"only for method {owner}, not {method}")
-        return value
-
-    @field_validator("target_layers")
-    @classmethod
-    def _even(cls, value: int | None) -> int | None:
-        if value is not None and value % 2:
-            raise ValueError(
-                f"must be even: DUS joins two halves of n - drop_layers layers each (got {value})"
-            )
         return value
 
     @field_validator("shard_size")
@@ -125,6 +125,13 @@ class Spec(StageSpec):
         if self.method == "dus" and (self.drop_layers is None) == (self.target_layers is None):
             raise ValueError(
                 "method dus needs exactly one of drop_layers (SOLAR's m) or target_layers (s)"
+            )
+        # with an analysis the seam goes anywhere, so any count is reachable
+        if self.target_layers is not None and self.target_layers % 2 and self.analysis is None:
+            raise error_at(
+                ("target_layers",),
+                "must be even: DUS joins two halves of n - drop_layers layers each "
+                f"(got {self.target_layers}); any count is reachable with `analysis:`",
             )
         if self.method == "stack" and self.copies is None:
             raise ValueError("method stack needs copies (how many times the layer stack repeats)")
@@ -165,7 +172,7 @@ def preflight(spec: Spec, ctx: StageContext) -> None:
     from upstack.shapes import planned_shape
 
     layers = {}
-    for ref in ctx.refs():
+    for ref in _model_refs(ctx):
         if ref.origin == "hub":
             return
         if ctx.is_pending(ref):
@@ -177,7 +184,10 @@ def preflight(spec: Spec, ctx: StageContext) -> None:
             source = _read_source(ref, ctx)
             _check_method_fits(spec, source, ctx)
             layers[ref.key] = source.layers
-    plan_layers(spec, layers, ctx)
+    start = seam_from_analysis(spec, layers["model"], ctx)
+    pieces = plan_layers(spec, layers, ctx, start)
+    if spec.analysis is not None:  # the plan shows where the seam goes, before anything runs
+        ctx.log(_seam_note(spec, pieces, layers["model"], start))
 
 
 def output_shape(spec: Spec, input_shape) -> dict | None:
@@ -202,9 +212,80 @@ def output_shape(spec: Spec, input_shape) -> dict | None:
     return {**shapes["model"], "num_hidden_layers": layers}
 
 
+def planned_layer_map(spec: Spec, ctx: StageContext) -> list[dict] | None:
+    """The layer map the stage will record, from the recipe and its sources' layer counts (read
+    from config.json, or planned for a source this run builds); None when a count is not known
+    offline (a Hub source) or the seam waits for an analysis this run makes first."""
+    from upstack.shapes import planned_shape
+
+    layers = {}
+    for ref in _model_refs(ctx):
+        shape = planned_shape(ctx.recipe, ref, ctx.pending) or {}
+        if shape.get("num_hidden_layers") is None:
+            return None
+        layers[ref.key] = shape["num_hidden_layers"]
+    if spec.analysis is not None and ctx.is_pending(ctx.ref("analysis")):
+        return None
+    pieces = plan_layers(spec, layers, ctx, seam_from_analysis(spec, layers["model"], ctx))
+    return build_layer_map(pieces, ctx)
+
+
+def build_layer_map(pieces: list[Piece], ctx: StageContext) -> list[dict]:
+    """For every output layer: its source (as the recipe names it), source layer, copy and roles."""
+    from upstack import layermap
+
+    by_layer = [(piece, j) for piece in pieces for j in range(piece.first, piece.end)]
+    origins = [(ctx.ref(piece.key).text, j) for piece, j in by_layer]
+    return layermap.build(origins, new={i for i, (p, _) in enumerate(by_layer) if p.identity})
+
+
+def seam_from_analysis(spec: Spec, n: int, ctx: StageContext) -> int | None:
+    """dus with `analysis`: the first layer of the block to duplicate or drop at the seam, the
+    cheapest of its size the analysis measured; None without an analysis or before it ran."""
+    from upstack import layer_analysis
+
+    if spec.analysis is None:
+        return None
+    ref = ctx.ref("analysis")
+    if ctx.is_pending(ref):
+        return None
+    try:
+        results = layer_analysis.read(ref.location)
+    except (OSError, ValueError):
+        raise ctx.fail(
+            "analysis",
+            f"stage '{ref.text}' has no finished analysis at {ref.location}: run it first",
+        ) from None
+    if results["layers"] != n:
+        raise ctx.fail(
+            "analysis",
+            f"'{ref.text}' measured a model of {results['layers']} layers ({results['model']}), "
+            f"this stage grows one of {n}",
+        )
+    size = abs(_dus_target(spec, n) - n)
+    return next((b["start"] for b in results["blocks"] if b["size"] == size), 0)
+
+
+def _seam_note(spec: Spec, pieces: list[Piece], n: int, start: int | None) -> str:
+    target = sum(p.end - p.first for p in pieces)
+    if start is None:
+        return f"seam placed by '{spec.analysis}' once it has run ({n} -> {target} layers)"
+    slices = " + ".join(f"[{p.first}, {p.end})" for p in pieces)
+    return f"seam placed by '{spec.analysis}': {n} -> {target} layers as {slices}"
+
+
+def _dus_target(spec: Spec, n: int) -> int:
+    """s: the layers a dus stage gives from n."""
+    return spec.target_layers if spec.target_layers is not None else 2 * (n - spec.drop_layers)
+
+
+def _model_refs(ctx: StageContext) -> list[Reference]:
+    return [ref for ref in ctx.refs() if ref.thing == "model"]
+
+
 def read_sources(ctx: StageContext) -> dict[str, Source]:
     """Every model the stage reads, by key path, with its config and layer count."""
-    return {ref.key: _read_source(ref, ctx) for ref in ctx.refs()}
+    return {ref.key: _read_source(ref, ctx) for ref in _model_refs(ctx)}
 
 
 def _read_source(ref: Reference, ctx: StageContext) -> Source:
@@ -278,11 +359,23 @@ def _check_method_fits(spec: Spec, source: Source, ctx: StageContext) -> None:
         )
 
 
-def plan_layers(spec: Spec, layers: dict[str, int], ctx: StageContext) -> list[Piece]:
+def plan_layers(
+    spec: Spec, layers: dict[str, int], ctx: StageContext, seam_start: int | None = None
+) -> list[Piece]:
     """The output as slices of the sources, checked against each source's layer count (n for
-    the stage's `model`), by reference key."""
+    the stage's `model`), by reference key. `seam_start`: dus's block placed by an analysis."""
+    from upstack.layer_analysis import seam_slices
+
     n = layers["model"]
     fail = ctx.fail
+
+    if spec.method == "dus" and spec.analysis is not None:
+        target = _dus_target(spec, n)
+        if not 1 <= target <= 2 * n:
+            key = "target_layers" if spec.target_layers is not None else "drop_layers"
+            raise fail(key, f"{target} layers is not reachable from {n}: DUS gives 1 to {2 * n}")
+        # before the analysis has run only the count is known: any start gives it
+        return [Piece("model", a, b) for a, b in seam_slices(n, target, seam_start or 0)]
 
     if spec.method == "dus":
         if spec.target_layers is not None:
@@ -343,7 +436,13 @@ def run(spec: Spec, ctx: StageContext) -> dict:
 
     sources = read_sources(ctx)
     _check_method_fits(spec, sources["model"], ctx)
-    pieces = plan_layers(spec, {key: source.layers for key, source in sources.items()}, ctx)
+    n = sources["model"].layers
+    pieces = plan_layers(
+        spec,
+        {key: source.layers for key, source in sources.items()},
+        ctx,
+        seam_from_analysis(spec, n, ctx),
+    )
     # output layer i <- (piece, source layer j)
     by_layer = [(piece, j) for piece in pieces for j in range(piece.first, piece.end)]
     layer_map = [j for _, j in by_layer]
@@ -381,6 +480,10 @@ def run(spec: Spec, ctx: StageContext) -> dict:
         metrics["layer_sources"] = [sources[piece.key].path for piece, _ in by_layer]
     if spec.method == "expand":
         metrics["identity_layers"] = [i for i, (piece, _) in enumerate(by_layer) if piece.identity]
+    if spec.analysis is not None:
+        metrics["seam_slices"] = [[piece.first, piece.end] for piece in pieces]
+    # for every output layer: source, source layer, copy, roles (upstack.layermap)
+    metrics["layer_origins"] = build_layer_map(pieces, ctx)
     return metrics
 
 
