@@ -374,7 +374,11 @@ def tensor_parameter_problem(
             found = architecture.layer_weights(index, configs[model])
         return [w.model_copy(update={"name": prefix + w.name}) for w in found]
 
+    seen: set[str] = set()  # every tensor name a filter may match
+    blocks: list[tuple[Loc | None, dict | None]] = [(("parameters",), config.parameters)]
+
     def check(weight: Any, names_in: list[str], out: OutputSlice, module: tuple, t: float):
+        seen.update([weight.name, *names_in])
         base = out.base or config.base_model
         shared_scopes = [
             (out.parameters, out.loc),
@@ -400,6 +404,9 @@ def tensor_parameter_problem(
     for module_name, (module_params, module_loc, slices) in output_slices(config, modules).items():
         module = (module_params, module_loc, module_name)
         architecture = arch.modules[module_name].architecture
+        blocks.append((module_loc, module_params))
+        for out in slices:
+            blocks += [(out.loc, out.parameters), *((s.loc, s.parameters) for s in out.sources)]
         for weight in weights(slices[0].sources[0].model, module_name, None, "pre"):
             names = [weight.name] * len(slices[0].sources)
             problem = check(weight, names, slices[0], module, 0)
@@ -428,6 +435,22 @@ def tensor_parameter_problem(
             problem = check(weight, names, slices[-1], module, 0)
             if problem:
                 return problem
+    return _unmatched_filter(blocks, seen, configs[first].architectures[0])
+
+
+def _unmatched_filter(blocks: list, seen: set[str], architecture: str) -> Problem | None:
+    """A filter that is in no tensor name never applies: mergekit silently uses the fallback."""
+    for loc, settings in blocks:
+        for key, setting in (settings or {}).items() if loc is not None else ():
+            for k, entry in enumerate(setting if isinstance(setting, list) else [setting]):
+                pattern = getattr(entry, "filter", None)
+                if pattern in (None, "*") or any(pattern in name for name in seen):
+                    continue
+                example = next((n for n in sorted(seen) if ".layers.0." in n), min(seen))
+                return (*loc, key, *((k,) if isinstance(setting, list) else ()), "filter"), (
+                    f"'{pattern}' is in no tensor name of this {architecture} merge, so it never "
+                    f"applies (tensors are named like {example})"
+                )
     return None
 
 
@@ -445,9 +468,7 @@ def _resolve(parameter, scopes, tensor: str, t: float, optional: bool, source) -
                 tensor, settings[parameter.name], t, validate=parameter.validate
             )
         except (ValueError, TypeError, RuntimeError) as err:  # pydantic's ValidationError included
-            reason = (
-                str(err).splitlines()[-1].strip() if isinstance(err, ValidationError) else str(err)
-            )
+            reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
             return (*loc, parameter.name), (
                 f"not a valid '{parameter.name}' for tensor {tensor} at gradient position "
                 f"t={t:.3g}: {reason}"

@@ -201,7 +201,7 @@ def _parameters_problem(config: Any, method: Any) -> tuple[tuple, str] | None:
                 try:
                     parameter.validate(leaf)
                 except (ValueError, TypeError) as err:
-                    reason = str(err).splitlines()[-1].strip()
+                    reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else err
                     return (
                         *loc,
                         key,
