@@ -263,6 +263,167 @@ def _data_path(loc: tuple, raw: Any) -> Loc:
     return tuple(out)
 
 
+# --------------------------------------------------------------------------- methods and parameters
+
+
+def merge_method(name: str):
+    from mergekit.merge_methods import registry
+
+    methods = {method.spec.name: method for method in registry.registered_methods()}
+    if name not in methods:
+        known_methods = ", ".join(sorted(methods))
+        return None, (
+            ("merge_method",),
+            f"unknown merge method '{name}' (mergekit has: {known_methods})",
+        )
+    return methods[name], None
+
+
+def inputs_problem(config: Any, method: Any) -> tuple[tuple, str] | None:
+    """Base model, input counts and slice lengths, per output slice as mergekit plans them."""
+    from mergekit.merge_methods.base import BasePolicy
+
+    name, contract = method.spec.name, method.spec.contract
+    for _, _, slices in output_slices(config, ["default"]).values():
+        for out in slices:
+            base = out.base or config.base_model
+            where = out.inputs_loc
+            base_loc = ("base_model",) if out.base is None else (*where[:-1], "base_model")
+            if contract.base == BasePolicy.REQUIRED and base is None:
+                return ("base_model",), f"merge_method '{name}' needs a base_model"
+            if contract.base == BasePolicy.FORBIDDEN and base is not None:
+                return base_loc, f"merge_method '{name}' takes no base_model"
+            added = config.models and base is not None and out.sources[-1].loc is None
+            try:
+                method.validate_inputs([s.model for s in out.sources], base)
+            except ValueError as err:
+                note = " (base_model counts as an input)" if added else ""
+                return where, f"merge_method '{name}': {err}{note}"
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in out.sources if s.layer_range}
+            if len(lengths) > 1:
+                return (
+                    where,
+                    f"every source of a slice needs as many layers (here {sorted(lengths)})",
+                )
+            for j, source in enumerate(out.sources):
+                first, end = source.layer_range or (0, 1)
+                if not 0 <= first < end:
+                    return (
+                        *where,
+                        j,
+                        "layer_range",
+                    ), f"needs 0 <= first < end, got [{first}, {end}]"
+    return None
+
+
+def parameters_problem(config: Any, method: Any) -> tuple[tuple, str] | None:
+    """Every parameter is one the method takes (or a note, when another method takes it), at a
+    level where mergekit reads it, with values of its type; required ones are given."""
+    from mergekit.merge_methods.base import ParameterScope
+
+    name = method.spec.name
+    known = {p.name: p for p in method.spec.parameters}
+    every_method = _all_parameter_names()
+    takes = ", ".join(known) or "no parameters"
+    for loc, settings, per_input in parameter_blocks(config):
+        for key, setting in (settings or {}).items():
+            if key not in known:
+                if key in every_method:
+                    # mergekit ignores a parameter its method does not take, and its own configs
+                    # give some (`weight` to sce): a note when the merge runs, not an error
+                    continue
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                return (*loc, key), f"unknown parameter '{key}' for {name} (takes: {takes}){hint}"
+            parameter = known[key]
+            if per_input and parameter.scope == ParameterScope.SHARED:
+                return (
+                    *loc,
+                    key,
+                ), f"'{key}' applies to the whole {name} merge: set it under parameters"
+            for inside, leaf in _leaves(setting):
+                try:
+                    parameter.validate(leaf)
+                except (ValueError, TypeError) as err:
+                    reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else err
+                    return (
+                        *loc,
+                        key,
+                        *inside,
+                    ), f"not a valid value for {name}'s '{key}' ({leaf!r}): {reason}"
+
+    shared_blocks = [s for loc, s, per_input in parameter_blocks(config) if not per_input]
+    for parameter in method.spec.parameters:
+        if not parameter.required:
+            continue
+        if parameter.scope == ParameterScope.SHARED:
+            if not any(parameter.name in (s or {}) for s in shared_blocks):
+                return ("parameters", parameter.name), f"required by merge_method '{name}'"
+            continue
+        for module_params, _, slices in output_slices(config, ["default"]).values():
+            for out in slices:
+                base = out.base or config.base_model
+                around = [out.parameters, module_params, config.parameters]
+                for source in out.sources:
+                    if parameter.scope == ParameterScope.NON_BASE and source.model == base:
+                        continue
+                    if any(parameter.name in (s or {}) for s in [source.parameters, *around]):
+                        continue
+                    if source.loc is None:
+                        return ("base_model",), (
+                            f"'{source.model}' is merged too and needs '{parameter.name}': list it "
+                            f"under models with one, or set parameters.{parameter.name}"
+                        )
+                    every = " but the base" if parameter.scope == ParameterScope.NON_BASE else ""
+                    return (*source.loc, parameter.name), (
+                        f"required by merge_method '{name}' for every model{every}"
+                    )
+    return None
+
+
+def _all_parameter_names() -> set[str]:
+    from mergekit.merge_methods import registry
+
+    return {p.name for m in registry.registered_methods() for p in m.spec.parameters}
+
+
+def parameter_blocks(config: Any) -> list[tuple[tuple, dict | None, bool]]:
+    """(key path, parameters, given per input) of every `parameters:` the config has."""
+    blocks = [(("parameters",), config.parameters, False)]
+    for module_params, module_loc, slices in output_slices(config, ["default"]).values():
+        if module_loc is not None:
+            blocks.append((module_loc, module_params, False))
+        for out in slices:
+            if out.loc is not None:
+                blocks.append((out.loc, out.parameters, False))
+            blocks += [(s.loc, s.parameters, True) for s in out.sources if s.loc is not None]
+    return blocks
+
+
+def _leaves(setting: Any) -> list[tuple[tuple, Any]]:
+    """Every plain value of a parameter setting, with its key path below the parameter: a value,
+    a gradient's points, a filter list's values."""
+    if isinstance(setting, list):
+        return [
+            ((i, *inside), leaf) for i, item in enumerate(setting) for inside, leaf in _leaves(item)
+        ]
+    if hasattr(setting, "value"):  # mergekit's ConditionalParameter: {filter, value}
+        return [(("value", *inside), leaf) for inside, leaf in _leaves(setting.value)]
+    return [((), setting)]
+
+
+def ignored_parameters(config: Any) -> list[str]:
+    """Parameters the method does not take but another method does, which mergekit ignores."""
+    method, _ = merge_method(config.merge_method)
+    known = {p.name for p in method.spec.parameters}
+    return [
+        f"{'.'.join(map(str, (*loc, key)))}: {method.spec.name} takes no '{key}'; mergekit ignores it"
+        for loc, settings, _ in parameter_blocks(config)
+        for key in (settings or {})
+        if key not in known
+    ]
+
+
 # --------------------------------------------------------------------------- parameters per tensor
 
 
@@ -492,6 +653,23 @@ def _resolve(parameter, scopes, tensor: str, t: float, optional: bool, source) -
 
 
 # --------------------------------------------------------------------------- architectures
+
+
+def model_config(ref, recipe) -> Any:
+    """A model's transformers config without loading it: its config.json, the shape the recipe
+    gives a stage, or a Hub model's cached config.json; None when none is at hand."""
+    from upstack.shapes import planned_shape
+
+    if ref is None:
+        return None
+    if ref.origin == "path":
+        return config_from_dir(ref.location)
+    if ref.origin == "stage":
+        return config_from_shape(planned_shape(recipe, ref, frozenset(recipe.stages)))
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref.location, "config.json")
+    return config_from_dir(str(Path(cached).parent)) if isinstance(cached, str) else None
 
 
 def config_from_shape(shape: dict | None) -> Any:

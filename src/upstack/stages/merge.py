@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from upstack import merging
 from upstack.checkpoints import count_parameters
 from upstack.recipe import StageSpec, error_at
 from upstack.refs import Declared
@@ -48,8 +49,6 @@ class Spec(StageSpec):
 
     def declared_names(self) -> list[Declared]:
         """The models the mergekit config names, found where mergekit's types put models."""
-        from upstack.merging import model_names
-
         return [
             Declared(
                 key=name.loc,
@@ -59,7 +58,7 @@ class Spec(StageSpec):
                 use="adapter" if name.lora else "tokenizer" if name.tokenizer else "weights",
                 kinds=(),
             )
-            for name in model_names(self.mergekit)
+            for name in merging.model_names(self.mergekit)
         ]
 
     @model_validator(mode="after")
@@ -82,8 +81,6 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
     from mergekit.common import dtype_from_name, parse_kmb
     from mergekit.config import MergeConfiguration
 
-    from upstack.merging import unknown_key, validation_problem
-
     raw = spec.mergekit
     ours = [name for name in Spec.model_fields if name not in ("kind",)]
     for key in raw:
@@ -92,18 +89,18 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             return (key,), f"unknown key (not upstack's, nor in mergekit's config{hint})"
-    problem = unknown_key(raw, MergeConfiguration)
+    problem = merging.unknown_key(raw, MergeConfiguration)
     if problem:
         return problem
     try:
         config = MergeConfiguration.model_validate(raw)
     except ValidationError as err:
-        loc, message = validation_problem(err, raw)
+        loc, message = merging.validation_problem(err, raw)
         return loc, f"mergekit: {message}"
     except RuntimeError as err:  # mergekit's cross-field checks raise RuntimeError, not ValueError
         return (), f"mergekit: {err}"
 
-    method, problem = _method(config.merge_method)
+    method, problem = merging.merge_method(config.merge_method)
     if problem:
         return problem
     for key in ("dtype", "out_dtype"):
@@ -115,174 +112,13 @@ def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
         parse_kmb(spec.out_shard_size)
     except (ValueError, IndexError):
         return ("out_shard_size",), f"not a size like 500M or 5B (got {spec.out_shard_size!r})"
-    return _inputs_problem(config, method) or _parameters_problem(config, method)
-
-
-def _method(name: str):
-    from mergekit.merge_methods import registry
-
-    methods = {method.spec.name: method for method in registry.registered_methods()}
-    if name not in methods:
-        known_methods = ", ".join(sorted(methods))
-        return None, (
-            ("merge_method",),
-            f"unknown merge method '{name}' (mergekit has: {known_methods})",
-        )
-    return methods[name], None
-
-
-def _inputs_problem(config: Any, method: Any) -> tuple[tuple, str] | None:
-    """Base model, input counts and slice lengths, per output slice as mergekit plans them."""
-    from mergekit.merge_methods.base import BasePolicy
-
-    from upstack.merging import output_slices
-
-    name, contract = method.spec.name, method.spec.contract
-    for _, _, slices in output_slices(config, ["default"]).values():
-        for out in slices:
-            base = out.base or config.base_model
-            where = out.inputs_loc
-            base_loc = ("base_model",) if out.base is None else (*where[:-1], "base_model")
-            if contract.base == BasePolicy.REQUIRED and base is None:
-                return ("base_model",), f"merge_method '{name}' needs a base_model"
-            if contract.base == BasePolicy.FORBIDDEN and base is not None:
-                return base_loc, f"merge_method '{name}' takes no base_model"
-            added = config.models and base is not None and out.sources[-1].loc is None
-            try:
-                method.validate_inputs([s.model for s in out.sources], base)
-            except ValueError as err:
-                note = " (base_model counts as an input)" if added else ""
-                return where, f"merge_method '{name}': {err}{note}"
-            lengths = {s.layer_range[1] - s.layer_range[0] for s in out.sources if s.layer_range}
-            if len(lengths) > 1:
-                return (
-                    where,
-                    f"every source of a slice needs as many layers (here {sorted(lengths)})",
-                )
-            for j, source in enumerate(out.sources):
-                first, end = source.layer_range or (0, 1)
-                if not 0 <= first < end:
-                    return (
-                        *where,
-                        j,
-                        "layer_range",
-                    ), f"needs 0 <= first < end, got [{first}, {end}]"
-    return None
-
-
-def _parameters_problem(config: Any, method: Any) -> tuple[tuple, str] | None:
-    """Every parameter is one the method takes (or a note, when another method takes it), at a
-    level where mergekit reads it, with values of its type; required ones are given."""
-    from mergekit.merge_methods.base import ParameterScope
-
-    from upstack.merging import output_slices
-
-    name = method.spec.name
-    known = {p.name: p for p in method.spec.parameters}
-    every_method = _all_parameter_names()
-    takes = ", ".join(known) or "no parameters"
-    for loc, settings, per_input in _parameter_blocks(config):
-        for key, setting in (settings or {}).items():
-            if key not in known:
-                if key in every_method:
-                    # mergekit ignores a parameter its method does not take, and its own configs
-                    # give some (`weight` to sce): a note when the merge runs, not an error
-                    continue
-                close = difflib.get_close_matches(key, list(known), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                return (*loc, key), f"unknown parameter '{key}' for {name} (takes: {takes}){hint}"
-            parameter = known[key]
-            if per_input and parameter.scope == ParameterScope.SHARED:
-                return (
-                    *loc,
-                    key,
-                ), f"'{key}' applies to the whole {name} merge: set it under parameters"
-            for inside, leaf in _leaves(setting):
-                try:
-                    parameter.validate(leaf)
-                except (ValueError, TypeError) as err:
-                    reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else err
-                    return (
-                        *loc,
-                        key,
-                        *inside,
-                    ), f"not a valid value for {name}'s '{key}' ({leaf!r}): {reason}"
-
-    shared_blocks = [s for loc, s, per_input in _parameter_blocks(config) if not per_input]
-    for parameter in method.spec.parameters:
-        if not parameter.required:
-            continue
-        if parameter.scope == ParameterScope.SHARED:
-            if not any(parameter.name in (s or {}) for s in shared_blocks):
-                return ("parameters", parameter.name), f"required by merge_method '{name}'"
-            continue
-        for module_params, _, slices in output_slices(config, ["default"]).values():
-            for out in slices:
-                base = out.base or config.base_model
-                around = [out.parameters, module_params, config.parameters]
-                for source in out.sources:
-                    if parameter.scope == ParameterScope.NON_BASE and source.model == base:
-                        continue
-                    if any(parameter.name in (s or {}) for s in [source.parameters, *around]):
-                        continue
-                    if source.loc is None:
-                        return ("base_model",), (
-                            f"'{source.model}' is merged too and needs '{parameter.name}': list it "
-                            f"under models with one, or set parameters.{parameter.name}"
-                        )
-                    every = " but the base" if parameter.scope == ParameterScope.NON_BASE else ""
-                    return (*source.loc, parameter.name), (
-                        f"required by merge_method '{name}' for every model{every}"
-                    )
-    return None
-
-
-def _all_parameter_names() -> set[str]:
-    from mergekit.merge_methods import registry
-
-    return {p.name for m in registry.registered_methods() for p in m.spec.parameters}
-
-
-def _parameter_blocks(config: Any) -> list[tuple[tuple, dict | None, bool]]:
-    """(key path, parameters, given per input) of every `parameters:` the config has."""
-    from upstack.merging import output_slices
-
-    blocks = [(("parameters",), config.parameters, False)]
-    for module_params, module_loc, slices in output_slices(config, ["default"]).values():
-        if module_loc is not None:
-            blocks.append((module_loc, module_params, False))
-        for out in slices:
-            if out.loc is not None:
-                blocks.append((out.loc, out.parameters, False))
-            blocks += [(s.loc, s.parameters, True) for s in out.sources if s.loc is not None]
-    return blocks
-
-
-def _leaves(setting: Any) -> list[tuple[tuple, Any]]:
-    """Every plain value of a parameter setting, with its key path below the parameter: a value,
-    a gradient's points, a filter list's values."""
-    if isinstance(setting, list):
-        return [
-            ((i, *inside), leaf) for i, item in enumerate(setting) for inside, leaf in _leaves(item)
-        ]
-    if hasattr(setting, "value"):  # mergekit's ConditionalParameter: {filter, value}
-        return [(("value", *inside), leaf) for inside, leaf in _leaves(setting.value)]
-    return [((), setting)]
+    return merging.inputs_problem(config, method) or merging.parameters_problem(config, method)
 
 
 def ignored_parameters(spec: Spec) -> list[str]:
-    """Parameters the method does not take but another method does, which mergekit ignores."""
     from mergekit.config import MergeConfiguration
 
-    config = MergeConfiguration.model_validate(spec.mergekit)
-    method, _ = _method(config.merge_method)
-    known = {p.name for p in method.spec.parameters}
-    return [
-        f"{'.'.join(map(str, (*loc, key)))}: {method.spec.name} takes no '{key}'; mergekit ignores it"
-        for loc, settings, _ in _parameter_blocks(config)
-        for key in (settings or {})
-        if key not in known
-    ]
+    return merging.ignored_parameters(MergeConfiguration.model_validate(spec.mergekit))
 
 
 def check_at_load(spec: Spec, recipe, name: str) -> None:
@@ -290,8 +126,6 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
     every tensor mergekit will merge, on the models' architecture (their config.json, or what the
     recipe says a stage will build)."""
     from mergekit.config import MergeConfiguration
-
-    from upstack.merging import tensor_parameter_problem
 
     if spec.sweep is not None:
         return
@@ -304,42 +138,22 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
                 "adapter_config.json, not a stage",
             )
     config = MergeConfiguration.model_validate(spec.mergekit)
-    method, _ = _method(config.merge_method)
+    method, _ = merging.merge_method(config.merge_method)
     by_text = {ref.text: ref for ref in refs if ref.use != "adapter"}
     problem = _layer_range_problem(config, by_text, recipe)
-    problem = problem or tensor_parameter_problem(
-        config, method, lambda model: _model_config(by_text.get(model.model.path), recipe)
+    problem = problem or merging.tensor_parameter_problem(
+        config, method, lambda model: merging.model_config(by_text.get(model.model.path), recipe)
     )
     if problem:
         loc, message = problem
         raise recipe.error(("stages", name, *loc), message)
 
 
-def _model_config(ref, recipe) -> Any:
-    """A model's transformers config without loading it: its config.json, the shape the recipe
-    gives a stage, or a Hub model's cached config.json; None when none is at hand."""
-    from upstack.merging import config_from_dir, config_from_shape
-    from upstack.shapes import planned_shape
-
-    if ref is None:
-        return None
-    if ref.origin == "path":
-        return config_from_dir(ref.location)
-    if ref.origin == "stage":
-        return config_from_shape(planned_shape(recipe, ref, frozenset(recipe.stages)))
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(ref.location, "config.json")
-    return config_from_dir(str(Path(cached).parent)) if isinstance(cached, str) else None
-
-
 def _layer_range_problem(config: Any, by_text: dict, recipe) -> tuple[tuple, str] | None:
-    from upstack.merging import output_slices
-
-    for _, _, slices in output_slices(config, ["default"]).values():
+    for _, _, slices in merging.output_slices(config, ["default"]).values():
         for out in slices:
             for source in out.sources:
-                model_config = _model_config(by_text.get(source.model.model.path), recipe)
+                model_config = merging.model_config(by_text.get(source.model.model.path), recipe)
                 layers = getattr(model_config, "num_hidden_layers", None)
                 if source.layer_range is None or layers is None or source.loc is None:
                     continue
@@ -397,10 +211,8 @@ def preflight(spec: Spec, ctx) -> None:
 def output_shape(spec: Spec, input_shape) -> dict | None:
     """The merged model has its first input's shape, with as many layers as its slices give (the
     vocab of a tokenizer merge is known only after)."""
-    from upstack.merging import model_names
-
     raw = spec.mergekit
-    models = [n for n in model_names(raw) if not n.tokenizer and not n.lora]
+    models = [n for n in merging.model_names(raw) if not n.tokenizer and not n.lora]
     if spec.sweep is not None or not models or raw.get("modules"):
         return None
     shape = input_shape(".".join(map(str, models[0].loc)))
@@ -419,9 +231,9 @@ def output_shape(spec: Spec, input_shape) -> dict | None:
 
 def mergekit_config(spec: Spec, location) -> dict[str, Any]:
     """The mergekit YAML for this stage, every model name replaced by `location(key path)`."""
-    from upstack.merging import with_locations
-
-    return with_locations(spec.mergekit, lambda name: location(".".join(map(str, name.loc))))
+    return merging.with_locations(
+        spec.mergekit, lambda name: location(".".join(map(str, name.loc)))
+    )
 
 
 def run(spec: Spec, ctx) -> dict:
