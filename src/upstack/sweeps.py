@@ -85,7 +85,8 @@ class SweepPlan:
 
     stage: str
     variants: list[Variant]
-    labels: list[str]
+    labels: list[str]  # short names of the axes (`weight`), as columns and in variant names
+    keys: list[str]  # the axes' key paths, as the grid writes them
     scored_by: str
     metric: str
     goal: str
@@ -148,7 +149,10 @@ def expand(
                     f"set stages.{name}.<key> (every variant) or stages.{name}.sweep.grid",
                 )
             expanded[variant.name] = _variant_body(name, body, sweep, variant)
-        plans[name] = SweepPlan(name, variants, labels, scored_by, sweep.metric, sweep.direction)
+        keys = [a.key if isinstance(a.key, str) else ", ".join(a.key) for a in sweep.grid]
+        plans[name] = SweepPlan(
+            name, variants, labels, keys, scored_by, sweep.metric, sweep.direction
+        )
 
     for stage, body in list(expanded.items()):
         if not isinstance(body, dict):
@@ -400,7 +404,7 @@ def plot(plan: SweepPlan, table: list[dict], best: dict, path: Path) -> None:
     )
     if not numeric:
         axis.set_xticks(range(len(categories)), [c.strip('"') for c in categories], rotation=20)
-    axis.set_xlabel(x_label)
+    axis.set_xlabel(x_label if x_label == plan.keys[0] else f"{x_label} ({plan.keys[0]})")
     axis.set_ylabel(f"{plan.metric} ({'higher' if plan.goal == 'max' else 'lower'} is better)")
     axis.set_title(f"sweep {plan.stage}, scored by {plan.scored_by}")
     axis.grid(alpha=0.3)
