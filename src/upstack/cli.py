@@ -1,4 +1,4 @@
-"""The `upstack` command: run, status, show, report and push a recipe. Heavy imports wait until needed."""
+"""The `upstack` command: run, status, show, report and push a recipe, import a mergekit config. Heavy imports wait until needed."""
 
 from __future__ import annotations
 
@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the files, print the card, send nothing"
     )
 
+    imported = sub.add_parser(
+        "import-merge",
+        help="a mergekit YAML (from a model card) as a merge stage, comments kept",
+        description="Print a mergekit YAML as a recipe's merge stage, or add it to a recipe "
+        "(--into): its lines and comments as they are, checked as the recipe loads. Replace its "
+        "model names by stage names afterwards, wherever a model goes.",
+    )
+    imported.add_argument("config", help="the mergekit YAML, e.g. saved from a model card")
+    imported.add_argument("--stage", default="merge", help="the stage's name (default: merge)")
+    imported.add_argument(
+        "--into", metavar="RECIPE", help="add the stage at the end of this recipe's stages"
+    )
     return parser
 
 
@@ -92,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "import-merge":
+        return _import_merge(args)
     from upstack import runner
     from upstack.recipe import load_recipe
     from upstack.tables import markdown_table
@@ -145,6 +159,17 @@ def _show(recipe, as_json: bool) -> None:
             + yaml.safe_dump({"effective_trainer": effective}, sort_keys=False),
             end="",
         )
+
+
+def _import_merge(args: argparse.Namespace) -> int:
+    from upstack.import_merge import import_merge
+
+    block = import_merge(args.config, stage=args.stage, into=args.into)
+    if args.into:
+        print(f"added stage {args.stage} to {args.into}", file=sys.stderr)
+    else:
+        print(block, end="")
+    return 0
 
 
 def _redact(value):
