@@ -60,6 +60,12 @@ def test_a_sweep_runs_its_variants_once_and_hands_on_the_best(
     runs = tmp_path / "runs"
     assert [v.name for v in recipe.sweeps["soup"].variants] == VARIANTS
     assert runner.plan(recipe, []) == [*VARIANTS, "eval", "soup", "grown"]
+    # `soup.best` is a typed reference to the sweep stage: it depends on the variants and the eval
+    assert [(r.key, r.stage, r.kind) for r in recipe.refs("grown")] == [("model", "soup", "merge")]
+    assert recipe.deps("soup") == [*VARIANTS, "eval"]
+    from upstack.stages.push import lineage
+
+    assert lineage(recipe, "grown") == [*VARIANTS, "eval", "soup", "grown"]
 
     runner.run(recipe, [])
 
