@@ -88,24 +88,26 @@ class ModelName:
 def model_names(config: dict) -> list[ModelName]:
     """Every model a raw mergekit config names, in mergekit's syntax: `model`, `model@revision`,
     `model+lora`, or the mapping form `{model: ..., lora: ...}`."""
-    found = []
+    found: dict[Loc, ModelName] = {}  # by key path: two of mergekit's types may reach one place
+
+    def add(name: ModelName) -> None:
+        found.setdefault(name.loc, name)
+
     for pattern, keywords in reference_positions():
         tokenizer = pattern[0].startswith("tokenizer")
         for loc, value in _matches(config, pattern):
             if isinstance(value, str) and value not in keywords:
                 base, plus, adapter = value.partition("+")
-                found.append(ModelName(loc, *_split_revision(base), tokenizer, False))
+                add(ModelName(loc, *_split_revision(base), tokenizer, False))
                 if plus:
-                    found.append(
-                        ModelName((*loc, "lora"), *_split_revision(adapter), tokenizer, True)
-                    )
+                    add(ModelName((*loc, "lora"), *_split_revision(adapter), tokenizer, True))
             elif isinstance(value, dict):  # ModelReference as a mapping: {model: ..., lora: ...}
                 for part in ("model", "lora"):
                     text = value.get(part)
                     text = text.get("path") if isinstance(text, dict) else text
                     if isinstance(text, str):
-                        found.append(ModelName((*loc, part), text, "", tokenizer, part == "lora"))
-    return found
+                        add(ModelName((*loc, part), text, "", tokenizer, part == "lora"))
+    return list(found.values())
 
 
 def with_locations(config: dict, location: Callable[[ModelName], str]) -> dict:

@@ -115,7 +115,8 @@ def expand(
     stages: dict[str, Any], sweeps: dict[str, Sweep], kinds: dict[str, str]
 ) -> tuple[dict[str, Any], dict[str, SweepPlan]]:
     """The recipe's stages with every sweep's variants added (ordinary stages, each cached like
-    any other), and each eval stage's listing of a sweep replaced by its variants.
+    any other), and each eval stage's listing of a sweep replaced by its variants (the scoring
+    eval lists them even where the recipe does not).
 
     `stages`: raw stage bodies by name; `sweeps`: the validated `sweep:` blocks by stage name;
     `kinds`: stage name -> kind."""
@@ -154,12 +155,13 @@ def expand(
             name, variants, labels, keys, scored_by, sweep.metric, sweep.direction
         )
 
+    # In an eval's lists the sweep's name stands for what to compare: its variants. Anywhere
+    # else (`after: [soup]` in a push) it is the pick, which comes after them all.
     for stage, body in list(expanded.items()):
-        if not isinstance(body, dict):
+        if not isinstance(body, dict) or kinds.get(stage) != SCORER_KIND:
             continue
         body = expanded[stage] = dict(body)
-        is_scorer = kinds.get(stage) == SCORER_KIND
-        for key in ("after", "models") if is_scorer else ("after",):
+        for key in ("after", "models"):
             if isinstance(body.get(key), list):
                 body[key] = _listed_variants(body[key], plans)
         for plan in plans.values():
