@@ -153,3 +153,44 @@ def test_sweep_mistakes_fail_at_load_where_they_are_written(tmp_path, merge_zoo,
     with pytest.raises(UserError, match=expected) as err:
         load_recipe(tmp_path / "recipe.yaml")
     assert "\n" not in str(err.value)
+
+
+def test_a_grid_of_two_axes_and_keys_moved_together(tmp_path):
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path,
+            """\
+            name: s
+            stages:
+              ratio:
+                kind: merge
+                merge_method: slerp
+                base_model: x/a
+                models: [{model: x/a}, {model: x/b}]
+                parameters: {t: 0.5}
+                sweep:
+                  grid:
+                    - {key: parameters.t, values: [0.25, 0.75]}
+                    - key: [models.0.model, base_model]     # two settings, one axis
+                      values: [[x/a, x/a], [x/c, x/c]]
+                  metric: perplexity
+              eval: {after: [ratio], math: null}
+            """,
+        )
+    )
+    names = [v.name for v in recipe.sweeps["ratio"].variants]
+    assert names == [
+        "ratio-t-0p25-model-x_a_x_a",
+        "ratio-t-0p25-model-x_c_x_c",
+        "ratio-t-0p75-model-x_a_x_a",
+        "ratio-t-0p75-model-x_c_x_c",
+    ]
+    variant = recipe.stages["ratio-t-0p75-model-x_c_x_c"]
+    assert variant.mergekit["parameters"] == {"t": 0.75}
+    assert variant.mergekit["base_model"] == "x/c" and variant.mergekit["models"][0] == {
+        "model": "x/c"
+    }
+    assert variant.sweep is None and recipe.stages["ratio"].sweep is not None
+    # each variant reads its own models; the eval scores all four
+    assert {r.text for r in recipe.refs("ratio-t-0p75-model-x_c_x_c")} == {"x/c", "x/b"}
+    assert recipe.stages["eval"].after == names

@@ -76,7 +76,8 @@ class Sweep(Strict):
 class Variant:
     name: str
     values: dict[str, Any]  # axis label -> the value this variant takes
-    origins: list[tuple[Loc, Loc]] = field(default_factory=list)  # (in the variant, in the sweep)
+    # each setting the grid gives it: (key path in the variant, key path in the sweep, value)
+    settings: list[tuple[Loc, Loc, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class SweepPlan:
     def source_loc(self, variant: str, loc: Loc) -> Loc:
         """Where a variant's setting is written: its grid value, else the sweep stage's own key."""
         found = next(v for v in self.variants if v.name == variant)
-        for inside, origin in found.origins:
+        for inside, origin, _ in found.settings:
             if tuple(loc[: len(inside)]) == inside:
                 return ("stages", self.stage, *origin, *loc[len(inside) :])
         return ("stages", self.stage, *loc)
@@ -149,7 +150,7 @@ def expand(
                     f"this name belongs to a variant of sweep '{name}': rename the stage, or "
                     f"set stages.{name}.<key> (every variant) or stages.{name}.sweep.grid",
                 )
-            expanded[variant.name] = _variant_body(name, body, sweep, variant)
+            expanded[variant.name] = _variant_body(name, body, variant)
         keys = [a.key if isinstance(a.key, str) else ", ".join(a.key) for a in sweep.grid]
         plans[name] = SweepPlan(
             name, variants, labels, keys, scored_by, sweep.metric, sweep.direction
@@ -184,24 +185,19 @@ def _variants(stage: str, sweep: Sweep) -> tuple[list[Variant], list[str]]:
                     )
     variants = []
     for picks in itertools.product(*(range(len(axis.values)) for axis in sweep.grid)):
-        parts, values, origins = [stage], {}, []
+        parts, values, settings = [stage], {}, []
         for i, (axis, j) in enumerate(zip(sweep.grid, picks, strict=True)):
             value = axis.values[j]
             values[labels[i]] = value
             parts += [labels[i], _name_part(value) or f"v{j + 1}"]
-            keys = axis.key if isinstance(axis.key, list) else [axis.key]
-            for k, key in enumerate(keys):
-                inside = tuple(int(p) if p.isdigit() else p for p in key.split("."))
-                origin = (
-                    "sweep",
-                    "grid",
-                    i,
-                    "values",
-                    j,
-                    *((k,) if isinstance(axis.key, list) else ()),
-                )
-                origins.append((inside, origin))
-        variants.append(Variant("-".join(parts), values, origins))
+            where = ("sweep", "grid", i, "values", j)
+            if isinstance(axis.key, str):
+                settings.append((_key_loc(axis.key), where, value))
+            else:  # keys moved together: item k of the value goes to key k
+                settings += [
+                    (_key_loc(key), (*where, k), value[k]) for k, key in enumerate(axis.key)
+                ]
+        variants.append(Variant("-".join(parts), values, settings))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
@@ -209,6 +205,10 @@ def _variants(stage: str, sweep: Sweep) -> tuple[list[Variant], list[str]]:
             ("stages", stage, "sweep", "grid"), f"two values make the same variant name '{twice}'"
         )
     return variants, labels
+
+
+def _key_loc(key: str) -> Loc:
+    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
 
 
 def _labels(grid: list[Axis]) -> list[str]:
@@ -246,18 +246,12 @@ def _name_part(value: Any) -> str | None:
     return text if text and len(text) <= 32 else None
 
 
-def _variant_body(stage: str, body: dict, sweep: Sweep, variant: Variant) -> dict:
+def _variant_body(stage: str, body: dict, variant: Variant) -> dict:
     """The sweep stage's settings without `sweep:`, each axis's value put in place."""
     out = copy.deepcopy({k: v for k, v in body.items() if k != "sweep"})
     out["kind"] = body.get("kind", stage)
-    for inside, origin in variant.origins:
-        axis = sweep.grid[origin[2]]
-        value = axis.values[origin[4]]
-        if len(origin) > 5:
-            value = value[origin[5]]
-        _put(
-            out, inside, copy.deepcopy(value), ("stages", stage, "sweep", "grid", origin[2], "key")
-        )
+    for inside, (_, _, axis, *_), value in variant.settings:
+        _put(out, inside, copy.deepcopy(value), ("stages", stage, "sweep", "grid", axis, "key"))
     return out
 
 
