@@ -260,6 +260,9 @@ def run(spec: Spec, ctx) -> dict:
     ctx.log(f"{merge_config.merge_method} over {len(merge_config.referenced_models())} models")
     for note in ignored_parameters(spec):
         ctx.log(f"note: {note}")
+    # mergekit names a merged adapter by its paths only: a retrained adapter must not be reused
+    lora_cache = ctx.work_dir / "lora-merged"
+    shutil.rmtree(lora_cache, ignore_errors=True)
     run_merge(
         merge_config,
         str(ctx.out_dir),
@@ -267,8 +270,8 @@ def run(spec: Spec, ctx) -> dict:
             copy_tokenizer=True,
             # a layer placed twice (a frankenmerge) would otherwise be one tensor saved twice
             clone_tensors=_repeats_layers(merge_config),
-            # `model+lora` merges the adapter into its model first, once, kept across attempts
-            lora_merge_cache=str(ctx.work_dir / "lora-merged"),
+            # `model+lora`: mergekit merges the adapter into its model first, here
+            lora_merge_cache=str(lora_cache),
             out_shard_size=parse_kmb(spec.out_shard_size),
             trust_remote_code=ctx.recipe.trust_remote_code,
             random_seed=ctx.seed,  # dare/della drop weights at random
