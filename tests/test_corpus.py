@@ -97,6 +97,30 @@ def sft(model: str = "{model}", datasets: str = "[{path: data.jsonl}]", extra: s
     )
 
 
+def model_copy_b(tmp: Path, model: Path) -> None:
+    """A second local model to merge with the tiny one (a merge takes each input once)."""
+    shutil.copytree(model, tmp / "b")
+
+
+def merge(block: str) -> str:
+    """A recipe with one merge stage of these mergekit settings (under `  merge:`)."""
+    return "name: c\noutput_dir: {out}\nstages:\n  merge:\n" + block
+
+
+SLERP_HUB = (
+    "    merge_method: slerp\n    base_model: x/a\n    models: [{model: x/a}, {model: x/b}]\n"
+)
+LOCAL_PAIR = "    models:\n      - model: {model}\n"  # then the first model's parameters, then b
+SWEEP = (
+    "name: c\noutput_dir: {out}\nstages:\n  soup:\n    kind: merge\n    merge_method: linear\n"
+    "    models:\n      - {model: x/a, parameters: {weight: 0.5}}\n"
+    "      - {model: x/b, parameters: {weight: 0.5}}\n"
+    "    sweep:\n      grid:\n        - key: models.0.parameters.weight\n"
+    "          values: [0.3, 0.5, 0.7]\n"
+)
+EVAL = "  eval:\n    after: [soup]\n    math: null\n"
+
+
 GOOD_CHAT = jsonl(
     "data.jsonl",
     '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}',
@@ -895,6 +919,199 @@ CASES = [
         "stages.up.analysis: only for method dus, not stack",
         line=4,
     ),
+    # ---------------------------------------------------------------- merge (mergekit's config)
+    Case(
+        "merge",
+        "filter-list-value",
+        merge(
+            SLERP_HUB
+            + "    parameters:\n      t:\n        - {filter: self_attn, value: [0, hot]}\n"
+            "        - {value: 0.5}\n"
+        ),
+        "stages.merge.parameters.t.0.value.1: not a valid value for slerp's 't' ('hot')",
+        line=10,
+    ),
+    Case(
+        "merge",
+        "filter-key-typo",
+        merge(
+            SLERP_HUB + "    parameters:\n      t:\n        - {filer: mlp, value: 1}\n"
+            "        - {value: 0.5}\n"
+        ),
+        "stages.merge.parameters.t.0.filer: unknown key (mergekit's ConditionalParameter has no "
+        "such key; did you mean 'filter'?)",
+        line=10,
+    ),
+    Case(
+        "merge",
+        "top-level-typo",
+        merge(SLERP_HUB + "    paramters: {t: 0.5}\n"),
+        "stages.merge.paramters: unknown key (not upstack's, nor in mergekit's config; did you "
+        "mean 'parameters'?)",
+        line=8,
+    ),
+    Case(
+        "merge",
+        "shared-parameter-per-model",
+        merge(
+            "    merge_method: slerp\n    base_model: x/a\n"
+            "    models: [{model: x/a}, {model: x/b, parameters: {t: 0.5}}]\n"
+        ),
+        "stages.merge.models.1.parameters.t: 't' applies to the whole slerp merge: set it under "
+        "parameters",
+        line=7,
+    ),
+    Case(
+        "merge",
+        "filter-list-without-fallback",
+        merge(
+            "    merge_method: linear\n"
+            + LOCAL_PAIR
+            + "        parameters:\n          weight: [{filter: mlp, value: 1}, {filter: self_attn, value: 0}]\n"
+            "      - {model: {tmp}/b, parameters: {weight: 1}}\n"
+        ),
+        "stages.merge.models.0.parameters.weight: no 'weight' for tensor model.embed_tokens.weight",
+        line=9,
+        setup=model_copy_b,
+    ),
+    Case(
+        "merge",
+        "filter-in-no-tensor",
+        merge(
+            "    merge_method: linear\n"
+            + LOCAL_PAIR
+            + "        parameters:\n          weight: [{filter: attn_out, value: 1}, {value: 0.5}]\n"
+            "      - {model: {tmp}/b, parameters: {weight: 1}}\n"
+        ),
+        "stages.merge.models.0.parameters.weight.0.filter: 'attn_out' is in no tensor name",
+        line=9,
+        setup=model_copy_b,
+    ),
+    Case(
+        "merge",
+        "int-gradient-between-points",
+        merge(
+            "    merge_method: karcher\n    models: [{model: {model}}, {model: {tmp}/b}]\n"
+            "    parameters: {max_iter: [10, 15]}\n"
+        ),
+        "stages.merge.parameters.max_iter: not a valid 'max_iter' for tensor model.layers.1.",
+        line=7,
+        setup=model_copy_b,
+    ),
+    Case(
+        "merge",
+        "slice-past-the-layers",
+        merge(
+            "    merge_method: passthrough\n    slices:\n"
+            "      - sources: [{model: {model}, layer_range: [0, 6]}]\n"
+            "      - sources: [{model: {model}, layer_range: [4, 12]}]\n"
+        ),
+        "stages.merge.slices.1.sources.0.layer_range: [4, 12) goes past the 8 layers",
+        line=8,
+    ),
+    Case(
+        "merge",
+        "slice-sources-unequal",
+        merge(
+            "    merge_method: slerp\n    base_model: x/a\n    parameters: {t: 0.5}\n"
+            "    slices:\n      - sources:\n          - {model: x/a, layer_range: [0, 32]}\n"
+            "          - {model: x/b, layer_range: [0, 30]}\n"
+        ),
+        "stages.merge.slices.0.sources: every source of a slice needs as many layers",
+        line=9,
+    ),
+    Case(
+        "merge",
+        "slices-base-not-a-source",
+        merge(
+            "    merge_method: ties\n    base_model: x/base\n"
+            "    slices:\n      - sources:\n"
+            "          - {model: x/a, layer_range: [0, 32], parameters: {weight: 1}}\n"
+        ),
+        "stages.merge.slices.0.sources: merge_method 'ties': Base input is not present in merge "
+        "inputs",
+        line=8,
+    ),
+    Case(
+        "merge",
+        "lora-adapter-missing",
+        merge(
+            "    merge_method: linear\n"
+            "    models: [{model: '{model}+./adapters/mine', parameters: {weight: 1}}]\n"
+        ),
+        "stages.merge.models.0.model.lora: adapters/mine is not a LoRA adapter dir "
+        "(no adapter_config.json)",
+        line=6,
+    ),
+    Case(
+        "merge",
+        "lora-adapter-is-a-stage",
+        "name: c\noutput_dir: {out}\nstages:\n  init: {}\n  merge:\n    merge_method: linear\n"
+        "    models: [{model: '{model}+init', parameters: {weight: 1}}]\n",
+        "stages.merge.models.0.model.lora: 'init' after `+` is a LoRA adapter",
+        line=7,
+    ),
+    Case(
+        "merge",
+        "upscale-slice-scale-typo",
+        "name: c\noutput_dir: {out}\nstages:\n  up:\n    kind: upscale\n    model: {model}\n"
+        "    method: layers\n    slices: [{layer_range: [0, 8], parameters: {scael: 0.5}}]\n",
+        "stages.up.slices.0.parameters.scael: unknown parameter 'scael' for passthrough",
+        line=8,
+    ),
+    # ---------------------------------------------------------------- sweeps
+    Case(
+        "sweep",
+        "value-of-the-wrong-type",
+        SWEEP.replace("[0.3, 0.5, 0.7]", "[0.3, half]") + EVAL,
+        "stages.soup.sweep.grid.0.values.1: not a valid value for linear's 'weight' ('half')",
+        line=13,
+    ),
+    Case(
+        "sweep",
+        "key-past-a-list",
+        SWEEP.replace("models.0.parameters", "models.2.parameters") + EVAL,
+        "stages.soup.sweep.grid.0.key: models has 2 entries: no entry 2",
+        line=12,
+    ),
+    Case(
+        "sweep",
+        "no-eval-stage",
+        SWEEP,
+        "stages.soup.sweep: name the eval stage that scores the variants in sweep.scored_by "
+        "(this recipe has no eval stages; add one, kind: eval)",
+        line=10,
+    ),
+    Case(
+        "sweep",
+        "metric-the-eval-does-not-measure",
+        SWEEP + "      metric: math_accuracy\n" + EVAL,
+        "stages.soup.sweep.metric: eval stage 'eval' does not measure math_accuracy",
+        line=14,
+    ),
+    Case(
+        "sweep",
+        "sweep-name-as-a-model",
+        SWEEP + EVAL + "  up: {kind: upscale, model: soup, drop_layers: 1}\n",
+        "stages.up.model: 'soup' is a sweep of several merges: take 'soup.best'",
+        line=17,
+    ),
+    Case(
+        "sweep",
+        "set-a-variant",
+        SWEEP + EVAL,
+        "--set stages.soup-weight-0p5.dtype=float16: stages.soup-weight-0p5: this name belongs "
+        "to a variant of sweep 'soup'",
+        args=["run", "recipe.yaml", "--set", "stages.soup-weight-0p5.dtype=float16"],
+    ),
+    Case(
+        "sweep",
+        "set-a-grid-value",
+        SWEEP + EVAL,
+        "--set stages.soup.sweep.grid.0.values=[0.3,heavy]: stages.soup.sweep.grid.0.values.1: "
+        "not a valid value for linear's 'weight'",
+        args=["run", "recipe.yaml", "--set", "stages.soup.sweep.grid.0.values=[0.3,heavy]"],
+    ),
     # ---------------------------------------------------------------- cli
     Case(
         "cli",
@@ -964,4 +1181,6 @@ def test_the_corpus_is_large_and_covers_every_category():
         "push",
         "teacher",
         "layers",
+        "merge",
+        "sweep",
     } <= categories

@@ -448,3 +448,78 @@ def test_a_mergekit_without_the_wrapped_function_is_a_clear_error(monkeypatch):
     lists = _output_config_lists({"layer_types": ["full_attention"] * 4})
     with pytest.raises(UserError, match=r"has no merge._model_out_config.*'mergekit<0.2'"):
         lists.__enter__()
+
+
+def test_layers_slices_take_mergekit_parameters_per_tensor(tmp_path, merge_zoo):
+    # a scaled frankenmerge: the second slice's attention and MLP outputs start at half and
+    # grow back to whole over its three layers (a gradient inside a filter list)
+    base = merge_zoo["base"]
+    recipe = write_recipe(
+        tmp_path,
+        f"""\
+        name: u
+        output_dir: {tmp_path / "runs"}
+        stages:
+          up:
+            kind: upscale
+            model: {base}
+            method: layers
+            slices:
+              - layer_range: [0, 3]
+              - layer_range: [1, 4]
+                parameters:
+                  scale:
+                    - {{filter: o_proj, value: [0.5, 1.0]}}
+                    - {{filter: down_proj, value: [0.5, 1.0]}}
+                    - {{value: 1.0}}
+        """,
+    )
+    run(load_recipe(recipe), ["up"])
+    out_dir = tmp_path / "runs" / "up"
+    source, output = by_layer(tensors(base)), by_layer(tensors(out_dir))
+    for i, (j, scale) in enumerate([(0, 1), (1, 1), (2, 1), (1, 0.5), (2, 0.75), (3, 1.0)]):
+        for name, tensor in output[i].items():
+            scaled = "o_proj" in name or "down_proj" in name
+            torch.testing.assert_close(tensor, source[j][name] * (scale if scaled else 1))
+    assert "scale:" in (out_dir / "mergekit_config.yml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        (
+            "{scael: 0.5}",
+            "recipe.yaml:9: stages.up.slices.0.parameters.scael: unknown parameter 'scael' for "
+            "passthrough (takes: scale); did you mean 'scale'?",
+        ),
+        (
+            "{scale: [{filter: o_proj, value: half}, {value: 1}]}",
+            "recipe.yaml:9: stages.up.slices.0.parameters.scale.0.value: not a valid value for "
+            "passthrough's 'scale' ('half')",
+        ),
+        (
+            "{scale: [{filter: out_proj, value: 0}, {value: 1}]}",
+            "recipe.yaml:9: stages.up.slices.0.parameters.scale.0.filter: 'out_proj' is in no "
+            "tensor name of this LlamaForCausalLM merge",
+        ),
+    ],
+    ids=["typo", "value", "filter"],
+)
+def test_layers_slice_parameters_fail_at_load(tmp_path, merge_zoo, parameters, expected):
+    recipe = write_recipe(
+        tmp_path,
+        f"""\
+        name: u
+        output_dir: {tmp_path / "runs"}
+        stages:
+          up:
+            kind: upscale
+            model: {merge_zoo["base"]}
+            method: layers
+            slices:
+              - {{layer_range: [0, 4], parameters: {parameters}}}
+        """,
+    )
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe)
+    assert expected in str(err.value), str(err.value)

@@ -1,4 +1,4 @@
-"""The `upstack` command: run, status, show, report and push a recipe. Heavy imports wait until needed."""
+"""The `upstack` command: run, status, show, report and push a recipe, import a mergekit config. Heavy imports wait until needed."""
 
 from __future__ import annotations
 
@@ -85,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("stages", nargs="+", help="finished cpt stages with `mixture:`")
     fit.add_argument("--steps", type=int, help="step budget to choose shares for")
+    imported = sub.add_parser(
+        "import-merge",
+        help="a mergekit YAML (from a model card) as a merge stage, comments kept",
+        description="Print a mergekit YAML as a recipe's merge stage, or add it to a recipe "
+        "(--into): its lines and comments as they are, checked as the recipe loads. Replace its "
+        "model names by stage names afterwards, wherever a model goes.",
+    )
+    imported.add_argument("config", help="the mergekit YAML, e.g. saved from a model card")
+    imported.add_argument("--stage", default="merge", help="the stage's name (default: merge)")
+    imported.add_argument(
+        "--into", metavar="RECIPE", help="add the stage at the end of this recipe's stages"
+    )
     return parser
 
 
@@ -119,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "import-merge":
+        return _import_merge(args)
     from upstack import runner
     from upstack.recipe import load_recipe
     from upstack.tables import markdown_table
@@ -209,6 +223,17 @@ def _mixture_fit(recipe, args: argparse.Namespace) -> None:
     print(f"L(s, r) = (K / s^alpha + M) / r^beta, best shares for {result['steps']} steps:")
     print(markdown_table(headers, rows))
     print(f"wrote {out / 'fit.json'} and {out / 'fit.png'}")
+
+
+def _import_merge(args: argparse.Namespace) -> int:
+    from upstack.import_merge import import_merge
+
+    block = import_merge(args.config, stage=args.stage, into=args.into)
+    if args.into:
+        print(f"added stage {args.stage} to {args.into}", file=sys.stderr)
+    else:
+        print(block, end="")
+    return 0
 
 
 def _redact(value):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upstack.errors import UserError
-from upstack.recipe import Recipe, locate
+from upstack.recipe import Recipe
 from upstack.refs import Reference
 
 
@@ -32,8 +32,7 @@ class StageContext:
         the stage, "" for the stage itself): `FILE:LINE: stages.<name>.<key>: message`.
         `error=StageFailed` for a stage that ran but did not do its work (exit 1, not 2)."""
         parts = tuple(key) if isinstance(key, tuple) else tuple(p for p in key.split(".") if p)
-        loc = ("stages", self.name, *parts)
-        return error(f"{locate(self.recipe, *loc)}: {'.'.join(map(str, loc))}: {message}")
+        return self.recipe.error(("stages", self.name, *parts), message, error)
 
     def refs(self) -> list[Reference]:
         """The models and data sets this stage names, resolved at load."""

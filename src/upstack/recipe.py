@@ -18,6 +18,7 @@ from data_synth.config import Strict, key_path, names, used_for
 from upstack.errors import UserError, looks_like_secret
 from upstack.refs import Reference, declared, resolve
 from upstack.stages import STAGE_MODULES
+from upstack.sweeps import LOWER_IS_BETTER, SCORER_KIND, Sweep, SweepPlan, SweepProblem, expand
 
 __all__ = [
     "Recipe",
@@ -91,6 +92,8 @@ class Recipe(Strict):
     source: str = Field("", exclude=True)
     overrides: list[str] = Field(default_factory=list, exclude=True)
     references: dict[str, list[Reference]] = Field(default_factory=dict, exclude=True)
+    # A stage with `sweep:` -> its plan: the variant stages load added, and the eval that scores them.
+    sweeps: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
     @property
     def out_dir(self) -> Path:
@@ -109,7 +112,22 @@ class Recipe(Strict):
     def deps(self, stage: str) -> list[str]:
         """The stages `stage` reads from or is ordered after."""
         read = [ref.stage for ref in self.refs(stage) if ref.stage]
-        return list(dict.fromkeys([*read, *self.stages[stage].after]))
+        # a sweep's pick reads its variants and the eval that scored them
+        plan = self.sweeps.get(stage)
+        picked = [*(v.name for v in plan.variants), plan.scored_by] if plan else []
+        return list(dict.fromkeys([*read, *picked, *self.stages[stage].after]))
+
+    def source_loc(self, loc: tuple) -> tuple:
+        """Where key path `loc` is written in the recipe file: a sweep variant's settings are the
+        sweep stage's, its swept value an entry of the sweep's grid."""
+        return _source_loc(self.sweeps, loc)
+
+    def error(self, loc: tuple, message: str, error: type[UserError] = UserError) -> UserError:
+        """The one-line error for the recipe key `loc` (a variant's key: where it is written)."""
+        place = self.source_loc(loc)
+        if place != tuple(loc):
+            message += f" (in sweep variant {loc[1]})"
+        return error(f"{locate(self, *place)}: {'.'.join(map(str, place))}: {message}")
 
     def order(self) -> list[str]:
         """All stages, each after its dependencies; ties keep the recipe's order."""
@@ -199,10 +217,27 @@ def load_recipe(
             f"{where(('stages',))}: stages: a mapping of stage name -> settings is required"
         )
 
-    kinds = {
-        name: (body.get("kind", name) if isinstance(body, dict) else name)
-        for name, body in stages_raw.items()
-    }
+    kinds = _kinds(stages_raw)
+    # A sweep's variants become stages of their own before anything is validated, so each is
+    # checked, resolved and cached like any stage; their mistakes are placed where they are written.
+    sweeps: dict[str, Sweep] = {}
+    for name, body in stages_raw.items():
+        if isinstance(body, dict) and body.get("sweep") is not None and _sweepable(kinds[name]):
+            try:
+                sweeps[name] = Sweep.model_validate(body["sweep"])
+            except ValidationError as err:
+                raise UserError(
+                    _describe(err, ("stages", name, "sweep"), body["sweep"], Sweep, where)
+                ) from None
+    try:
+        stages_raw, plans = expand(stages_raw, sweeps, kinds)
+    except SweepProblem as err:
+        raise UserError(f"{where(err.loc)}: {'.'.join(map(str, err.loc))}: {err}") from None
+    kinds = _kinds(stages_raw)
+
+    def place(loc: tuple) -> tuple:
+        return _source_loc(plans, loc)
+
     stages: dict[str, StageSpec] = {}
     for name, body in stages_raw.items():
         body = {} if body is None else body
@@ -225,7 +260,9 @@ def load_recipe(
                 {**body, "kind": kind}, context={"deep": deep, "stages": kinds}
             )
         except ValidationError as err:
-            raise UserError(_describe(err, ("stages", name), body, spec_class, where)) from None
+            raise UserError(
+                _describe(err, ("stages", name), body, spec_class, where, place)
+            ) from None
 
     try:
         recipe = Recipe.model_validate({**raw, "stages": {}})
@@ -234,16 +271,15 @@ def load_recipe(
     recipe.stages = stages
     recipe.source = str(path)
     recipe.overrides = list(overrides)
+    recipe.sweeps = plans
 
     for name, spec in stages.items():
         refs = []
         for found in declared(spec):
             try:
-                refs.append(resolve(found, kinds, recipe.out_dir))
+                refs.append(resolve(found, kinds, recipe.out_dir, sweeps=plans))
             except ValueError as err:
-                loc = ("stages", name, *found.key)
-                key = ".".join(map(str, loc))
-                raise UserError(f"{where(loc)}: {key}: {err}") from None
+                raise recipe.error(("stages", name, *found.key), str(err)) from None
         recipe.references[name] = refs
         for i, dep in enumerate(spec.after):
             if dep not in stages:
@@ -251,8 +287,54 @@ def load_recipe(
                     f"{where(('stages', name, 'after', i))}: stages.{name}.after.{i}: "
                     f"no stage '{dep}'{did_you_mean(dep, list(stages))}"
                 )
+    _check_sweep_metrics(recipe)
+    if deep:
+        # checks that need the other stages: a merge's parameters on its models' architecture
+        for name, spec in stages.items():
+            check = getattr(stage_module(spec.kind), "check_at_load", None)
+            if check is not None:
+                check(spec, recipe, name)
     recipe.order()  # raises on a cycle
     return recipe
+
+
+def _kinds(stages_raw: dict) -> dict[str, str]:
+    return {
+        name: (body.get("kind", name) if isinstance(body, dict) else name)
+        for name, body in stages_raw.items()
+    }
+
+
+def _sweepable(kind: Any) -> bool:
+    """A kind whose settings take a `sweep:` (merge); elsewhere the key is an unknown key."""
+    return kind in STAGE_MODULES and "sweep" in stage_module(kind).Spec.model_fields
+
+
+def _source_loc(plans: dict[str, SweepPlan], loc: tuple) -> tuple:
+    loc = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in loc)
+    if len(loc) >= 2 and loc[0] == "stages":
+        for plan in plans.values():
+            if any(v.name == loc[1] for v in plan.variants):
+                return plan.source_loc(loc[1], loc[2:])
+    return loc
+
+
+def _check_sweep_metrics(recipe: Recipe) -> None:
+    """A sweep's metric must be one its scoring eval measures: found now, not after every variant ran."""
+    for name, plan in recipe.sweeps.items():
+        scorer = recipe.stages[plan.scored_by]
+        measures = stage_module(SCORER_KIND).measures(scorer)
+        if plan.metric in measures or any(
+            m.endswith("/") and plan.metric.startswith(m) for m in measures
+        ):
+            continue
+        shown = ", ".join(m + ("<metric>" if m.endswith("/") else "") for m in measures)
+        hint = " (lower is better)" if plan.metric in LOWER_IS_BETTER else ""
+        raise recipe.error(
+            ("stages", name, "sweep", "metric"),
+            f"eval stage '{plan.scored_by}' does not measure {plan.metric}{hint}; "
+            f"it measures: {shown or 'nothing'}",
+        )
 
 
 def output_dir_of(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Path | None:
@@ -331,7 +413,7 @@ def locate(recipe: Recipe, *loc: str | int) -> str:
         root = yaml.compose(Path(recipe.source).read_text())
     except (OSError, yaml.YAMLError):
         root = None
-    loc = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in loc)
+    loc = recipe.source_loc(loc)
     return _locate(root, recipe.source, recipe.overrides, loc)
 
 
@@ -346,7 +428,7 @@ def _locate(root: yaml.Node | None, source: str, overrides, loc: tuple[str | int
     return f"{source}:{line}" if line else source
 
 
-def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where) -> str:
+def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where, place=None) -> str:
     """pydantic's first error as one line: the key path as `--set` writes it (no union tags),
     "did you mean" for an unknown key, the offending value unless it looks like a secret."""
     errors = err.errors()
@@ -367,7 +449,12 @@ def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where)
             message += f" (got {value!r})"
     more = len(errors) - 1
     suffix = f" (and {more} more)" if more else ""
-    return f"{where((*prefix, *loc))}: {key}: {message}{suffix}"
+    full = (*prefix, *loc)
+    shown = place(full) if place else full
+    if shown != full:  # a sweep variant: where its setting is written, and which variant it is
+        key = ".".join(map(str, shown))
+        suffix += f" (in sweep variant {prefix[1]})"
+    return f"{where(shown)}: {key}: {message}{suffix}"
 
 
 def _fields_at(model: type, loc: tuple) -> list[str]:

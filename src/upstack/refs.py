@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # A name that says it is a local path even before it exists (a preflight then says it is missing).
 LOOKS_LOCAL = re.compile(r"^[./~]|\.(jsonl?|parquet|csv|txt|ya?ml|safetensors)$")
 DEFAULT_USE = {"model": "weights", "data": "train"}
+BEST = ".best"  # `<sweep>.best`: the variant of a sweep that its eval scored best
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,7 @@ class Reference:
     origin: Origin
     location: str  # what to load: the stage's output dir, the local path, or the Hub id
     kind: str | None = None  # the stage kind, when origin is "stage"
-
-    @property
-    def stage(self) -> str | None:
-        return self.text if self.origin == "stage" else None
+    stage: str | None = None  # the stage, when origin is "stage" (`soup.best` names stage soup)
 
 
 @dataclass(frozen=True)
@@ -78,19 +77,35 @@ def declared(spec: BaseModel) -> list[Declared]:
             )
 
     walk(spec, (), None, None)
-    return found
+    # settings that are another library's, not upstack fields (a merge's mergekit config), say
+    # themselves what they name
+    own = getattr(spec, "declared_names", None)
+    return found + (own() if callable(own) else [])
 
 
-def resolve(name: Declared, stages: dict[str, str], out_dir: Path) -> Reference:
-    """The reference `name` makes, given the recipe's stages (name -> kind). Raises ValueError
-    with the message for the user when it names nothing it may name."""
+def resolve(
+    name: Declared, stages: dict[str, str], out_dir: Path, sweeps: Collection[str] = ()
+) -> Reference:
+    """The reference `name` makes, given the recipe's stages (name -> kind) and its sweeps. Raises
+    ValueError with the message for the user when it names nothing it may name."""
     key = ".".join(str(k) for k in name.key)
     text, where = name.text, name.where
 
     def made(origin: Origin, location: str, kind: str | None = None) -> Reference:
-        return Reference(key, text, name.thing, name.use, origin, location, kind)
+        stage = (text.removesuffix(BEST) if text.endswith(BEST) else text) if kind else None
+        return Reference(key, text, name.thing, name.use, origin, location, kind, stage)
 
-    if text in stages and where in ("any", "local", "stage"):
+    may_be_stage = where in ("any", "local", "stage")
+    if may_be_stage and text in sweeps and name.thing == "model":
+        # the sweep stage is the pick; its name alone reads as "all of them" (eval lists it so)
+        raise ValueError(
+            f"'{text}' is a sweep of several merges: take '{text}{BEST}' (the variant its eval "
+            "scores best), or name one variant"
+        )
+    if may_be_stage and text.endswith(BEST) and text.removesuffix(BEST) in sweeps:
+        stage = text.removesuffix(BEST)
+        return made("stage", str(out_dir / stage), stages[stage])
+    if text in stages and may_be_stage:
         kind = stages[text]
         allowed = name.kinds or (MODEL_KINDS if name.thing == "model" else DATA_KINDS)
         if kind not in allowed:

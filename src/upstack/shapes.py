@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from upstack.recipe import Recipe, stage_module
 from upstack.refs import Reference
@@ -19,7 +20,9 @@ SHAPE_KEYS = (
     "num_key_value_heads",
     "vocab_size",
 )
-Shape = dict[str, int | None]  # None: not known before the stage runs (init's vocab, say)
+# what names the tensors: the class transformers builds and mergekit's architecture key
+ARCHITECTURE_KEYS = ("architectures", "model_type")
+Shape = dict[str, Any]  # SHAPE_KEYS and ARCHITECTURE_KEYS; None: not known before the stage runs
 InputShape = Callable[[str], Shape | None]  # a stage's reference key -> that input's shape
 
 
@@ -28,7 +31,7 @@ def read_shape(model_dir: Path) -> Shape | None:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    return {key: config.get(key) for key in SHAPE_KEYS}
+    return {key: config.get(key) for key in (*SHAPE_KEYS, *ARCHITECTURE_KEYS)}
 
 
 def planned_shape(recipe: Recipe, ref: Reference, pending: frozenset[str]) -> Shape | None:

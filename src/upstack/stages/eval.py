@@ -81,6 +81,14 @@ class Spec(StageSpec):
         return self
 
 
+def measures(spec: Spec) -> tuple[str, ...]:
+    """The columns this stage's table will have (an lm-eval task as `task/`, its metrics after),
+    so a sweep scored by it can be refused at load for a metric it never measures."""
+    found = ("math_accuracy", "math_correct", "math_total") if spec.math else ()
+    found += ("loss", "perplexity") if spec.loss else ()
+    return found + tuple(f"{task}/" for task in (spec.lm_eval.tasks if spec.lm_eval else ()))
+
+
 def models_of(spec: Spec, ctx) -> list[tuple[str, str]]:
     """(name, what to load) of the models to evaluate: `models`, else every model stage in `after`."""
     if spec.models:

@@ -83,6 +83,8 @@ def output_shape(spec: Spec, input_shape) -> dict:
         "num_attention_heads": arch.num_attention_heads,
         "num_key_value_heads": arch.num_key_value_heads,
         "vocab_size": None,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
     }
 
 

@@ -1,224 +1,194 @@
-"""merge stage: any mergekit merge method over stage outputs or outside models, checked at recipe load."""
+"""merge stage: mergekit's own configuration, stage names wherever a model goes, checked at load; or a sweep over it."""
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from upstack import merging
 from upstack.checkpoints import count_parameters
-from upstack.recipe import StageSpec, Strict, error_at, names, used_for
-
-# mergekit's tokenizer settings that are not a model
-TOKENIZER_KEYWORDS = ("base", "union")
+from upstack.recipe import StageSpec, error_at
+from upstack.refs import Declared
+from upstack.sweeps import Sweep
 
 # Files a checkpoint needs beside its weights that not every mergekit code path carries over
 # (a `tokenizer_source` merge re-serializes the tokenizer and drops generation_config.json).
 CARRIED_FILES = ("generation_config.json", "chat_template.jinja")
 
 
-class MergeModel(Strict):
-    model: str = Field(
-        description="a stage name, a local path or a Hub id", json_schema_extra=names("model")
-    )
-    parameters: dict[str, Any] | None = Field(
-        None, description="per-model settings of the method (weight, density, ...)"
-    )
-
-
-class MergeTokenizer(Strict):
-    """mergekit's `tokenizer:` block: build the merged vocabulary, and pad it as the model wants."""
-
-    source: str = Field(
-        "union",
-        description="union | base | a model (stage name, path, Hub id)",
-        json_schema_extra={**names("model", keywords=TOKENIZER_KEYWORDS), **used_for("tokenizer")},
-    )
-    pad_to_multiple_of: int | None = Field(
-        None, ge=1, description="e.g. 64, as init pads its vocab"
-    )
-    tokens: dict[str, Any] | None = Field(
-        None, description="per-token embedding sources (mergekit)"
-    )
-
-
 class Spec(StageSpec):
-    """mergekit's own config keys, with stage names allowed wherever a model goes."""
+    """mergekit's configuration as mergekit defines it: every key but upstack's own is mergekit's
+    (models or slices or modules, parameters, base_model, tokenizer, chat_template, dtype, ...),
+    checked at load against mergekit's MergeConfiguration and merge method registry, with stage
+    names (and `<sweep>.best`) allowed wherever a model goes."""
+
+    # mergekit's keys are kept as written (model_extra) and handed to mergekit's own models:
+    # declaring them here again would drift from the mergekit that runs them
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     kind: Literal["merge"] = "merge"
-    merge_method: str = Field(description="a mergekit method: linear, slerp, ties, dare_ties, ...")
-    models: list[MergeModel] = Field(min_length=1)
-    base_model: str | None = Field(
-        None,
-        description="needed by slerp, ties, task_arithmetic, ...",
-        json_schema_extra=names("model"),
-    )
-    parameters: dict[str, Any] | None = Field(
-        None, description="settings for every model (t, normalize, lambda, ...)"
-    )
-    dtype: str | None = Field(None, description="dtype the merge computes in")
-    out_dtype: str | None = Field(None, description="dtype the merged weights are saved in")
-    tokenizer_source: str | None = Field(
-        None,
-        description="base | union | a model; default: the base model's tokenizer is copied",
-        json_schema_extra={**names("model", keywords=TOKENIZER_KEYWORDS), **used_for("tokenizer")},
-    )
-    tokenizer: MergeTokenizer | None = Field(
-        None, description="instead of tokenizer_source, with pad_to_multiple_of / tokens"
-    )
-    chat_template: str | None = Field(
-        None, description="a template, a mergekit template name or 'auto'; default: carried over"
-    )
     # Each shard is written and freed before the next; with lazy per-tensor loading this is
     # what bounds peak memory, not the model size.
     out_shard_size: int | str = Field(
         "5B", description="parameters per output shard: 500M, 5B, ..."
     )
+    sweep: Sweep | None = Field(
+        None,
+        description="a grid over this merge's settings: each combination a stage, this one the "
+        "variant its eval scores best (`model: <this>.best`)",
+    )
+
+    @property
+    def mergekit(self) -> dict[str, Any]:
+        """The mergekit config as the recipe writes it (stage names not yet resolved)."""
+        return dict(self.model_extra or {})
+
+    def declared_names(self) -> list[Declared]:
+        """The models the mergekit config names, found where mergekit's types put models."""
+        return [
+            Declared(
+                key=name.loc,
+                text=name.text,
+                thing="model",
+                where="any",
+                use="adapter" if name.lora else "tokenizer" if name.tokenizer else "weights",
+                kinds=(),
+            )
+            for name in merging.model_names(self.mergekit)
+        ]
 
     @model_validator(mode="after")
     def _check_against_mergekit(self, info: ValidationInfo) -> Spec:
         if not (info.context or {}).get("deep", True):
             return self  # `upstack status`/`report`: importing mergekit (peft, torch) costs ~8 s
+        if self.sweep is not None:
+            return self  # the pick merges nothing: each variant is checked as a merge of its own
         problem = mergekit_problem(self)
         if problem:
             raise error_at(*problem)
         return self
 
 
-def mergekit_config(spec: Spec, resolve=lambda ref: ref) -> dict[str, Any]:
-    """The mergekit YAML for this stage, with every model reference passed through `resolve`."""
-    config: dict[str, Any] = {
-        "merge_method": spec.merge_method,
-        "models": [
-            {
-                "model": resolve(entry.model),
-                **({"parameters": entry.parameters} if entry.parameters else {}),
-            }
-            for entry in spec.models
-        ],
-    }
-    if spec.base_model:
-        config["base_model"] = resolve(spec.base_model)
-    if spec.tokenizer_source:
-        source = spec.tokenizer_source
-        config["tokenizer_source"] = source if source in TOKENIZER_KEYWORDS else resolve(source)
-    if spec.tokenizer:
-        tokenizer = spec.tokenizer.model_dump(exclude_none=True)
-        if tokenizer["source"] not in TOKENIZER_KEYWORDS:
-            tokenizer["source"] = resolve(tokenizer["source"])
-        config["tokenizer"] = tokenizer
-    for key in ("parameters", "dtype", "out_dtype", "chat_template"):
-        if getattr(spec, key) is not None:
-            config[key] = getattr(spec, key)
-    return config
-
-
 def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
     """(key path, message) for the first thing mergekit would reject when the merge runs, or None.
 
     mergekit only finds these once it has loaded every model; here they fail at recipe load.
-    """
+    Checks that need the models' architecture are check_at_load's."""
     from mergekit.common import dtype_from_name, parse_kmb
-    from mergekit.config import MergeConfiguration, evaluate_setting
-    from mergekit.merge_methods import registry
-    from mergekit.merge_methods.base import BasePolicy, ParameterScope
+    from mergekit.config import MergeConfiguration
 
-    methods = {method.spec.name: method for method in registry.registered_methods()}
-    name = spec.merge_method
-    if name not in methods:
-        known_methods = ", ".join(sorted(methods))
-        return ("merge_method",), f"unknown merge method '{name}' (mergekit has: {known_methods})"
-    method = methods[name]
-    contract = method.spec.contract
-
+    raw = spec.mergekit
+    ours = [name for name in Spec.model_fields if name not in ("kind",)]
+    for key in raw:
+        if key not in MergeConfiguration.model_fields:
+            known = [*MergeConfiguration.model_fields, *ours]
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            return (key,), f"unknown key (not upstack's, nor in mergekit's config{hint})"
+    problem = merging.unknown_key(raw, MergeConfiguration)
+    if problem:
+        return problem
     try:
-        MergeConfiguration.model_validate(mergekit_config(spec))
+        config = MergeConfiguration.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        return tuple(first["loc"]), f"mergekit: {first['msg']}"
+        loc, message = merging.validation_problem(err, raw)
+        return loc, f"mergekit: {message}"
     except RuntimeError as err:  # mergekit's cross-field checks raise RuntimeError, not ValueError
         return (), f"mergekit: {err}"
+
+    method, problem = merging.merge_method(config.merge_method)
+    if problem:
+        return problem
     for key in ("dtype", "out_dtype"):
-        value = getattr(spec, key)
         try:
-            dtype_from_name(value)
+            dtype_from_name(raw.get(key))
         except RuntimeError:
-            return (key,), f"not a dtype mergekit knows (float32, bfloat16, ...): {value!r}"
+            return (key,), f"not a dtype mergekit knows (float32, bfloat16, ...): {raw[key]!r}"
     try:
         parse_kmb(spec.out_shard_size)
     except (ValueError, IndexError):
         return ("out_shard_size",), f"not a size like 500M or 5B (got {spec.out_shard_size!r})"
+    return merging.inputs_problem(config, method) or merging.parameters_problem(config, method)
 
-    base = spec.base_model
-    if contract.base == BasePolicy.REQUIRED and not base:
-        return ("base_model",), f"merge_method '{name}' needs a base_model"
-    if contract.base == BasePolicy.FORBIDDEN and base:
-        return ("base_model",), f"merge_method '{name}' takes no base_model"
-    # mergekit merges the base model too when it is not among `models` (it adds it as an input).
-    inputs = [entry.model for entry in spec.models]
-    if base and base not in inputs:
-        inputs.append(base)
-    try:
-        method.validate_inputs(inputs, base)
-    except ValueError as err:
-        return ("models",), f"merge_method '{name}': {err} (base_model counts as an input)"
 
-    known = {p.name: p for p in method.spec.parameters}
-    takes = ", ".join(known) or "no parameters"
-    settings = [(("parameters",), spec.parameters or {})]
-    settings += [
-        (("models", i, "parameters"), e.parameters or {}) for i, e in enumerate(spec.models)
-    ]
-    for loc, values in settings:
-        for key, value in values.items():
-            if key not in known:
-                return (*loc, key), f"unknown parameter '{key}' for {name} (takes: {takes})"
-            if loc[0] == "models" and known[key].scope == ParameterScope.SHARED:
-                message = f"'{key}' applies to the whole {name} merge: set it under parameters"
-                return (*loc, key), message
-            try:
-                evaluate_setting("", value, validate=known[key].validate)
-            except (ValidationError, ValueError, TypeError, RuntimeError) as err:
-                return (*loc, key), f"not a valid value for {name}'s '{key}': {err}".splitlines()[0]
+def ignored_parameters(spec: Spec) -> list[str]:
+    from mergekit.config import MergeConfiguration
 
-    shared = spec.parameters or {}
-    listed = [entry.model for entry in spec.models]
-    for parameter in method.spec.parameters:
-        if not parameter.required or parameter.name in shared:
-            continue
-        if parameter.scope == ParameterScope.SHARED:
-            return ("parameters", parameter.name), f"required by merge_method '{name}'"
-        for i, entry in enumerate(spec.models):
-            skip_base = parameter.scope == ParameterScope.NON_BASE and entry.model == base
-            if not skip_base and parameter.name not in (entry.parameters or {}):
-                return (
-                    ("models", i, "parameters", parameter.name),
-                    f"required by merge_method '{name}' for every model"
-                    + (" but the base" if parameter.scope == ParameterScope.NON_BASE else ""),
-                )
-        if parameter.scope == ParameterScope.INPUT and base and base not in listed:
-            return ("base_model",), (
-                f"'{base}' is merged too and needs '{parameter.name}': list it "
-                f"under models with one, or set parameters.{parameter.name}"
+    return merging.ignored_parameters(MergeConfiguration.model_validate(spec.mergekit))
+
+
+def check_at_load(spec: Spec, recipe, name: str) -> None:
+    """What needs the other stages: LoRA adapters are adapters, and every parameter evaluates for
+    every tensor mergekit will merge, on the models' architecture (their config.json, or what the
+    recipe says a stage will build)."""
+    from mergekit.config import MergeConfiguration
+
+    if spec.sweep is not None:
+        return
+    refs = recipe.refs(name)
+    for ref in refs:
+        if ref.use == "adapter" and ref.origin == "stage":
+            raise recipe.error(
+                ("stages", name, *ref.key.split(".")),
+                f"'{ref.text}' after `+` is a LoRA adapter: a directory or Hub id holding "
+                "adapter_config.json, not a stage",
             )
+    config = MergeConfiguration.model_validate(spec.mergekit)
+    method, _ = merging.merge_method(config.merge_method)
+    by_text = {ref.text: ref for ref in refs if ref.use != "adapter"}
+    problem = _layer_range_problem(config, by_text, recipe)
+    problem = problem or merging.tensor_parameter_problem(
+        config, method, lambda model: merging.model_config(by_text.get(model.model.path), recipe)
+    )
+    if problem:
+        loc, message = problem
+        raise recipe.error(("stages", name, *loc), message)
+
+
+def _layer_range_problem(config: Any, by_text: dict, recipe) -> tuple[tuple, str] | None:
+    for _, _, slices in merging.output_slices(config, ["default"]).values():
+        for out in slices:
+            for source in out.sources:
+                model_config = merging.model_config(by_text.get(source.model.model.path), recipe)
+                layers = getattr(model_config, "num_hidden_layers", None)
+                if source.layer_range is None or layers is None or source.loc is None:
+                    continue
+                first, end = source.layer_range
+                if end > layers:
+                    return (*source.loc[:-1], "layer_range"), (
+                        f"[{first}, {end}) goes past the {layers} layers of {source.model}"
+                    )
     return None
 
 
 def preflight(spec: Spec, ctx) -> None:
-    """Before the runner writes anything: every local input is a loadable safetensors checkpoint,
-    and all inputs have the same shapes, including those this run builds first (as the recipe
-    gives them). Hub inputs are left to mergekit."""
+    """Before the runner writes anything: every local input is a loadable safetensors checkpoint
+    (a LoRA adapter, an adapter dir), and all inputs have the same shapes, including those this
+    run builds first (as the recipe gives them). Hub inputs are left to mergekit."""
     from upstack.checkpoints import model_dir_problem
     from upstack.shapes import SHAPE_KEYS, differences, planned_shape
 
-    # a tokenizer_source merge aligns the vocabularies; everything else must match as is
-    aligned = spec.tokenizer_source or spec.tokenizer
-    keys = tuple(k for k in SHAPE_KEYS if not (k == "vocab_size" and aligned))
+    if spec.sweep is not None:
+        return  # the pick reads what its variants and its eval wrote
+    raw = spec.mergekit
+    # a tokenizer merge aligns the vocabularies; slices may take layers from deeper models
+    ignored = {"vocab_size"} if raw.get("tokenizer_source") or raw.get("tokenizer") else set()
+    ignored |= {"num_hidden_layers"} if raw.get("slices") or raw.get("modules") else set()
+    keys = tuple(k for k in SHAPE_KEYS if k not in ignored)
     shapes: dict[str, tuple[str, dict]] = {}
     for ref in ctx.refs():
         if ref.origin == "hub" or ref.use == "tokenizer":
+            continue
+        if ref.use == "adapter":
+            adapter = Path(ref.location)
+            if ref.origin == "path" and not (adapter / "adapter_config.json").is_file():
+                raise ctx.fail(
+                    ref.key, f"{adapter} is not a LoRA adapter dir (no adapter_config.json)"
+                )
             continue
         if not ctx.is_pending(ref):
             problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
@@ -239,21 +209,45 @@ def preflight(spec: Spec, ctx) -> None:
 
 
 def output_shape(spec: Spec, input_shape) -> dict | None:
-    """The merged model has its inputs' shape (the vocab of a tokenizer merge is known only after)."""
-    shape = input_shape("models.0.model")
-    if shape is not None and (spec.tokenizer_source or spec.tokenizer):
+    """The merged model has its first input's shape, with as many layers as its slices give (the
+    vocab of a tokenizer merge is known only after)."""
+    raw = spec.mergekit
+    models = [n for n in merging.model_names(raw) if not n.tokenizer and not n.lora]
+    if spec.sweep is not None or not models or raw.get("modules"):
+        return None
+    shape = input_shape(".".join(map(str, models[0].loc)))
+    if shape is None:
+        return None
+    if isinstance(raw.get("slices"), list):
+        try:
+            ranges = [s["sources"][0]["layer_range"] for s in raw["slices"]]
+            shape = {**shape, "num_hidden_layers": sum(end - first for first, end in ranges)}
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    if raw.get("tokenizer_source") or raw.get("tokenizer"):
         shape = {**shape, "vocab_size": None}
     return shape
 
 
+def mergekit_config(spec: Spec, location) -> dict[str, Any]:
+    """The mergekit YAML for this stage, every model name replaced by `location(key path)`."""
+    return merging.with_locations(
+        spec.mergekit, lambda name: location(".".join(map(str, name.loc)))
+    )
+
+
 def run(spec: Spec, ctx) -> dict:
+    if spec.sweep is not None:
+        from upstack.sweeps import pick_best
+
+        return pick_best(ctx)
     import yaml
     from mergekit.common import parse_kmb
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    config = mergekit_config(spec, resolve=ctx.location)
+    config = mergekit_config(spec, lambda key: ctx.ref(key).location)
     for ref in ctx.refs():
         if ref.origin == "stage" and not Path(ref.location, "config.json").is_file():
             raise ctx.fail(
@@ -262,12 +256,22 @@ def run(spec: Spec, ctx) -> dict:
     # The exact config mergekit ran, paths resolved: `mergekit-yaml mergekit_config.yml OUT` redoes it.
     config_text = yaml.safe_dump(config, sort_keys=False)
     (ctx.out_dir / "mergekit_config.yml").write_text(config_text)
-    ctx.log(f"{spec.merge_method} over {len(spec.models)} models")
+    merge_config = MergeConfiguration.model_validate(config)
+    ctx.log(f"{merge_config.merge_method} over {len(merge_config.referenced_models())} models")
+    for note in ignored_parameters(spec):
+        ctx.log(f"note: {note}")
+    # mergekit names a merged adapter by its paths only: a retrained adapter must not be reused
+    lora_cache = ctx.work_dir / "lora-merged"
+    shutil.rmtree(lora_cache, ignore_errors=True)
     run_merge(
-        MergeConfiguration.model_validate(config),
+        merge_config,
         str(ctx.out_dir),
         MergeOptions(
             copy_tokenizer=True,
+            # a layer placed twice (a frankenmerge) would otherwise be one tensor saved twice
+            clone_tensors=_repeats_layers(merge_config),
+            # `model+lora`: mergekit merges the adapter into its model first, here
+            lora_merge_cache=str(lora_cache),
             out_shard_size=parse_kmb(spec.out_shard_size),
             trust_remote_code=ctx.recipe.trust_remote_code,
             random_seed=ctx.seed,  # dare/della drop weights at random
@@ -276,13 +280,26 @@ def run(spec: Spec, ctx) -> dict:
         ),
         config_source=config_text,
     )
-    donor = Path(config.get("base_model") or config["models"][0]["model"])
+    # mergekit's own donor for the tokenizer and config: the base model, else the first it lists
+    donor = Path((merge_config.base_model or merge_config.referenced_models()[0]).model.path)
     for file_name in CARRIED_FILES:
         if (donor / file_name).is_file() and not (ctx.out_dir / file_name).exists():
             shutil.copy(donor / file_name, ctx.out_dir / file_name)
     return {
-        "method": spec.merge_method,
-        "models": [entry.model for entry in spec.models],
-        "base_model": spec.base_model,
+        "method": merge_config.merge_method,
+        "models": [ref.text for ref in ctx.refs() if ref.use == "weights"],
+        "base_model": spec.mergekit.get("base_model"),
         "parameters": count_parameters(ctx.out_dir),
     }
+
+
+def _repeats_layers(config: Any) -> bool:
+    """Whether some source layer is placed twice in the output."""
+    seen: set[tuple[str, int]] = set()
+    for out in config.slices or []:
+        for source in out.sources:
+            for layer in range(*source.layer_range):
+                if (str(source.model), layer) in seen:
+                    return True
+                seen.add((str(source.model), layer))
+    return False

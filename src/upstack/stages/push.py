@@ -181,14 +181,16 @@ def stage_files(stage_dir: Path) -> list[str]:
 
 
 def lineage(recipe: Recipe, stage: str) -> list[str]:
-    """`stage` and every stage it came from, in run order."""
+    """`stage` and every stage it came from, in run order. An eval stage is listed (it picked a
+    sweep's best) but what it scored is not an ancestor of the model."""
     wanted: set[str] = set()
     todo = [stage]
     while todo:
         name = todo.pop()
         if name not in wanted:
             wanted.add(name)
-            todo.extend(recipe.deps(name))
+            if recipe.stages[name].kind != "eval":
+                todo.extend(recipe.deps(name))
     return [name for name in recipe.order() if name in wanted]
 
 

@@ -48,6 +48,12 @@ class Slice(Strict):
         json_schema_extra=names("model"),
     )
     layer_range: tuple[int, int] = Field(description="[first, end), end exclusive, as in mergekit")
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description="mergekit passthrough parameters for these layers, as mergekit takes them: "
+        "scale, as a value, a gradient over the layers or a filter list "
+        "([{filter: o_proj, value: 0.5}, {value: 1}])",
+    )
 
     @field_validator("layer_range")
     @classmethod
@@ -121,6 +127,22 @@ class Spec(StageSpec):
         return value
 
     @model_validator(mode="after")
+    def _slice_parameters(self, info: ValidationInfo) -> Spec:
+        """Checked by mergekit's own passthrough method, as a merge stage's parameters are."""
+        if not (info.context or {}).get("deep", True) or not self.slices:
+            return self  # `upstack status`/`report`: importing mergekit (peft, torch) costs ~8 s
+        if not any(piece.parameters for piece in self.slices):
+            return self
+        from upstack import merging
+
+        config = passthrough_config(self, lambda key: key)
+        method, _ = merging.merge_method("passthrough")
+        problem = merging.parameters_problem(config, method)
+        if problem:
+            raise error_at(*_slice_loc(problem))
+        return self
+
+    @model_validator(mode="after")
     def _method_settings(self) -> Spec:
         if self.method == "dus" and (self.drop_layers is None) == (self.target_layers is None):
             raise ValueError(
@@ -160,6 +182,7 @@ class Piece:
     first: int
     end: int
     identity: bool = False
+    parameters: dict | None = None  # the recipe's passthrough parameters for these layers
 
 
 # --------------------------------------------------------------------------- checks
@@ -421,8 +444,49 @@ def plan_layers(
                 f"slices.{i}.layer_range",
                 f"[{first}, {end}) goes past the {layers[key]} layers of {ctx.ref(key).text}",
             )
-        pieces.append(Piece(key, first, end))
+        pieces.append(Piece(key, first, end, parameters=piece.parameters))
     return pieces
+
+
+def passthrough_config(spec: Spec, model: Any) -> Any:
+    """The `layers` method's slices as a mergekit config (each model the `model(key)` of its
+    reference key), for mergekit's own checks of their parameters."""
+    from mergekit.config import MergeConfiguration
+
+    slices = []
+    for i, piece in enumerate(spec.slices or []):
+        key = f"slices.{i}.model" if piece.model is not None else "model"
+        source = {"model": model(key), "layer_range": list(piece.layer_range)}
+        if piece.parameters:
+            source["parameters"] = piece.parameters
+        slices.append({"sources": [source]})
+    return MergeConfiguration.model_validate({"merge_method": "passthrough", "slices": slices})
+
+
+def _slice_loc(problem: tuple) -> tuple:
+    """A problem in the passthrough config, placed on the `layers` slice it came from."""
+    loc, message = problem
+    if loc[:1] == ("slices",) and loc[2:5] == ("sources", 0, "parameters"):
+        loc = ("slices", loc[1], "parameters", *loc[5:])
+    return loc, message
+
+
+def check_at_load(spec: Spec, recipe, name: str) -> None:
+    """Every slice parameter evaluates for every tensor of its layers, on the source's
+    architecture (its config.json, or what the recipe says a stage will build)."""
+    from upstack import merging
+
+    if spec.method != "layers" or not any(piece.parameters for piece in spec.slices):
+        return
+    refs = {ref.key: ref for ref in recipe.refs(name)}
+    config = passthrough_config(spec, lambda key: key)  # the key stands for the model
+    method, _ = merging.merge_method("passthrough")
+    problem = merging.tensor_parameter_problem(
+        config, method, lambda model: merging.model_config(refs.get(model.model.path), recipe)
+    )
+    if problem:
+        loc, message = _slice_loc(problem)
+        raise recipe.error(("stages", name, *loc), message)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -498,6 +562,8 @@ def merge_config(pieces: list[Piece], sources: dict[str, Source], dtype: str | N
         }
         if piece.identity:
             source["parameters"] = {"scale": IDENTITY_SCALE}
+        elif piece.parameters:
+            source["parameters"] = piece.parameters
         slices.append({"sources": [source]})
     config: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
     if dtype:
