@@ -291,6 +291,7 @@ def generation_worker(job: dict) -> dict:
     """The transformers teacher on rephrase requests, then the eval stage's greedy solve; each
     rate over the batches after the first (which pays loading and warm-up)."""
     import asyncio
+    import gc
 
     import torch
 
@@ -342,6 +343,7 @@ def generation_worker(job: dict) -> dict:
     }
     if cuda:
         result["teacher"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        gc.collect()  # the teacher's model, before the eval stage loads its own
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -359,6 +361,7 @@ def generation_worker(job: dict) -> dict:
     result["eval"] = {
         "problems": len(records),
         "problems_per_second": len(records) / seconds,
+        "includes": "generation and grading (data_synth.verify), as the eval stage runs them",
         "max_new_tokens": tokens,
         "batch_size": batch,
     }
@@ -409,6 +412,8 @@ def build_model(path: Path, shape: dict, max_length: int, cuda: bool) -> dict:
     built["parameters"] = sum(p.numel() for p in model.parameters())
     built["matmul_parameters"] = matmul_params(built)
     del model
+    if cuda:
+        torch.cuda.empty_cache()  # the workers get the whole GPU
     stamp.write_text(json.dumps({"wanted": wanted, "built": built}))
     return built
 
@@ -787,7 +792,8 @@ def main(argv: list[str] | None = None) -> None:
         run["settings"] = job["settings"]
         result["runs"][name] = with_mfu(run, shape, lengths, peak)
         shown = (
-            f"{run['tokens_per_second']:.0f} tok/s, MFU {run['mfu'] or 0:.3f}, "
+            f"{run['tokens_per_second']:.0f} tok/s, "
+            f"MFU {'n/a' if run['mfu'] is None else format(run['mfu'], '.3f')}, "
             f"{run['peak_memory_gib']:.2f} GiB, {run['wall_seconds']:.0f} s"
             if "tokens_per_second" in run
             else run["error"][:300]
