@@ -389,28 +389,17 @@ def changed_fields(config) -> dict[str, Any]:
 def trainer_fields(config_name: str) -> dict[str, str]:
     """Field name -> type of a TRL config class. Importing trl takes seconds (torch comes with it),
     so the names are cached per TRL version and `upstack status` stays quick."""
-    import os
-    from importlib import metadata
+    from upstack.check_cache import library_facts
 
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cache = cache_home / "upstack" / f"trl-{metadata.version('trl')}-{config_name}.json"
-    try:
-        return json.loads(cache.read_text())
-    except (OSError, ValueError):
-        pass
-    import dataclasses
+    def fields() -> dict[str, str]:
+        import dataclasses
 
-    import trl
+        import trl
 
-    fields = {f.name: str(f.type) for f in dataclasses.fields(getattr(trl, config_name)) if f.init}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(fields))
-        partial.replace(cache)  # atomic: a concurrent reader sees all of it or nothing
-    except OSError:
-        pass  # a read-only home only costs the import next time
-    return fields
+        config = getattr(trl, config_name)
+        return {f.name: str(f.type) for f in dataclasses.fields(config) if f.init}
+
+    return library_facts("trl", config_name, fields)
 
 
 def upstack_defaults(on_gpu: bool) -> dict[str, Any]:
