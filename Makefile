@@ -43,7 +43,7 @@ format: install
 
 demo: install
 	$(UPSTACK) run $(RECIPE) $(SETFLAGS)
-	$(UPSTACK) report $(RECIPE) $(SETFLAGS)
+	@$(UPSTACK) report $(RECIPE) $(SETFLAGS) --summary
 
 status show report: install
 	$(UPSTACK) $@ $(RECIPE) $(SETFLAGS)
