@@ -126,3 +126,38 @@ def test_arith_train_and_eval_are_disjoint():
 def test_last_boxed_balances_braces():
     assert last_boxed("x \\boxed{1} then \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
     assert last_boxed("no answer") is None and last_boxed("\\boxed{3") is None
+
+
+def test_listops_problems_are_deterministic_exact_and_split_by_identity():
+    from data_synth import listops
+    from data_synth.verify import same_answer
+
+    train = listops.problems(400, seed=3)
+    assert train == listops.problems(400, seed=3)  # the same seed, the same problems
+    assert train != listops.problems(400, seed=4)
+    held_out = listops.problems(100, seed=3, split="eval")
+    other_seed_eval = listops.problems(100, seed=4, split="eval")
+    identity = lambda p: (p.kind, p.args)  # noqa: E731
+    train_ids = {identity(p) for p in train} | {identity(p) for p in listops.problems(400, seed=4)}
+    # disjoint by identity whatever the seed: the split is a hash of kind and arguments
+    assert not train_ids & (
+        {identity(p) for p in held_out} | {identity(p) for p in other_seed_eval}
+    )
+    assert len({identity(p) for p in train}) == 400
+
+    # each answer recomputed here, by another route than the generator's
+    expected = {
+        "reverse": lambda args: "[" + ", ".join(map(str, reversed(args))) + "]",
+        "sort": lambda args: "[" + ", ".join(map(str, sorted(args))) + "]",
+        "count": lambda args: str(sum(1 for ch in args[1] if ch == args[0])),
+        "largest": lambda args: str(sorted(args)[-1]),
+        "join": lambda args: "-".join(args),
+        "last": lambda args: str(args[len(args) - 1]),
+    }
+    kinds = set()
+    for problem in train + held_out:
+        kinds.add(problem.kind)
+        assert str(problem.answer) == expected[problem.kind](problem.args), problem
+        for solution in problem.solutions():  # every wording ends in the same exact answer
+            assert same_answer(last_boxed(solution), str(problem.answer))
+    assert kinds == set(expected)
