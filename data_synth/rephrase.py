@@ -103,9 +103,9 @@ class SynthConfig(Strict):
                 raise ValueError(
                     "the scripted teacher only knows `arith` seeds: use another teacher kind"
                 )
-            if self.augmentations.fobar or self.augmentations.self_verification:
+            if self.augmentations.self_verification:
                 raise ValueError(
-                    "the scripted teacher cannot do fobar or self_verification: set them to 0"
+                    "the scripted teacher cannot do self_verification: set it to 0 (fobar it can)"
                 )
         return self
 
@@ -189,7 +189,9 @@ def synthesize(
     )
     try:
         replies = _ask(first, config, cache, runtime, bar, tally, verdicts)
-        records, questions = _judge_first(first, replies, verdicts, config, seed, tally.dropped)
+        records, questions = _judge_first(
+            first, seeds, replies, verdicts, config, seed, tally.dropped
+        )
         second = [_solve_request(q, config) for q in questions]
         bar.total += len(second)
         replies.update(_ask(second, config, cache, runtime, bar, tally, verdicts))
@@ -462,6 +464,7 @@ def _record(
 
 def _judge_first(
     requests: list[Request],
+    seeds: list[Problem],
     replies: dict,
     verdicts: dict,
     config: SynthConfig,
@@ -506,7 +509,7 @@ def _judge_first(
 
     # FOBAR's backward question comes from a fixed template, not from the teacher.
     fobar = config.augmentations.fobar
-    for problem in {r.problem.id: r.problem for r in requests}.values() if fobar else []:
+    for problem in seeds if fobar else []:  # every seed: round one may have asked nothing of it
         masked = _mask_number(problem, seed)
         if masked is None:
             dropped["no_number_to_mask"] += fobar
