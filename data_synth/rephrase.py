@@ -31,7 +31,7 @@ from data_synth import teachers, verify
 from data_synth.cache import Cache, request_key
 from data_synth.config import Strict, used_for
 from data_synth.errors import DataSynthError, SynthFailed
-from data_synth.seeds import ArithSeeds, Problem, SeedSource, load_problems
+from data_synth.seeds import ArithSeeds, ListopsSeeds, Problem, SeedSource, load_problems
 from data_synth.teachers import Request, Runtime, ScriptedTeacher, TeacherSpec, teacher_model
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -99,9 +99,14 @@ class SynthConfig(Strict):
     @model_validator(mode="after")
     def _scripted_knows_only_arith(self) -> SynthConfig:
         if isinstance(self.teacher, ScriptedTeacher):
-            if any(not isinstance(s, ArithSeeds) for s in self.seeds):
+            if any(not isinstance(s, ArithSeeds | ListopsSeeds) for s in self.seeds):
                 raise ValueError(
-                    "the scripted teacher only knows `arith` seeds: use another teacher kind"
+                    "the scripted teacher only knows `arith` and `listops` seeds: use another "
+                    "teacher kind"
+                )
+            if self.augmentations.fobar and any(isinstance(s, ListopsSeeds) for s in self.seeds):
+                raise ValueError(
+                    "the scripted teacher does fobar on arith seeds only: set fobar to 0"
                 )
             if self.augmentations.self_verification:
                 raise ValueError(

@@ -134,7 +134,7 @@ class ScriptedTeacher(Strict):
     another wording of its worked solution; a FOBAR backward question (one number masked as X,
     the answer given) is solved for X and checked forward. With probability `error_rate` an answer is deliberately
     spoiled (wrong boxed number, or no \\boxed{} at all) so verification has something real to
-    drop. Deterministic per request key. It knows nothing but arith problems.
+    drop. Deterministic per request key. It knows arith and listops problems, nothing else.
     """
 
     kind: Literal["scripted"] = "scripted"
@@ -369,6 +369,8 @@ def scripted_reply(request: Request, error_rate: float) -> str:
     from data_synth.arith import ArithProblem
 
     meta = request.problem.metadata
+    if request.problem.source == "listops":
+        return _scripted_listops(request, error_rate)
     problem = ArithProblem(
         id=request.problem.id,
         kind=meta["kind"],
@@ -395,6 +397,31 @@ def scripted_reply(request: Request, error_rate: float) -> str:
             return text.replace(f"\\boxed{{{answer}}}", f"\\boxed{{{answer + 1}}}")
         return re.sub(r"\\boxed\{(\d+)\}", r"\1", text)
     return text
+
+
+def _scripted_listops(request: Request, error_rate: float) -> str:
+    """As for arith: other wordings of the question or of the worked solution; a spoiled answer
+    reaches the mistake one would expect for the kind, or has no \\boxed{}."""
+    from data_synth.listops import ListProblem
+
+    meta = request.problem.metadata
+    problem = ListProblem(
+        id=request.problem.id,
+        kind=meta["kind"],
+        args=tuple(meta["args"]),
+        answer=request.problem.answer,
+    )
+    rng = random.Random(request.key)
+    if request.task == "rephrase_question":
+        return rng.choice(problem.questions()[1:] or problem.questions())
+    wordings = problem.solutions()[1:] if request.task == "rephrase_answer" else problem.solutions()
+    choice = rng.randrange(len(wordings))
+    if rng.random() < error_rate:
+        if rng.random() < 0.5:
+            offset = len(problem.solutions()) - len(wordings)
+            return problem.solutions_with(problem.wrong_answer())[offset + choice]
+        return re.sub(r"\\boxed\{(.*)\}", r"\1", wordings[choice])
+    return wordings[choice]
 
 
 def _backward(problem, prompt: str) -> tuple[str, int] | None:

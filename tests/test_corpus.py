@@ -776,7 +776,7 @@ CASES = [
         "scripted-jsonl",
         "name: c\nstages:\n  synth:\n    seeds: [{source: jsonl, path: s.jsonl}]\n"
         "    teacher: {kind: scripted}\n",
-        "stages.synth: the scripted teacher only knows `arith` seeds",
+        "stages.synth: the scripted teacher only knows `arith` and `listops` seeds",
         line=3,
         setup=jsonl("s.jsonl", '{"question": "q", "solution": "s", "answer": "1"}'),
     ),

@@ -114,13 +114,24 @@ def test_jsonl_missing_field_names_file_and_line(tmp_path):
         load_problems(seeds(source="jsonl", path=str(path)), seed=0)
 
 
-def test_arith_train_and_eval_are_disjoint():
-    train = load_problems(seeds(source="arith", count=200), seed=3)
-    held_out = load_problems(seeds(source="arith", split="eval", count=50), seed=3)
-    assert len(train) == 200 and len(held_out) == 50
-    identity = lambda p: (p.metadata["kind"], tuple(p.metadata["numbers"]))  # noqa: E731
-    assert not {identity(p) for p in train} & {identity(p) for p in held_out}
-    assert all(last_boxed(p.solution) == p.answer for p in train)
+@pytest.mark.parametrize("task", ["arith", "listops"])
+def test_train_synth_seeds_and_eval_are_disjoint_by_identity(task):
+    key = "numbers" if task == "arith" else "args"
+    identity = lambda p: (p.metadata["kind"], tuple(p.metadata[key]))  # noqa: E731
+    found = {}
+    for split, count in (("train", 300), ("synth", 150), ("eval", 60)):
+        problems = [
+            p
+            for s in (3, 4)  # whatever the seed
+            for p in load_problems(seeds(source=task, split=split, count=count), seed=s)
+        ]
+        assert len({identity(p) for p in problems}) > count  # two seeds, not all the same
+        assert all(p.metadata["split"] == split for p in problems)
+        assert all(last_boxed(p.solution) == p.answer for p in problems)
+        found[split] = {identity(p) for p in problems}
+    assert not found["train"] & found["synth"]
+    assert not found["train"] & found["eval"]
+    assert not found["synth"] & found["eval"]
 
 
 def test_last_boxed_balances_braces():

@@ -281,3 +281,36 @@ def test_scripted_fobar_solves_for_x_and_spoiled_solves_are_dropped(tmp_path):
         assert restored == record["original_question"]
         given = record["question"].split("the above question is ")[1].split(",")[0]
         assert given == last_boxed(record["original_solution"])
+
+
+def test_scripted_listops_answers_verify_and_spoiled_ones_are_dropped(tmp_path):
+    from data_synth.seeds import last_boxed
+    from data_synth.verify import same_answer
+
+    path = write_recipe(
+        tmp_path,
+        f"""
+        name: general
+        output_dir: {tmp_path / "runs"}
+        stages:
+          synth:
+            seeds: [{{source: listops, split: synth, count: 40}}]
+            teacher: {{kind: scripted, error_rate: 0.3}}
+            augmentations: {{rephrase_question: 1, rephrase_answer: 1, answer_augmentation: 1}}
+    """,
+    )
+    run(load_recipe(path), ["synth"])
+    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
+    stats = metrics(tmp_path / "runs" / "synth")
+    assert {r["augmentation"] for r in records} == {
+        "rephrase_question",
+        "rephrase_answer",
+        "answer_augmentation",
+    }
+    for record in records:  # every kept answer reaches the problem's exact answer
+        assert same_answer(last_boxed(record["answer"]), record["gold"])
+        if record["augmentation"] == "rephrase_answer":
+            assert record["answer"] != record["original_solution"]
+    # the spoiled ones (a wrong answer, or none boxed) were dropped, by reason
+    assert stats["dropped"].get("wrong_answer", 0) > 0
+    assert stats["dropped"].get("no_boxed_answer", 0) > 0

@@ -102,7 +102,8 @@ class TrainingSpec(StageSpec):
 
     @model_validator(mode="after")
     def _generated_data_fits(self) -> TrainingSpec:
-        """Generated sources give text (noise) or text and conversations (arith, listops)."""
+        """Generated sources give text (noise), text and conversations (arith), or text,
+        conversations and preference pairs (listops)."""
         for i, source in enumerate(self.datasets):
             if source.max_tokens is not None and self.DATA_FORMAT != "text":
                 message = "counts tokens of text: a cpt setting (use max_samples here)"
@@ -113,7 +114,7 @@ class TrainingSpec(StageSpec):
                 raise error_at(
                     loc, f"noise gives text only, not {self.DATA_FORMAT} data: use it in cpt"
                 )
-            if task and self.DATA_FORMAT == "preference":
+            if task == "arith" and self.DATA_FORMAT == "preference":
                 loc = ("datasets", i, "arith" if source.arith else "generated")
                 raise error_at(loc, f"{task} gives text or conversations, not preference pairs")
         return self
