@@ -316,8 +316,9 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
                 raise ctx.fail(
                     "adapter",
                     f"train_layers {spec.train_layers} trains the {parts.within} blocks, whose "
-                    "experts transformers keeps as fused 3-D tensors, not Linear modules LoRA can "
-                    "wrap: train them without an adapter",
+                    "experts transformers keeps as fused 3-D tensors, not the Linear modules "
+                    "upstack limits LoRA to: train them without an adapter (or use "
+                    "train_layers: all, where peft's all-linear adapts them too)",
                 )
             if not targets:
                 raise ctx.fail(
