@@ -14,6 +14,7 @@ from conftest import SMALL_ARCHITECTURE, recipe_from_stages
 from safetensors.torch import load_file
 
 from upstack import layermap
+from upstack.errors import UserError
 from upstack.recipe import load_recipe
 from upstack.runner import run
 
@@ -237,4 +238,24 @@ def test_lora_on_the_mixture_adapts_layers_and_merges(mixture):
     assert any(".self_attn." in name for name in moved)
     assert any(".mlp.experts." in name for name in moved)
     assert not any("layernorm" in name for name in moved)
-    assert "router_load" in manifest(mixture / "sft_lora")
+    # the routers peft wrapped still report to the hooks set before it wrapped them
+    load = manifest(mixture / "sft_lora")["router_load"]
+    assert load["train"]["assignments"] > 0
+    assert all(abs(sum(row) - 1) < 1e-4 for row in load["train"]["fractions"])
+
+
+def test_experts_with_an_adapter_is_refused_with_the_reason(mixture, tmp_path):
+    """A dir an upscale stage wrote brings its layer map; its experts are no Linear modules."""
+    stage = {
+        "kind": "cpt",
+        "model": str(mixture / "upcycled"),
+        "datasets": DATA,
+        "train_layers": "experts",
+        "adapter": {"r": 4},
+        "trainer": {**TRAINER, "max_steps": 1},
+    }
+    recipe = load_recipe(recipe_from_stages(tmp_path, {"cpt": stage}))
+    with pytest.raises(UserError) as caught:
+        run(recipe, ["cpt"])
+    assert "stages.cpt.adapter: train_layers experts trains the mlp blocks" in str(caught.value)
+    assert "fused 3-D tensors" in str(caught.value)
