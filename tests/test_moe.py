@@ -71,6 +71,20 @@ def mixture(tmp_path_factory):
     trained copy, hidden-state gates), then trained: cpt in full, cpt of the experts only, sft
     with LoRA. Run once."""
     directory = tmp_path_factory.mktemp("moe")
+    pairs = directory / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question": f"Ana has {a} pens and gets 2 more. How many?",
+                    "chosen": f"{a} + 2 = {a + 2}. The answer is \\boxed{{{a + 2}}}.",
+                    "rejected": "Marbles and shells are in rows of cards.",
+                }
+            )
+            + "\n"
+            for a in range(1, 17)
+        )
+    )
     stages = {
         "base": {
             "kind": "init",
@@ -116,6 +130,12 @@ def mixture(tmp_path_factory):
             "datasets": DATA,
             "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
             "trainer": {**TRAINER, "max_steps": 2},
+        },
+        "dpo": {
+            "kind": "dpo",
+            "model": "upcycled",
+            "datasets": [{"path": str(pairs), "columns": {"question": "prompt"}}],
+            "trainer": {**TRAINER, "max_steps": 2, "max_length": 96},
         },
     }
     recipe = load_recipe(recipe_from_stages(directory, stages))
@@ -259,3 +279,15 @@ def test_experts_with_an_adapter_is_refused_with_the_reason(mixture, tmp_path):
         run(recipe, ["cpt"])
     assert "stages.cpt.adapter: train_layers experts trains the mlp blocks" in str(caught.value)
     assert "fused 3-D tensors" in str(caught.value)
+
+
+def test_dpo_on_the_mixture_adds_the_aux_loss_and_counts_routing(mixture):
+    metrics = manifest(mixture / "dpo")
+    load = metrics["router_load"]
+    assert load["aux_loss_enabled"] is True and load["router_aux_loss_coef"] == 0.02
+    assert all(abs(sum(row) - 1) < 1e-4 for row in load["train"]["fractions"])
+    before, after = tensors(mixture / "upcycled"), tensors(mixture / "dpo")
+    assert not torch.equal(
+        before["model.layers.1.mlp.experts.down_proj"],
+        after["model.layers.1.mlp.experts.down_proj"],
+    )
