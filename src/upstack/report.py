@@ -114,6 +114,10 @@ def layers_report(recipe: Recipe, stage: str | None = None) -> str:
             for e in layer_map
         ]
         headers = ["layer", "source", "source layer", "copy", "roles", *trainers]
+        if any("experts" in e for e in layer_map):  # a moe layer: whose FFN each expert is
+            headers.insert(5, "experts")
+            for row, e in zip(rows, layer_map, strict=True):
+                row.insert(5, ", ".join(e.get("experts", ())))
         sections.append(f"{title}\n\n{markdown_table(headers, rows)}")
     return "\n\n".join(sections) + "\n"
 

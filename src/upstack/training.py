@@ -79,11 +79,11 @@ class TrainingSpec(StageSpec):
     # LLaMA Pro trains only its inserted blocks; after DUS one may heal only the seam. Keywords
     # resolve through the layer map of the model's upscale stage (upstack.layermap), however
     # many training stages lie between.
-    train_layers: Literal["all", "new", "seam", "duplicates"] | list[int] = Field(
+    train_layers: Literal["all", "new", "seam", "duplicates", "experts"] | list[int] = Field(
         "all",
         description="the decoder layers to train: all, new (expand's identity blocks), seam "
-        "(either side of a DUS join), duplicates (later copies of a layer), or indices; the "
-        "rest is frozen",
+        "(either side of a DUS join), duplicates (later copies of a layer), experts (the "
+        "routers and experts of a moe upscale, attention frozen), or indices; the rest is frozen",
     )
     train_embeddings: bool | None = Field(
         None, description="default: trained when train_layers is all (without adapter)"
@@ -313,6 +313,14 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
         targets = spec.adapter.target_modules
         if spec.train_layers != "all":
             targets = trainable.lora_targets(model, parts, targets)
+            if not targets and parts.within:
+                raise ctx.fail(
+                    "adapter",
+                    f"train_layers {spec.train_layers} trains the {parts.within} blocks, whose "
+                    "experts transformers keeps as fused 3-D tensors, not the Linear modules "
+                    "upstack limits LoRA to: train them without an adapter (or use "
+                    "train_layers: all, where peft's all-linear adapts them too)",
+                )
             if not targets:
                 raise ctx.fail(
                     "adapter.target_modules",
@@ -321,6 +329,10 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
                 )
         peft_config = lora_config(spec.adapter, targets, trainable.modules_to_save(model, parts))
     callbacks = [nan_guard(ctx)]
+    from upstack import routing
+
+    if routing.is_moe(model.config):  # how the routers spread the tokens, for the manifest
+        callbacks.append(routing.router_load(model))
     from upstack.cpu import budget_threads
 
     if not on_gpu() and budget_threads():
@@ -355,11 +367,32 @@ def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
     from upstack import trainable
 
     metrics = train(trainer, ctx)
+    metrics.update(router_metrics(trainer, ctx))
     layers = trainer.model.config.num_hidden_layers
     trained = trainable.resolve(spec, ctx, layers).record(spec.train_layers)
     trained.update(trainable.counted(trainer), adapter=spec.adapter.type if spec.adapter else None)
     save(trainer, trainer.processing_class, ctx.ref("model").location, spec.adapter, ctx)
     return {**metrics, "trained": trained, "trainer_settings": changed_fields(trainer.args)}
+
+
+def router_metrics(trainer, ctx) -> dict[str, Any]:
+    """A mixture of experts: the tokens each expert got per layer (upstack.routing), logged as a
+    table, and the load-balancing loss weight TRL trained with."""
+    from upstack import routing
+
+    found = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "RouterLoad"]
+    if not found:
+        return {}
+    load = routing.load_metrics(found[0], trainer.accelerator)
+    for mode in ("train", "eval"):
+        if mode in load:
+            ctx.log(
+                f"router load ({mode}: fraction of routed tokens per expert)\n"
+                + routing.load_table(load, mode)
+            )
+    load["router_aux_loss_coef"] = getattr(trainer, "router_aux_loss_coef", None)
+    load["aux_loss_enabled"] = getattr(trainer, "aux_loss_enabled", None)
+    return {"router_load": load}
 
 
 def changed_fields(config) -> dict[str, Any]:
@@ -725,6 +758,10 @@ def finish_checkpoint(out_dir: Path, tokenizer) -> None:
 
     config = AutoConfig.from_pretrained(out_dir)
     config.use_cache = True  # training turns the KV cache off
+    if hasattr(config, "output_router_logits"):
+        config.output_router_logits = (
+            False  # TRL turned them on for the aux loss; inference needs none
+        )
     config.save_pretrained(out_dir)
     try:
         generation = GenerationConfig.from_pretrained(out_dir)
