@@ -43,6 +43,7 @@ GROWTH = [
     ("DUS, m=1 (4 -> 6)", "dus"),
     ("repetition, m=0 (4 -> 8, = Gstack x2)", "repeat"),
     ("LLaMA Pro expand (4 -> 6)", "expand"),
+    ("MoE upcycling, 4 experts, top 1", "moe"),
     ("6 layers from scratch, same total compute", "scratch_deep"),
 ]
 MODELS = ["pretrain", "sft_general", "sft_synth", "sft_math", "dpo_general", "dpo_synth", "merge"]
@@ -51,6 +52,7 @@ CLAIMS = [
     ("DUS beats the base continued, same compute", "loss", "dus", "base_continued"),
     ("DUS (m=1) beats plain repetition (m=0)", "loss", "dus", "repeat"),
     ("DUS beats a deeper model trained from scratch", "loss", "dus", "scratch_deep"),
+    ("DUS beats MoE upcycling at the same compute per token", "loss", "dus", "moe"),
     ("Synth.Math-Instruct in SFT raises math", "eval_math", "sft_synth", "sft_general"),
     ("... and keeps general accuracy", "eval_general", "sft_synth", "sft_general"),
     ("Synth.Math-Alignment in DPO raises math", "eval_math", "dpo_synth", "dpo_general"),
@@ -116,11 +118,18 @@ def _manifest(stage_dir: Path) -> dict:
 
 
 def _flops_per_token(model_dir: Path) -> float:
-    """6 N, N = the parameters a token passes through: all but the input embedding."""
+    """6 N, N = the parameters a token passes through: all but the input embedding, and of a
+    mixture of experts only the experts it is routed to."""
     from upstack.checkpoints import count_parameters
 
     config = json.loads((model_dir / "config.json").read_text())
-    return 6 * (count_parameters(model_dir) - config["vocab_size"] * config["hidden_size"])
+    passed = count_parameters(model_dir) - config["vocab_size"] * config["hidden_size"]
+    experts = config.get("num_local_experts")
+    if experts:
+        unused = experts - config["num_experts_per_tok"]
+        expert = 3 * config["hidden_size"] * config["intermediate_size"]  # w1, w2, w3
+        passed -= unused * expert * config["num_hidden_layers"]
+    return 6 * passed
 
 
 def _curve(stage_dir: Path, start_flops: float) -> list[list[float]]:
