@@ -214,7 +214,8 @@ def plot_growth(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
+    finals = []
     for label, stage in [("base pretraining", "pretrain"), *GROWTH]:
         runs = results["growth"].get(stage)
         if not runs:
@@ -222,12 +223,21 @@ def plot_growth(results: dict, path: Path) -> None:
         length = min(len(run["curve"]) for run in runs)
         xs = [runs[0]["curve"][i][0] for i in range(length)]
         ys = [statistics.mean(run["curve"][i][1] for run in runs) for i in range(length)]
-        axis.plot(xs, ys, label=label, linewidth=1.5 if stage != "pretrain" else 1)
-    axis.set_xlabel("cumulative training FLOPs (6 N tokens)")
-    axis.set_ylabel("held-out loss (mean of arith, listops)")
-    axis.set_ylim(top=min(axis.get_ylim()[1], 3.0))
-    axis.set_title(f"growing a 4-layer base, same compute (mean of {len(results['seeds'])} seeds)")
-    axis.legend(fontsize=8)
+        for axis in (whole, zoom):
+            axis.plot(xs, ys, label=label, linewidth=1.5 if stage != "pretrain" else 1)
+        finals.append(ys[-1])
+    base = results["growth"].get("pretrain")
+    if base:  # the zoom: from the end of the base's pretraining on
+        start = base[0]["curve"][-1][0]
+        zoom.set_xlim(start * 0.9, None)
+        zoom.set_ylim(min(finals) - 0.03, max(finals) + 0.08)
+    for axis in (whole, zoom):
+        axis.set_xlabel("cumulative training FLOPs (6 N tokens)")
+    whole.set_ylabel("held-out loss (mean of arith, listops)")
+    whole.set_ylim(top=min(whole.get_ylim()[1], 3.0))
+    whole.set_title(f"growing a 4-layer base, same compute (mean of {len(results['seeds'])} seeds)")
+    zoom.set_title("after the base's pretraining")
+    zoom.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -309,10 +319,11 @@ def document(results: dict) -> str:
         "",
         "## 1. Growth under the same compute (recipes/tiny-growth.yaml)",
         "",
-        "A 4-layer base (hidden 128) pretrained at a constant learning rate on arith + listops",
+        "A 4-layer base (hidden 64) pretrained at a constant learning rate on arith + listops",
         "text until its held-out loss flattens, then each variant continued with the same",
-        "FLOPs (6 N tokens, N without the input embedding; steps in the recipe). The 6-layer",
-        "model from scratch gets the base's whole budget.",
+        "FLOPs (6 N tokens, N without the input embedding and, for MoE, without the experts a",
+        "token is not routed to; steps in the recipe), each with a cosine decay to 0. The",
+        "6-layer model from scratch gets the base's whole budget, cosine over all of it.",
         "",
     ]
     growth = results["growth"]
