@@ -237,6 +237,8 @@ def test_the_mixture_trains_with_the_aux_loss_and_records_router_load(mixture):
         assert load[mode]["assignments"] > 0
     config = json.loads((mixture / "cpt" / "config.json").read_text())
     assert config["output_router_logits"] is False  # TRL turned them on only for training
+    # one held-out set: no per-source losses (the router's eval_aux_loss is not a source)
+    assert "eval_loss_by_source" not in metrics and "eval_curves" not in metrics
 
 
 def test_train_layers_experts_trains_routers_and_experts_only(mixture):

@@ -656,11 +656,11 @@ def train(trainer, ctx) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
     evaluated = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    # one held-out set logs eval_loss; a mixture's sets log eval_<source>_loss each
+    # one held-out set logs eval_loss; a mixture's sets log eval_<source>_loss each. Named from
+    # the sets, not read from the keys: a mixture of experts also logs eval_aux_loss
+    sources = eval_sources(trainer)
     by_source = {
-        key.removeprefix("eval_").removesuffix("_loss"): value
-        for key, value in evaluated.items()
-        if key.startswith("eval_") and key.endswith("_loss") and key != "eval_loss"
+        name: evaluated[f"eval_{name}_loss"] for name in sources if f"eval_{name}_loss" in evaluated
     }
     eval_loss = evaluated.get("eval_loss")
     if eval_loss is None and by_source:
@@ -726,7 +726,10 @@ def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> N
         pickled.unlink()  # a pickle; the manifest holds the settings as JSON
     finish_checkpoint(ctx.out_dir, tokenizer)
     plot_losses(
-        trainer.state.log_history, ctx.out_dir / "loss.png", f"{ctx.recipe.name} / {ctx.name}"
+        trainer.state.log_history,
+        ctx.out_dir / "loss.png",
+        f"{ctx.recipe.name} / {ctx.name}",
+        eval_sources(trainer),
     )
     # big, and the stage is done: checkpoints and the streamed selections of its data
     shutil.rmtree(ctx.work_dir / CHECKPOINTS, ignore_errors=True)
@@ -773,19 +776,21 @@ def finish_checkpoint(out_dir: Path, tokenizer) -> None:
     tokenizer.save_pretrained(out_dir)  # with its chat template
 
 
-def plot_losses(history: list[dict], path: Path, title: str) -> None:
+def eval_sources(trainer) -> list[str]:
+    """The names of a mixture's held-out sets (a dict of eval data sets); none for one set."""
+    held_out = trainer.eval_dataset
+    return sorted(held_out) if isinstance(held_out, dict) else []
+
+
+def plot_losses(history: list[dict], path: Path, title: str, sources: list[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    sources = sorted(
-        {k for h in history for k in h if k.startswith("eval_") and k.endswith("_loss")}
-        - {"eval_loss"}
-    )
     series = [("loss", "train"), ("eval_loss", "eval")]
-    series += [(key, f"eval {key[5:-5]}") for key in sources]  # a mixture's sources, one each
+    series += [(f"eval_{name}_loss", f"eval {name}") for name in sources]  # one per source
     for key, label in series:
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
