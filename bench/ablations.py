@@ -136,7 +136,8 @@ def _curve(stage_dir: Path, start_flops: float) -> list[list[float]]:
     """(cumulative FLOPs, held-out loss averaged over the sources) at each eval step."""
     metrics = _manifest(stage_dir)["metrics"]
     per_step = metrics["tokens_seen"] / metrics["steps"] * _flops_per_token(stage_dir)
-    curves = metrics["eval_curves"]
+    # the mixture's sources (runs before a fix also logged a MoE's aux loss as a source)
+    curves = {name: metrics["eval_curves"][name] for name in metrics["mixture"]}
     steps = sorted({step for points in curves.values() for step, _ in points})
     by_source = {name: dict(points) for name, points in curves.items()}
     return [
