@@ -15,7 +15,7 @@ UPSTACK := $(BIN)/upstack
 SETFLAGS := $(foreach s,$(SET),--set $(s))
 STAGES := init upscale cpt synth pairs sft dpo merge eval push
 
-.PHONY: install lock test lint format demo status show report clean $(STAGES)
+.PHONY: install lock test lint format demo ablations status show report clean $(STAGES)
 
 install: $(VENV)/.installed
 
@@ -43,7 +43,12 @@ format: install
 
 demo: install
 	$(UPSTACK) run $(RECIPE) $(SETFLAGS)
-	$(UPSTACK) report $(RECIPE) $(SETFLAGS)
+	@$(UPSTACK) report $(RECIPE) $(SETFLAGS) --summary
+
+# SOLAR's claims at toy scale, 3 seeds of recipes/tiny-growth.yaml and tiny-instruct.yaml;
+# rewrites docs/RESULTS.md from the runs and prints the wall time
+ablations: install
+	$(BIN)/python bench/ablations.py --seeds 1 2 3
 
 status show report: install
 	$(UPSTACK) $@ $(RECIPE) $(SETFLAGS)

@@ -1,8 +1,9 @@
 """Seeded multi-step arithmetic word problems, in several wordings, with worked solutions.
 
 This is the task the tiny recipe can actually learn on two CPU cores: small numbers, two steps,
-a final answer in \\boxed{}. Every problem is identified by its kind and numbers; train and eval
-are split by a hash of that identity, so no eval problem appears in training under any wording.
+a final answer in \\boxed{}. Every problem is identified by its kind and numbers; train, synth
+seeds and eval are split by a hash of that identity (data_synth.splits), so no eval problem
+appears in training under any wording.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from data_synth import splits
+
 NAMES = ["Ana", "Ben", "Cleo", "Dev", "Ema", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kai", "Lea"]
 ITEMS = ["apples", "marbles", "stickers", "books", "coins", "shells", "pens", "cards"]
-EVAL_FRACTION = 0.1  # share of problem identities held out for evaluation
 
 
 @dataclass(frozen=True)
@@ -134,14 +136,12 @@ KINDS: dict[str, Kind] = {
 
 
 def split_of(kind: str, numbers: tuple[int, ...]) -> str:
-    digest = hashlib.sha256(f"{kind}:{numbers}".encode()).digest()
-    return "eval" if digest[0] < 256 * EVAL_FRACTION else "train"
+    return splits.split_of(f"{kind}:{numbers}")
 
 
 def problems(count: int, seed: int, split: str = "train") -> list[ArithProblem]:
     """`count` distinct problems of one split, the same for the same seed."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    splits.check_split(split)
     out: list[ArithProblem] = []
     seen: set[tuple] = set()
     for problem in _stream(seed):

@@ -3,7 +3,7 @@
 Reverse a list, sort numbers, count a letter, find the largest number, join words, take the last
 item: each answer is computed, not written, so it is exact, and every problem ends its worked
 solution in \\boxed{}. As in data_synth.arith, a problem is identified by its kind and arguments,
-and train and eval are split by a hash of that identity.
+and train, synth seeds and eval are split by a hash of that identity (data_synth.splits).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from data_synth import splits
+
 WORDS = ["cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "owl", "fig", "jam", "kit"]
 LETTERS = "abcdefghijklmnop"
-EVAL_FRACTION = 0.1  # share of problem identities held out for evaluation
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,24 @@ class ListProblem:
     def solution(self) -> str:
         return self.solutions()[0]
 
+    def solutions_with(self, answer: str) -> list[str]:
+        """The worked solutions, reaching `answer` instead: a wrong answer's wordings."""
+        return [w.format(**{**self._slots(), "ans": answer}) for w in KINDS[self.kind].solutions]
+
+    def wrong_answer(self) -> str:
+        """The mistake one would expect for this kind (the list left as it was, the smallest for
+        the largest, the count off by one ...); never the right answer."""
+        items = self.args
+        mistakes = {
+            "reverse": lambda: [_listed(items), _listed(items[1:] + items[:1])],
+            "sort": lambda: [_listed(sorted(items, reverse=True)), _listed(items)],
+            "count": lambda: [str(int(self.answer) + 1)],
+            "largest": lambda: [str(min(items)), str(sorted(items)[-2])],
+            "join": lambda: ["-".join(reversed(items)), "-".join(items[1:])],
+            "last": lambda: [str(items[0]), str(items[-2])],
+        }
+        return next(c for c in mistakes[self.kind]() if c != self.answer)
+
     def _slots(self) -> dict[str, object]:
         if self.kind == "count":
             return {"letter": self.args[0], "word": self.args[1], "ans": self.answer}
@@ -161,14 +180,12 @@ class ListProblem:
 
 
 def split_of(kind: str, args: tuple) -> str:
-    digest = hashlib.sha256(f"listops:{kind}:{args}".encode()).digest()
-    return "eval" if digest[0] < 256 * EVAL_FRACTION else "train"
+    return splits.split_of(f"listops:{kind}:{args}")
 
 
 def problems(count: int, seed: int, split: str = "train") -> list[ListProblem]:
     """`count` distinct problems of one split, the same for the same seed."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    splits.check_split(split)
     out: list[ListProblem] = []
     seen: set[tuple] = set()
     for problem in _stream(seed):

@@ -31,7 +31,7 @@ from data_synth import teachers, verify
 from data_synth.cache import Cache, request_key
 from data_synth.config import Strict, used_for
 from data_synth.errors import DataSynthError, SynthFailed
-from data_synth.seeds import ArithSeeds, Problem, SeedSource, load_problems
+from data_synth.seeds import ArithSeeds, ListopsSeeds, Problem, SeedSource, load_problems
 from data_synth.teachers import Request, Runtime, ScriptedTeacher, TeacherSpec, teacher_model
 
 PROMPTS = Path(__file__).parent / "prompts"
@@ -99,13 +99,18 @@ class SynthConfig(Strict):
     @model_validator(mode="after")
     def _scripted_knows_only_arith(self) -> SynthConfig:
         if isinstance(self.teacher, ScriptedTeacher):
-            if any(not isinstance(s, ArithSeeds) for s in self.seeds):
+            if any(not isinstance(s, ArithSeeds | ListopsSeeds) for s in self.seeds):
                 raise ValueError(
-                    "the scripted teacher only knows `arith` seeds: use another teacher kind"
+                    "the scripted teacher only knows `arith` and `listops` seeds: use another "
+                    "teacher kind"
                 )
-            if self.augmentations.fobar or self.augmentations.self_verification:
+            if self.augmentations.fobar and any(isinstance(s, ListopsSeeds) for s in self.seeds):
                 raise ValueError(
-                    "the scripted teacher cannot do fobar or self_verification: set them to 0"
+                    "the scripted teacher does fobar on arith seeds only: set fobar to 0"
+                )
+            if self.augmentations.self_verification:
+                raise ValueError(
+                    "the scripted teacher cannot do self_verification: set it to 0 (fobar it can)"
                 )
         return self
 
@@ -189,7 +194,9 @@ def synthesize(
     )
     try:
         replies = _ask(first, config, cache, runtime, bar, tally, verdicts)
-        records, questions = _judge_first(first, replies, verdicts, config, seed, tally.dropped)
+        records, questions = _judge_first(
+            first, seeds, replies, verdicts, config, seed, tally.dropped
+        )
         second = [_solve_request(q, config) for q in questions]
         bar.total += len(second)
         replies.update(_ask(second, config, cache, runtime, bar, tally, verdicts))
@@ -462,6 +469,7 @@ def _record(
 
 def _judge_first(
     requests: list[Request],
+    seeds: list[Problem],
     replies: dict,
     verdicts: dict,
     config: SynthConfig,
@@ -506,7 +514,7 @@ def _judge_first(
 
     # FOBAR's backward question comes from a fixed template, not from the teacher.
     fobar = config.augmentations.fobar
-    for problem in {r.problem.id: r.problem for r in requests}.values() if fobar else []:
+    for problem in seeds if fobar else []:  # every seed: round one may have asked nothing of it
         masked = _mask_number(problem, seed)
         if masked is None:
             dropped["no_number_to_mask"] += fobar

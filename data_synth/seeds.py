@@ -137,16 +137,26 @@ class JsonlSeeds(Strict):
 
 
 class ArithSeeds(Strict):
-    """Generated arithmetic word problems (data_synth.arith): train and eval splits never share a problem."""
+    """Generated arithmetic word problems (data_synth.arith): train, synth and eval splits never
+    share a problem (synth: the seeds to rephrase, apart from the problems SFT trains on)."""
 
     source: Literal["arith"] = "arith"
-    split: Literal["train", "eval"] = "train"
+    split: Literal["train", "synth", "eval"] = "train"
+    count: int = Field(300, ge=1)
+    seed: int | None = Field(None, description="default: the caller's seed")
+
+
+class ListopsSeeds(Strict):
+    """Generated list and string instructions (data_synth.listops), split like arith's."""
+
+    source: Literal["listops"] = "listops"
+    split: Literal["train", "synth", "eval"] = "train"
     count: int = Field(300, ge=1)
     seed: int | None = Field(None, description="default: the caller's seed")
 
 
 SeedSource = Annotated[
-    HfSeeds | ChampSeeds | JsonlSeeds | ArithSeeds, Field(discriminator="source")
+    HfSeeds | ChampSeeds | JsonlSeeds | ArithSeeds | ListopsSeeds, Field(discriminator="source")
 ]
 
 
@@ -154,8 +164,8 @@ def describe(source: SeedSource) -> str:
     """A short name for tables and logs."""
     if isinstance(source, HfSeeds | JsonlSeeds):
         return f"{source.source}:{source.path}"
-    if isinstance(source, ArithSeeds):
-        return f"arith:{source.split}"
+    if isinstance(source, ArithSeeds | ListopsSeeds):
+        return f"{source.source}:{source.split}"
     return source.source
 
 
@@ -173,6 +183,8 @@ def load_problems(
     resolve = resolve or (lambda ref: ref)
     if isinstance(source, ArithSeeds):
         return _arith(source, seed)
+    if isinstance(source, ListopsSeeds):
+        return _listops(source, seed)
     if isinstance(source, ChampSeeds):
         problems = _champ(source)
     elif isinstance(source, JsonlSeeds):
@@ -210,6 +222,26 @@ def _arith(source: ArithSeeds, seed: int) -> list[Problem]:
             )
         )
     return out
+
+
+def _listops(source: ListopsSeeds, seed: int) -> list[Problem]:
+    from data_synth import listops
+
+    chosen = listops.problems(
+        source.count, seed if source.seed is None else source.seed, source.split
+    )
+    return [
+        Problem(
+            id=p.id,
+            question=p.question,
+            solution=p.solution,
+            answer=p.answer,
+            source="listops",
+            # kind/args rebuild the ListProblem: the scripted teacher answers from them
+            metadata={"kind": p.kind, "args": list(p.args), "split": p.split},
+        )
+        for p in chosen
+    ]
 
 
 def champ_file() -> Path:

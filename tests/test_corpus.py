@@ -119,6 +119,24 @@ SWEEP = (
     "          values: [0.3, 0.5, 0.7]\n"
 )
 EVAL = "  eval:\n    after: [soup]\n    math: null\n"
+MOE = (
+    "name: c\noutput_dir: {out}\nstages:\n  up:\n    kind: upscale\n    model: {model}\n"
+    "    method: moe\n"
+)
+
+
+def retyped_model(name: str, model_type: str, architecture: str):
+    """A copy of the tiny model whose config.json names another architecture."""
+
+    def write(tmp: Path, model: Path) -> None:
+        import json
+
+        shutil.copytree(model, tmp / name)
+        config = json.loads((tmp / name / "config.json").read_text())
+        config.update(model_type=model_type, architectures=[architecture])
+        (tmp / name / "config.json").write_text(json.dumps(config))
+
+    return write
 
 
 GOOD_CHAT = jsonl(
@@ -776,7 +794,7 @@ CASES = [
         "scripted-jsonl",
         "name: c\nstages:\n  synth:\n    seeds: [{source: jsonl, path: s.jsonl}]\n"
         "    teacher: {kind: scripted}\n",
-        "stages.synth: the scripted teacher only knows `arith` seeds",
+        "stages.synth: the scripted teacher only knows `arith` and `listops` seeds",
         line=3,
         setup=jsonl("s.jsonl", '{"question": "q", "solution": "s", "answer": "1"}'),
     ),
@@ -883,8 +901,8 @@ CASES = [
         "keyword-typo",
         "name: c\nstages:\n  cpt:\n    model: {model}\n    datasets: [{arith: {problems: 5}}]\n"
         "    train_layers: seams\n",
-        "stages.cpt.train_layers: expected all, new, seam, duplicates or a list of layer indices, "
-        "got 'seams'",
+        "stages.cpt.train_layers: expected all, new, seam, duplicates, experts or a list of layer "
+        "indices, got 'seams'",
         line=6,
     ),
     Case(
@@ -918,6 +936,107 @@ CASES = [
         "  up: {kind: upscale, model: {model}, method: stack, copies: 2, analysis: analyze}\n",
         "stages.up.analysis: only for method dus, not stack",
         line=4,
+    ),
+    # ---------------------------------------------------------------- moe (upscale method moe)
+    Case(
+        "moe",
+        "one-expert",
+        MOE + "    experts: 1\n",
+        "stages.up.experts: a mixture needs at least 2 experts, got 1",
+        line=8,
+    ),
+    Case(
+        "moe",
+        "top-k-above-experts",
+        MOE + "    experts: 2\n    experts_per_token: 3\n",
+        "stages.up.experts_per_token: must be between 1 and the 2 experts, got 3",
+        line=9,
+    ),
+    Case(
+        "moe",
+        "top-k-zero",
+        MOE + "    experts: 4\n    experts_per_token: 0\n",
+        "stages.up.experts_per_token: must be between 1 and the 4 experts, got 0",
+        line=9,
+    ),
+    Case(
+        "moe",
+        "no-experts",
+        MOE,
+        "stages.up: method moe needs experts",
+        line=4,
+    ),
+    Case(
+        "moe",
+        "experts-on-dus",
+        "name: c\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 1, experts: 2}\n",
+        "stages.up.experts: only for method moe, not dus",
+        line=3,
+    ),
+    Case(
+        "moe",
+        "hidden-gate-on-a-count",
+        MOE + "    experts: 4\n    gate_mode: hidden\n",
+        "stages.up.gate_mode: gate_mode hidden routes by each expert's positive_prompts",
+        line=9,
+    ),
+    Case(
+        "moe",
+        "hidden-gate-without-prompts",
+        MOE + "    gate_mode: cheap_embed\n    experts:\n      - positive_prompts: [add]\n"
+        "      - negative_prompts: [add]\n",
+        "stages.up.experts.1: gate_mode cheap_embed needs positive_prompts for every expert",
+        line=11,
+    ),
+    Case(
+        "moe",
+        "same-prompts-for-all",
+        MOE + "    gate_mode: hidden\n    experts:\n      - positive_prompts: [add, sum]\n"
+        "      - positive_prompts: [add, sum]\n",
+        "stages.up.experts.1.positive_prompts: every expert has the same prompts",
+        line=11,
+    ),
+    Case(
+        "moe",
+        "prompts-with-random-gate",
+        MOE + "    experts:\n      - {}\n      - positive_prompts: [add]\n",
+        "stages.up.experts.1.positive_prompts: gate_mode random does not read prompts",
+        line=10,
+    ),
+    Case(
+        "moe",
+        "expert-of-another-shape",
+        MOE + "    experts:\n      - {}\n      - model: small\n"
+        f"  small:\n    kind: init\n    {SMALL}\n",
+        "stages.up.experts.1.model: small does not have the shape of the base {model} "
+        "(hidden_size: 128 vs 64; intermediate_size: 384 vs 128",
+        line=10,
+    ),
+    Case(
+        "moe",
+        "expert-of-another-architecture",
+        MOE + "    experts: 2\n  up2:\n    kind: upscale\n    model: {model}\n"
+        "    method: moe\n    experts: [{}, {model: up}]\n",
+        "stages.up2.experts.1.model: up is MixtralForCausalLM, the base {model} LlamaForCausalLM",
+        line=13,
+    ),
+    Case(
+        "moe",
+        "base-not-llama",
+        MOE.replace("{model}", "{tmp}/qwen") + "    experts: 2\n",
+        "stages.up.model: method moe writes a Mixtral, which mergekit-moe builds from Llama or "
+        "Mistral models only; {tmp}/qwen is Qwen2ForCausalLM",
+        line=6,
+        setup=retyped_model("qwen", "qwen2", "Qwen2ForCausalLM"),
+    ),
+    Case(
+        "moe",
+        "experts-keyword-on-dus",
+        "name: c\noutput_dir: {out}\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 3}\n"
+        "  cpt:\n    model: up\n    datasets: [{arith: {problems: 5}}]\n    train_layers: experts\n",
+        "stages.cpt.train_layers: the layer map of 'up' has no expert layers "
+        "(it has: duplicate, original, seam)",
+        line=8,
     ),
     # ---------------------------------------------------------------- merge (mergekit's config)
     Case(
@@ -1183,4 +1302,5 @@ def test_the_corpus_is_large_and_covers_every_category():
         "layers",
         "merge",
         "sweep",
+        "moe",
     } <= categories

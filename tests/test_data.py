@@ -319,3 +319,23 @@ def test_max_tokens_takes_rows_in_order_until_the_budget(tmp_path, tiny_model):
 
     spent, rows = tokens(True)
     assert 300 <= spent < 300 + 40 and tokens(False) == (spent, rows)
+
+
+def test_generated_listops_preference_pairs_reject_the_expected_mistake():
+    from types import SimpleNamespace
+
+    from data_synth.seeds import last_boxed
+    from data_synth.verify import same_answer
+    from upstack.data import _generated_rows
+
+    ctx = SimpleNamespace(seed=5, fail=lambda where, message: AssertionError(message))
+    rows = _generated_rows("listops", 200, "train", "preference", ctx, "datasets.0.generated")
+    assert len(rows) == 200
+    assert rows == _generated_rows("listops", 200, "train", "preference", ctx, "d")  # seeded
+    for row in rows:
+        question = row["prompt"][0]["content"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen != rejected
+        # same wording, another answer: only what the answer is differs
+        assert chosen.split("\\boxed")[0].split()[:3] == rejected.split("\\boxed")[0].split()[:3]
+        assert not same_answer(last_boxed(chosen), last_boxed(rejected)), question

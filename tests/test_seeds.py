@@ -114,15 +114,61 @@ def test_jsonl_missing_field_names_file_and_line(tmp_path):
         load_problems(seeds(source="jsonl", path=str(path)), seed=0)
 
 
-def test_arith_train_and_eval_are_disjoint():
-    train = load_problems(seeds(source="arith", count=200), seed=3)
-    held_out = load_problems(seeds(source="arith", split="eval", count=50), seed=3)
-    assert len(train) == 200 and len(held_out) == 50
-    identity = lambda p: (p.metadata["kind"], tuple(p.metadata["numbers"]))  # noqa: E731
-    assert not {identity(p) for p in train} & {identity(p) for p in held_out}
-    assert all(last_boxed(p.solution) == p.answer for p in train)
+@pytest.mark.parametrize("task", ["arith", "listops"])
+def test_train_synth_seeds_and_eval_are_disjoint_by_identity(task):
+    key = "numbers" if task == "arith" else "args"
+    identity = lambda p: (p.metadata["kind"], tuple(p.metadata[key]))  # noqa: E731
+    found = {}
+    for split, count in (("train", 300), ("synth", 150), ("eval", 60)):
+        problems = [
+            p
+            for s in (3, 4)  # whatever the seed
+            for p in load_problems(seeds(source=task, split=split, count=count), seed=s)
+        ]
+        assert len({identity(p) for p in problems}) > count  # two seeds, not all the same
+        assert all(p.metadata["split"] == split for p in problems)
+        assert all(last_boxed(p.solution) == p.answer for p in problems)
+        found[split] = {identity(p) for p in problems}
+    assert not found["train"] & found["synth"]
+    assert not found["train"] & found["eval"]
+    assert not found["synth"] & found["eval"]
 
 
 def test_last_boxed_balances_braces():
     assert last_boxed("x \\boxed{1} then \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
     assert last_boxed("no answer") is None and last_boxed("\\boxed{3") is None
+
+
+def test_listops_problems_are_deterministic_exact_and_split_by_identity():
+    from data_synth import listops
+    from data_synth.verify import same_answer
+
+    train = listops.problems(400, seed=3)
+    assert train == listops.problems(400, seed=3)  # the same seed, the same problems
+    assert train != listops.problems(400, seed=4)
+    held_out = listops.problems(100, seed=3, split="eval")
+    other_seed_eval = listops.problems(100, seed=4, split="eval")
+    identity = lambda p: (p.kind, p.args)  # noqa: E731
+    train_ids = {identity(p) for p in train} | {identity(p) for p in listops.problems(400, seed=4)}
+    # disjoint by identity whatever the seed: the split is a hash of kind and arguments
+    assert not train_ids & (
+        {identity(p) for p in held_out} | {identity(p) for p in other_seed_eval}
+    )
+    assert len({identity(p) for p in train}) == 400
+
+    # each answer recomputed here, by another route than the generator's
+    expected = {
+        "reverse": lambda args: "[" + ", ".join(map(str, reversed(args))) + "]",
+        "sort": lambda args: "[" + ", ".join(map(str, sorted(args))) + "]",
+        "count": lambda args: str(sum(1 for ch in args[1] if ch == args[0])),
+        "largest": lambda args: str(sorted(args)[-1]),
+        "join": lambda args: "-".join(args),
+        "last": lambda args: str(args[len(args) - 1]),
+    }
+    kinds = set()
+    for problem in train + held_out:
+        kinds.add(problem.kind)
+        assert str(problem.answer) == expected[problem.kind](problem.args), problem
+        for solution in problem.solutions():  # every wording ends in the same exact answer
+            assert same_answer(last_boxed(solution), str(problem.answer))
+    assert kinds == set(expected)

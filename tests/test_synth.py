@@ -248,3 +248,69 @@ def test_missing_api_key_fails_before_any_stage_runs(tmp_path):
         "environment variable UPSTACK_TEST_MISSING_KEY is not set"
     )
     assert not (tmp_path / "runs" / "r" / "init").exists()  # failed before the first stage ran
+
+
+def test_scripted_fobar_solves_for_x_and_spoiled_solves_are_dropped(tmp_path):
+    from data_synth.seeds import last_boxed
+
+    path = write_recipe(
+        tmp_path,
+        f"""
+        name: backward
+        output_dir: {tmp_path / "runs"}
+        stages:
+          synth:
+            seeds: [{{source: arith, count: 40}}]
+            teacher: {{kind: scripted, error_rate: 0.3}}
+            augmentations: {{rephrase_question: 0, rephrase_answer: 0, answer_augmentation: 0, fobar: 1}}
+    """,
+    )
+    run(load_recipe(path), ["synth"])
+    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
+    stats = metrics(tmp_path / "runs" / "synth")
+    fobar = [r for r in records if r["augmentation"] == "fobar"]
+    assert 15 <= len(fobar) < 40  # ~30% spoiled: dropped by the verifier, the rest kept
+    assert stats["kept"] == len(fobar)
+    assert sum(stats["dropped"].values()) == 40 - len(fobar)  # wrong X, or no boxed answer
+    for record in fobar:
+        x = last_boxed(record["answer"])
+        assert x == record["gold"]
+        # correct where it claims to be: X put back into the masked question is the original
+        # problem, and that problem's answer is the one the question gives
+        restored = record["question"].split("\n")[0].replace("X", x)
+        assert restored == record["original_question"]
+        given = record["question"].split("the above question is ")[1].split(",")[0]
+        assert given == last_boxed(record["original_solution"])
+
+
+def test_scripted_listops_answers_verify_and_spoiled_ones_are_dropped(tmp_path):
+    from data_synth.seeds import last_boxed
+    from data_synth.verify import same_answer
+
+    path = write_recipe(
+        tmp_path,
+        f"""
+        name: general
+        output_dir: {tmp_path / "runs"}
+        stages:
+          synth:
+            seeds: [{{source: listops, split: synth, count: 40}}]
+            teacher: {{kind: scripted, error_rate: 0.3}}
+            augmentations: {{rephrase_question: 1, rephrase_answer: 1, answer_augmentation: 1}}
+    """,
+    )
+    run(load_recipe(path), ["synth"])
+    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
+    stats = metrics(tmp_path / "runs" / "synth")
+    assert {r["augmentation"] for r in records} == {
+        "rephrase_question",
+        "rephrase_answer",
+        "answer_augmentation",
+    }
+    for record in records:  # every kept answer reaches the problem's exact answer
+        assert same_answer(last_boxed(record["answer"]), record["gold"])
+        if record["augmentation"] == "rephrase_answer":
+            assert record["answer"] != record["original_solution"]
+    # the spoiled ones (a wrong answer, or none boxed) were dropped, by reason
+    assert stats["dropped"].get("wrong_answer", 0) > 0
+    assert stats["dropped"].get("no_boxed_answer", 0) > 0

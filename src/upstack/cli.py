@@ -45,8 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="JSON instead of YAML")
 
-    recipe_command(
+    report = recipe_command(
         "report", "eval tables of the finished eval stages; writes <output_dir>/report.md"
+    )
+    report.add_argument(
+        "--summary",
+        action="store_true",
+        help="print only each stage's effect in one line, the best model and where the files are",
     )
     layers = recipe_command(
         "layers",
@@ -153,9 +158,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "show":
         _show(recipe, args.json)
     elif args.command == "report":
-        from upstack.report import report
+        from upstack.report import for_terminal, report, summary
 
-        print(report(recipe), end="")
+        text = report(recipe)  # report.md is written either way
+        print(summary(recipe) if args.summary else for_terminal(text, recipe.out_dir), end="")
     elif args.command == "layers":
         from upstack.report import layers_report
 

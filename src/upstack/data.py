@@ -60,7 +60,8 @@ class Arith(Strict):
 
 class Generated(Strict):
     """Data generated here, for the tiny world: list/string instructions with exact answers
-    (data_synth.listops), or near-random text (a domain nothing can be learned from)."""
+    (data_synth.listops: text, conversations, or preference pairs whose rejected answer is the
+    kind's expected mistake), or near-random text (a domain nothing can be learned from)."""
 
     task: Literal["listops", "noise"]
     problems: int = Field(ge=1, description="rows of the train split (eval: a tenth as many)")
@@ -488,9 +489,6 @@ def _generated_rows(task: str, count: int, split: str, fmt: str, ctx, where: str
             f"{where.rsplit('.', 1)[0]}.split",
             f"{task} has the splits train and eval (got '{split}')",
         )
-    if fmt == "preference" or (task == "noise" and fmt != "text"):
-        what = "text" if task == "noise" else "text or messages"
-        raise ctx.fail(where, f"{task} gives {what}, not {fmt} data")
     if split == "eval":
         count = max(1, count // 10)
     if task == "noise":
@@ -503,7 +501,19 @@ def _generated_rows(task: str, count: int, split: str, fmt: str, ctx, where: str
     for problem in module.problems(count, ctx.seed, split):
         rng = random.Random(problem.id)  # a fixed but varied wording per problem
         question, solution = rng.choice(problem.questions()), rng.choice(problem.solutions())
-        if fmt == "text":
+        if fmt == "preference":
+            # general preference pairs: the right answer chosen, the expected mistake rejected,
+            # in the same wording
+            wording = problem.solutions().index(solution)
+            rejected = problem.solutions_with(problem.wrong_answer())[wording]
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": question}],
+                    "chosen": [{"role": "assistant", "content": solution}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        elif fmt == "text":
             rows.append({"text": arith.plain_text(question, solution)})
         else:
             rows.append(

@@ -17,10 +17,14 @@ from upstack.recipe import Recipe, stage_module
 #   duplicate  a later copy of a source layer (DUS's second half, Gstack's copies)
 #   seam       either side of a join: neighbours whose source layers do not follow each other
 #   new        a block that starts as the identity (LLaMA Pro's expand); never a seam or duplicate
-#   expert     reserved for MoE upcycling: an upcycling method passes its layers' roles to `build`
+#   expert     a mixture-of-experts layer (upscale's moe): the base's attention, experts for its FFN;
+#              its entry also lists `experts`, the source of each expert's FFN
 ROLES = ("original", "duplicate", "seam", "new", "expert")
-# `train_layers` keyword -> the role whose layers it trains (MoE upcycling adds "experts": "expert")
-SELECTORS = {"new": "new", "seam": "seam", "duplicates": "duplicate"}
+# `train_layers` keyword -> the role whose layers it trains
+SELECTORS = {"new": "new", "seam": "seam", "duplicates": "duplicate", "experts": "expert"}
+# Keywords that train only part of each layer they select: the modules under this name (the MoE
+# block: router and experts), so `experts` leaves the attention the base already trained frozen.
+WITHIN = {"experts": "mlp"}
 # The kinds whose output keeps its model's layers one for one, so a layer map passes through them.
 KEEPS_LAYERS = ("cpt", "sft", "dpo", "merge")
 
@@ -32,7 +36,7 @@ def build(
 ) -> list[dict[str, Any]]:
     """The layer map of an output made of `origins[i] = (source, source layer)`; `new` are the
     output layers that start as identity blocks; `roles` sets the roles of other output layers
-    outright (the hook for MoE upcycling's experts)."""
+    outright (upscale's moe: every layer `expert`; such layers are never seams)."""
     copies: Counter = Counter()
     layer_map = []
     for i, (source, j) in enumerate(origins):
@@ -60,7 +64,7 @@ def build(
 
 
 def select(layer_map: list[dict[str, Any]], selector: str) -> list[int]:
-    """The output layers a `train_layers` keyword names: `new`, `seam` or `duplicates`."""
+    """The output layers a `train_layers` keyword names: `new`, `seam`, `duplicates`, `experts`."""
     role = SELECTORS[selector]
     return [entry["layer"] for entry in layer_map if role in entry["roles"]]
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import difflib
-import json
-import os
 import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +27,13 @@ def reference_positions() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     mergekit that adds one is followed without a change here. Importing mergekit takes seconds
     (torch, peft): the positions are cached per mergekit version, so `upstack status` stays quick.
     """
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cache = cache_home / "upstack" / f"mergekit-{metadata.version('mergekit')}-references.json"
-    try:
-        return [(tuple(path), tuple(keywords)) for path, keywords in json.loads(cache.read_text())]
-    except (OSError, ValueError):
-        pass
+    from upstack.check_cache import library_facts
+
+    found = library_facts("mergekit", "references", _reference_positions)
+    return [(tuple(path), tuple(keywords)) for path, keywords in found]
+
+
+def _reference_positions() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     from mergekit.common import ModelReference
     from mergekit.config import MergeConfiguration
 
@@ -64,13 +62,6 @@ def reference_positions() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
                 walk(field.annotation, (*path, name), ())
 
     walk(MergeConfiguration, (), ())
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(found))
-        partial.replace(cache)  # atomic: a concurrent reader sees all of it or nothing
-    except OSError:
-        pass  # a read-only home only costs the import next time
     return found
 
 
@@ -672,6 +663,30 @@ def model_config(ref, recipe) -> Any:
 
     cached = try_to_load_from_cache(ref.location, "config.json")
     return config_from_dir(str(Path(cached).parent)) if isinstance(cached, str) else None
+
+
+def config_source(ref, recipe) -> Any:
+    """What `model_config` builds a model's config from, as JSON (a check's verdict is kept under
+    it): the config.json text of a path or a cached Hub model, the planned shape of a stage."""
+    from upstack.shapes import planned_shape
+
+    if ref is None:
+        return None
+    if ref.origin == "stage":
+        return planned_shape(recipe, ref, frozenset(recipe.stages))
+    if ref.origin == "path":
+        file = Path(ref.location, "config.json")
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref.location, "config.json")
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    try:
+        return file.read_text()
+    except OSError:
+        return None
 
 
 def config_from_shape(shape: dict | None) -> Any:

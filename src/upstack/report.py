@@ -114,6 +114,10 @@ def layers_report(recipe: Recipe, stage: str | None = None) -> str:
             for e in layer_map
         ]
         headers = ["layer", "source", "source layer", "copy", "roles", *trainers]
+        if any("experts" in e for e in layer_map):  # a moe layer: whose FFN each expert is
+            headers.insert(5, "experts")
+            for row, e in zip(rows, layer_map, strict=True):
+                row.insert(5, ", ".join(e.get("experts", ())))
         sections.append(f"{title}\n\n{markdown_table(headers, rows)}")
     return "\n\n".join(sections) + "\n"
 
@@ -160,3 +164,107 @@ def _sweep_section(recipe: Recipe, name: str, state: str) -> list[str]:
         shutil.copy(recipe.out_dir / name / SWEEP_PLOT, recipe.out_dir / plot_name)
         parts.append(f"![{name}]({plot_name})")
     return parts
+
+
+# --------------------------------------------------------------------------- the short summary
+
+# what an eval row may carry, best first; accuracies are shares of `<task>_total` problems
+ACCURACY_SUFFIX = "_accuracy"
+
+
+def summary(recipe: Recipe) -> str:
+    """What a person reads in ten seconds at the end of a run: each evaluated stage's effect
+    on the models it started from, in one line, the best model, and where the report and plots
+    are. A change in accuracy smaller than twice its standard error is called noise."""
+    hashes = runner.stage_hashes(recipe)
+    evals = [name for name in recipe.order() if recipe.stages[name].kind == "eval"]
+    seconds = sum(
+        (runner.read_manifest(recipe.out_dir / name) or {}).get("seconds") or 0
+        for name in recipe.order()
+    )
+    lines = [f"{recipe.name}: {len(recipe.stages)} stages, {_duration(seconds)} of stage time"]
+    for name in evals:
+        results = read_results(recipe.out_dir / name)
+        if not results or not results.get("rows"):
+            lines.append(f"eval {name}: not run yet")
+            continue
+        rows = {row["model"]: row for row in results["rows"]}
+        state = runner.stage_state(recipe, name, hashes[name])
+        note = "" if state == "done" else f", {state}: from an older configuration"
+        lines.append(f"eval {name} ({results.get('problems') or 'held-out loss'}{note}):")
+        width = max(len(model) for model in rows)
+        for model, row in rows.items():
+            refs = recipe.refs(model) if model in recipe.stages else []
+            inputs = [
+                ref.stage
+                for ref in refs
+                if ref.thing == "model" and ref.use == "weights" and ref.stage in rows
+            ]
+            lines.append(f"  {model:<{width}}  {_effect(row, [rows[i] for i in inputs], inputs)}")
+        best = _best(list(rows.values()))
+        if best:
+            lines.append(f"  best: {best}")
+    if not evals:
+        lines.append("no eval stage: add one (kind: eval) to compare the models")
+    lines.append(f"report: {recipe.out_dir / 'report.md'} (`upstack report {recipe.source}`)")
+    plots = sorted(recipe.out_dir.glob("*.png"))  # the report's copies of eval and sweep plots
+    if plots:
+        lines.append("plots: " + ", ".join(str(p) for p in plots))
+    if any(recipe.out_dir.glob("*/loss.png")):
+        lines.append(f"loss curves: {recipe.out_dir}/<stage>/loss.png")
+    return "\n".join(lines) + "\n"
+
+
+def _effect(row: dict, inputs: list[dict], names: list[str]) -> str:
+    """`row`'s measures, and against its best input (a merge has several) the change."""
+    accuracies = [k for k in row if k.endswith(ACCURACY_SUFFIX)]
+    parts = []
+    best_input = max(inputs, key=lambda r: _score(r), default=None)
+    for key in accuracies:
+        now, total = row[key], row.get(key.replace(ACCURACY_SUFFIX, "_total")) or 0
+        text = f"{key.removesuffix(ACCURACY_SUFFIX)} {now:.0%}"
+        if best_input is not None and key in best_input:
+            before = best_input[key]
+            delta = (now - before) * 100
+            noise = (
+                200 * (((now * (1 - now) + before * (1 - before)) / total) ** 0.5) if total else 0
+            )
+            verdict = "within noise" if abs(delta) <= noise else "up" if delta > 0 else "down"
+            text = f"{key.removesuffix(ACCURACY_SUFFIX)} {before:.0%} -> {now:.0%} ({delta:+.0f} pts, {verdict}, 2se {noise:.1f})"
+        parts.append(text)
+    if "loss" in row:
+        before = f"{best_input['loss']:.3f} -> " if best_input and "loss" in best_input else ""
+        parts.append(f"held-out loss {before}{row['loss']:.3f}")
+    source = names[inputs.index(best_input)] if best_input is not None else None
+    return "; ".join(parts) + (f"  (from {source})" if source else "")
+
+
+def _score(row: dict) -> tuple:
+    accuracy = [v for k, v in row.items() if k.endswith(ACCURACY_SUFFIX)]
+    return (sum(accuracy) / len(accuracy) if accuracy else 0.0, -(row.get("loss") or 0.0))
+
+
+def _best(rows: list[dict]) -> str | None:
+    if not rows:
+        return None
+    best = max(rows, key=_score)
+    measure = [
+        f"{k.removesuffix(ACCURACY_SUFFIX)} {v:.0%}"
+        for k, v in best.items()
+        if k.endswith(ACCURACY_SUFFIX)
+    ]
+    if not measure and "loss" in best:
+        measure = [f"held-out loss {best['loss']:.3f}"]
+    return f"{best['model']} ({', '.join(measure)})"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
+
+
+def for_terminal(markdown: str, out_dir) -> str:
+    """The report as a terminal shows it: an image is its file's path, not markdown syntax."""
+    import re
+
+    return re.sub(r"!\[[^\]]*\]\(([^)]+)\)", lambda m: f"plot: {out_dir}/{m.group(1)}", markdown)

@@ -19,6 +19,7 @@ SHAPE_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "vocab_size",
+    "num_local_experts",  # a mixture of experts (Mixtral): experts per layer; None when dense
 )
 # what names the tensors: the class transformers builds and mergekit's architecture key
 ARCHITECTURE_KEYS = ("architectures", "model_type")

@@ -17,11 +17,13 @@ class Trainable:
     embeddings: bool
     lm_head: bool
     rest: bool  # the final norm (and anything else outside layers, embeddings, head)
+    within: str | None = None  # only this module of each trained layer trains ("mlp": experts)
 
     def record(self, selection: str | list[int]) -> dict[str, Any]:
         return {
             "train_layers": selection,
             "layers": list(self.layers),
+            "within_layers": self.within or "all",
             "embeddings": self.embeddings,
             "lm_head": self.lm_head,
             "final_norm": self.rest,
@@ -34,23 +36,27 @@ def resolve(spec, ctx, num_layers: int) -> Trainable:
     freezes everything but the new blocks); with an adapter, frozen unless set (LoRA's way)."""
     layers = layermap.train_layers(spec.train_layers, ctx, num_layers)
     everything = spec.train_layers == "all" and spec.adapter is None
+    within = layermap.WITHIN.get(spec.train_layers) if isinstance(spec.train_layers, str) else None
     return Trainable(
         layers=tuple(layers),
         embeddings=everything if spec.train_embeddings is None else spec.train_embeddings,
         lm_head=everything if spec.train_lm_head is None else spec.train_lm_head,
         rest=everything,
+        within=within,
     )
 
 
-def parts(model) -> dict[str, Any]:
+def parts(model, within: str | None = None) -> dict[str, Any]:
     """Parameter name -> the part it belongs to: a layer index, "embeddings", "lm_head" or
-    "rest". Tied embeddings (one tensor for both) are listed once, as "embeddings"."""
+    "rest". Tied embeddings (one tensor for both) are listed once, as "embeddings". With
+    `within`, a layer's parameters outside that module of it belong to ("outside", index)."""
     from upstack.layer_analysis import decoder_layers
 
     owner: dict[int, Any] = {}
     for index, layer in enumerate(decoder_layers(model)):
-        for param in layer.parameters():
-            owner[id(param)] = index
+        for name, param in layer.named_parameters():
+            inside = within is None or name.startswith(f"{within}.")
+            owner[id(param)] = index if inside else ("outside", index)
     head = model.get_output_embeddings()
     for param in head.parameters() if head is not None else ():
         owner[id(param)] = "lm_head"
@@ -67,6 +73,8 @@ def is_tied(model) -> bool:
 def trains(trainable: Trainable, part: Any) -> bool:
     if isinstance(part, int):
         return part in trainable.layers
+    if isinstance(part, tuple):  # a layer's parameter outside the module `within` trains
+        return False
     return {"embeddings": trainable.embeddings, "lm_head": trainable.lm_head}.get(
         part, trainable.rest
     )
@@ -76,7 +84,7 @@ def freeze(model, trainable: Trainable) -> None:
     """Full training: every parameter outside `trainable` stops requiring a gradient, so the
     Trainer's optimizer (built from parameters that require one) never holds state for it."""
     named = dict(model.named_parameters())
-    for name, part in parts(model).items():
+    for name, part in parts(model, trainable.within).items():
         named[name].requires_grad_(trains(trainable, part))
 
 
@@ -93,6 +101,8 @@ def lora_targets(model, trainable: Trainable, target_modules: list[str] | str) -
     for index in trainable.layers:
         for name, module in stack[index].named_modules():
             if not isinstance(module, torch.nn.Linear):  # bitsandbytes' Linear4bit is one too
+                continue
+            if trainable.within and not name.startswith(f"{trainable.within}."):
                 continue
             if target_modules == "all-linear" or any(
                 name == t or name.endswith(f".{t}") for t in target_modules

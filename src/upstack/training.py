@@ -79,11 +79,11 @@ class TrainingSpec(StageSpec):
     # LLaMA Pro trains only its inserted blocks; after DUS one may heal only the seam. Keywords
     # resolve through the layer map of the model's upscale stage (upstack.layermap), however
     # many training stages lie between.
-    train_layers: Literal["all", "new", "seam", "duplicates"] | list[int] = Field(
+    train_layers: Literal["all", "new", "seam", "duplicates", "experts"] | list[int] = Field(
         "all",
         description="the decoder layers to train: all, new (expand's identity blocks), seam "
-        "(either side of a DUS join), duplicates (later copies of a layer), or indices; the "
-        "rest is frozen",
+        "(either side of a DUS join), duplicates (later copies of a layer), experts (the "
+        "routers and experts of a moe upscale, attention frozen), or indices; the rest is frozen",
     )
     train_embeddings: bool | None = Field(
         None, description="default: trained when train_layers is all (without adapter)"
@@ -102,7 +102,8 @@ class TrainingSpec(StageSpec):
 
     @model_validator(mode="after")
     def _generated_data_fits(self) -> TrainingSpec:
-        """Generated sources give text (noise) or text and conversations (arith, listops)."""
+        """Generated sources give text (noise), text and conversations (arith), or text,
+        conversations and preference pairs (listops)."""
         for i, source in enumerate(self.datasets):
             if source.max_tokens is not None and self.DATA_FORMAT != "text":
                 message = "counts tokens of text: a cpt setting (use max_samples here)"
@@ -113,7 +114,7 @@ class TrainingSpec(StageSpec):
                 raise error_at(
                     loc, f"noise gives text only, not {self.DATA_FORMAT} data: use it in cpt"
                 )
-            if task and self.DATA_FORMAT == "preference":
+            if task == "arith" and self.DATA_FORMAT == "preference":
                 loc = ("datasets", i, "arith" if source.arith else "generated")
                 raise error_at(loc, f"{task} gives text or conversations, not preference pairs")
         return self
@@ -312,6 +313,14 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
         targets = spec.adapter.target_modules
         if spec.train_layers != "all":
             targets = trainable.lora_targets(model, parts, targets)
+            if not targets and parts.within:
+                raise ctx.fail(
+                    "adapter",
+                    f"train_layers {spec.train_layers} trains the {parts.within} blocks, whose "
+                    "experts transformers keeps as fused 3-D tensors, not the Linear modules "
+                    "upstack limits LoRA to: train them without an adapter (or use "
+                    "train_layers: all, where peft's all-linear adapts them too)",
+                )
             if not targets:
                 raise ctx.fail(
                     "adapter.target_modules",
@@ -320,6 +329,10 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
                 )
         peft_config = lora_config(spec.adapter, targets, trainable.modules_to_save(model, parts))
     callbacks = [nan_guard(ctx)]
+    from upstack import routing
+
+    if routing.is_moe(model.config):  # how the routers spread the tokens, for the manifest
+        callbacks.append(routing.router_load(model))
     from upstack.cpu import budget_threads
 
     if not on_gpu() and budget_threads():
@@ -354,11 +367,32 @@ def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
     from upstack import trainable
 
     metrics = train(trainer, ctx)
+    metrics.update(router_metrics(trainer, ctx))
     layers = trainer.model.config.num_hidden_layers
     trained = trainable.resolve(spec, ctx, layers).record(spec.train_layers)
     trained.update(trainable.counted(trainer), adapter=spec.adapter.type if spec.adapter else None)
     save(trainer, trainer.processing_class, ctx.ref("model").location, spec.adapter, ctx)
     return {**metrics, "trained": trained, "trainer_settings": changed_fields(trainer.args)}
+
+
+def router_metrics(trainer, ctx) -> dict[str, Any]:
+    """A mixture of experts: the tokens each expert got per layer (upstack.routing), logged as a
+    table, and the load-balancing loss weight TRL trained with."""
+    from upstack import routing
+
+    found = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "RouterLoad"]
+    if not found:
+        return {}
+    load = routing.load_metrics(found[0], trainer.accelerator)
+    for mode in ("train", "eval"):
+        if mode in load:
+            ctx.log(
+                f"router load ({mode}: fraction of routed tokens per expert)\n"
+                + routing.load_table(load, mode)
+            )
+    load["router_aux_loss_coef"] = getattr(trainer, "router_aux_loss_coef", None)
+    load["aux_loss_enabled"] = getattr(trainer, "aux_loss_enabled", None)
+    return {"router_load": load}
 
 
 def changed_fields(config) -> dict[str, Any]:
@@ -389,28 +423,17 @@ def changed_fields(config) -> dict[str, Any]:
 def trainer_fields(config_name: str) -> dict[str, str]:
     """Field name -> type of a TRL config class. Importing trl takes seconds (torch comes with it),
     so the names are cached per TRL version and `upstack status` stays quick."""
-    import os
-    from importlib import metadata
+    from upstack.check_cache import library_facts
 
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cache = cache_home / "upstack" / f"trl-{metadata.version('trl')}-{config_name}.json"
-    try:
-        return json.loads(cache.read_text())
-    except (OSError, ValueError):
-        pass
-    import dataclasses
+    def fields() -> dict[str, str]:
+        import dataclasses
 
-    import trl
+        import trl
 
-    fields = {f.name: str(f.type) for f in dataclasses.fields(getattr(trl, config_name)) if f.init}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(fields))
-        partial.replace(cache)  # atomic: a concurrent reader sees all of it or nothing
-    except OSError:
-        pass  # a read-only home only costs the import next time
-    return fields
+        config = getattr(trl, config_name)
+        return {f.name: str(f.type) for f in dataclasses.fields(config) if f.init}
+
+    return library_facts("trl", config_name, fields)
 
 
 def upstack_defaults(on_gpu: bool) -> dict[str, Any]:
@@ -633,11 +656,11 @@ def train(trainer, ctx) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
     evaluated = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    # one held-out set logs eval_loss; a mixture's sets log eval_<source>_loss each
+    # one held-out set logs eval_loss; a mixture's sets log eval_<source>_loss each. Named from
+    # the sets, not read from the keys: a mixture of experts also logs eval_aux_loss
+    sources = eval_sources(trainer)
     by_source = {
-        key.removeprefix("eval_").removesuffix("_loss"): value
-        for key, value in evaluated.items()
-        if key.startswith("eval_") and key.endswith("_loss") and key != "eval_loss"
+        name: evaluated[f"eval_{name}_loss"] for name in sources if f"eval_{name}_loss" in evaluated
     }
     eval_loss = evaluated.get("eval_loss")
     if eval_loss is None and by_source:
@@ -703,7 +726,10 @@ def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> N
         pickled.unlink()  # a pickle; the manifest holds the settings as JSON
     finish_checkpoint(ctx.out_dir, tokenizer)
     plot_losses(
-        trainer.state.log_history, ctx.out_dir / "loss.png", f"{ctx.recipe.name} / {ctx.name}"
+        trainer.state.log_history,
+        ctx.out_dir / "loss.png",
+        f"{ctx.recipe.name} / {ctx.name}",
+        eval_sources(trainer),
     )
     # big, and the stage is done: checkpoints and the streamed selections of its data
     shutil.rmtree(ctx.work_dir / CHECKPOINTS, ignore_errors=True)
@@ -735,6 +761,10 @@ def finish_checkpoint(out_dir: Path, tokenizer) -> None:
 
     config = AutoConfig.from_pretrained(out_dir)
     config.use_cache = True  # training turns the KV cache off
+    if hasattr(config, "output_router_logits"):
+        config.output_router_logits = (
+            False  # TRL turned them on for the aux loss; inference needs none
+        )
     config.save_pretrained(out_dir)
     try:
         generation = GenerationConfig.from_pretrained(out_dir)
@@ -746,19 +776,21 @@ def finish_checkpoint(out_dir: Path, tokenizer) -> None:
     tokenizer.save_pretrained(out_dir)  # with its chat template
 
 
-def plot_losses(history: list[dict], path: Path, title: str) -> None:
+def eval_sources(trainer) -> list[str]:
+    """The names of a mixture's held-out sets (a dict of eval data sets); none for one set."""
+    held_out = trainer.eval_dataset
+    return sorted(held_out) if isinstance(held_out, dict) else []
+
+
+def plot_losses(history: list[dict], path: Path, title: str, sources: list[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    sources = sorted(
-        {k for h in history for k in h if k.startswith("eval_") and k.endswith("_loss")}
-        - {"eval_loss"}
-    )
     series = [("loss", "train"), ("eval_loss", "eval")]
-    series += [(key, f"eval {key[5:-5]}") for key in sources]  # a mixture's sources, one each
+    series += [(f"eval_{name}_loss", f"eval {name}") for name in sources]  # one per source
     for key, label in series:
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from upstack import merging
+from upstack import check_cache, merging
 from upstack.checkpoints import count_parameters
 from upstack.recipe import StageSpec, error_at
 from upstack.refs import Declared
@@ -67,10 +67,18 @@ class Spec(StageSpec):
             return self  # `upstack status`/`report`: importing mergekit (peft, torch) costs ~8 s
         if self.sweep is not None:
             return self  # the pick merges nothing: each variant is checked as a merge of its own
+        # a config mergekit accepted before is not re-checked: importing mergekit costs ~9 s
+        inputs = [self.mergekit, self.out_shard_size]
+        if check_cache.passed("merge.config", inputs, CHECKED_WITH):
+            return self
         problem = mergekit_problem(self)
         if problem:
             raise error_at(*problem)
+        check_cache.remember("merge.config", inputs, CHECKED_WITH)
         return self
+
+
+CHECKED_WITH = ("mergekit", "transformers", "pydantic")  # the libraries a verdict depends on
 
 
 def mergekit_problem(spec: Spec) -> tuple[tuple, str] | None:
@@ -125,8 +133,6 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
     """What needs the other stages: LoRA adapters are adapters, and every parameter evaluates for
     every tensor mergekit will merge, on the models' architecture (their config.json, or what the
     recipe says a stage will build)."""
-    from mergekit.config import MergeConfiguration
-
     if spec.sweep is not None:
         return
     refs = recipe.refs(name)
@@ -137,9 +143,14 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
                 f"'{ref.text}' after `+` is a LoRA adapter: a directory or Hub id holding "
                 "adapter_config.json, not a stage",
             )
+    by_text = {ref.text: ref for ref in refs if ref.use != "adapter"}
+    models = {text: merging.config_source(ref, recipe) for text, ref in by_text.items()}
+    if check_cache.passed("merge.tensors", [spec.mergekit, models], CHECKED_WITH):
+        return
+    from mergekit.config import MergeConfiguration
+
     config = MergeConfiguration.model_validate(spec.mergekit)
     method, _ = merging.merge_method(config.merge_method)
-    by_text = {ref.text: ref for ref in refs if ref.use != "adapter"}
     problem = _layer_range_problem(config, by_text, recipe)
     problem = problem or merging.tensor_parameter_problem(
         config, method, lambda model: merging.model_config(by_text.get(model.model.path), recipe)
@@ -147,6 +158,7 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
     if problem:
         loc, message = problem
         raise recipe.error(("stages", name, *loc), message)
+    check_cache.remember("merge.tensors", [spec.mergekit, models], CHECKED_WITH)
 
 
 def _layer_range_problem(config: Any, by_text: dict, recipe) -> tuple[tuple, str] | None:

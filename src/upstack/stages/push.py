@@ -201,7 +201,13 @@ def model_card(recipe: Recipe, stage: str, repo_id: str, license: str | None = N
     kinds = {recipe.stages[name].kind for name in stages}
     models, data = _outside_sources(recipe, stages)
     tags = ["upstack", "solar"]
-    tags += ["depth-upscaling"] if "upscale" in kinds else []
+    methods = {
+        getattr(recipe.stages[name], "method", None)
+        for name in stages
+        if recipe.stages[name].kind == "upscale"
+    }
+    tags += ["depth-upscaling"] if methods - {"moe"} else []
+    tags += ["moe", "mixtral"] if "moe" in methods else []
     tags += ["merge", "mergekit"] if "merge" in kinds else []
     tags += [k for k in ("sft", "dpo") if k in kinds] + (
         ["trl"] if kinds & {"cpt", "sft", "dpo"} else []

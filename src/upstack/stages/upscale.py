@@ -1,11 +1,12 @@
-"""upscale stage: a deeper model from a base by layer surgery (SOLAR's DUS, Gstack, LLaMA Pro), done by mergekit."""
+"""upscale stage: a deeper model from a base by layer surgery (SOLAR's DUS, Gstack, LLaMA Pro), or a
+wider one by sparse upcycling into a mixture of experts (Mixtral), done by mergekit."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +27,15 @@ METHOD_KEYS: dict[str, tuple[str, ...]] = {
     "stack": ("copies",),
     "expand": ("new_layers",),
     "layers": ("slices",),
+    "moe": ("experts", "gate_mode", "experts_per_token", "router_aux_loss_coef"),
 }
+# mergekit-moe's gate initialisations that upstack offers: `random` needs nothing; the others
+# route by each expert's prompts. (mergekit's `uniform_random` is left out: its config check
+# wants prompts for it although it never reads them.)
+PROMPT_GATES = ("hidden", "cheap_embed")
+# mergekit-moe writes a Mixtral from these model types only (mergekit.moe.mixtral.MixtralMoE)
+MOE_BASES = ("llama", "mistral")
+MOE_CONFIG = "mergekit_moe_config.yml"
 # A LLaMA Pro block starts as the identity: with its attention and MLP output projections at
 # zero, both residual branches add nothing, so the grown model computes what the base computes.
 IDENTITY_SCALE = [
@@ -63,13 +72,36 @@ class Slice(Strict):
         return value
 
 
+class Expert(Strict):
+    """One expert of a `moe` stage: the FFN of every layer of `model` (mergekit-moe's Expert)."""
+
+    model: str | None = Field(
+        None,
+        description="a stage, local dir or Hub id of the base's architecture and shape; "
+        "default: the stage's `model` (sparse upcycling)",
+        json_schema_extra=names("model"),
+    )
+    positive_prompts: list[str] | None = Field(
+        None, description="hidden/cheap_embed gates: text this expert should be routed"
+    )
+    negative_prompts: list[str] | None = Field(
+        None, description="hidden/cheap_embed gates: text it should not be routed"
+    )
+    noise_scale: float | None = Field(
+        None,
+        ge=0,
+        description="Gaussian noise of this std added to the expert's weights (seeded by the "
+        "recipe's seed), so upcycled copies start apart",
+    )
+
+
 class Spec(StageSpec):
     kind: Literal["upscale"] = "upscale"
     model: str = Field(
         description="the model to grow: a stage of this recipe, a local dir or a Hub id",
         json_schema_extra=names("model"),
     )
-    method: Literal["dus", "stack", "expand", "layers"] = "dus"
+    method: Literal["dus", "stack", "expand", "layers", "moe"] = "dus"
     # dus: keep [0, n-m) of one copy and [m, n) of another: s = 2(n-m) layers. SOLAR: n=32, m=8 → 48.
     drop_layers: int | None = Field(
         None,
@@ -101,6 +133,26 @@ class Spec(StageSpec):
     slices: list[Slice] | None = Field(
         None, description="layers: output layers as mergekit slices, in order"
     )
+    # moe: every layer's FFN becomes `experts` FFNs and a router (mergekit-moe, Mixtral output)
+    experts: int | list[Expert] | None = Field(
+        None,
+        description="moe: a count (copies of the base's FFNs: sparse upcycling) or the experts, "
+        "each {model, positive_prompts, negative_prompts, noise_scale}",
+    )
+    gate_mode: Literal["random", "cheap_embed", "hidden"] | None = Field(
+        None,
+        description="moe: router init; random (default), cheap_embed (mean token embedding of "
+        "each expert's prompts) or hidden (the base's hidden states on them, per layer)",
+    )
+    experts_per_token: int | None = Field(
+        None, description="moe: experts each token is routed to (Mixtral's top-k; default 2)"
+    )
+    router_aux_loss_coef: float | None = Field(
+        None,
+        ge=0,
+        description="moe: weight of the load-balancing loss written into the output config "
+        "(TRL adds it in cpt/sft/dpo; default: transformers' Mixtral default, 0.001)",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="default: the source's"
     )
@@ -110,7 +162,18 @@ class Spec(StageSpec):
         "500MB", description="bytes per output shard (mergekit's out_shard_size)"
     )
 
-    @field_validator("drop_layers", "target_layers", "analysis", "copies", "new_layers", "slices")
+    @field_validator(
+        "drop_layers",
+        "target_layers",
+        "analysis",
+        "copies",
+        "new_layers",
+        "slices",
+        "experts",
+        "gate_mode",
+        "experts_per_token",
+        "router_aux_loss_coef",
+    )
     @classmethod
     def _belongs_to_method(cls, value: Any, info: ValidationInfo) -> Any:
         method = info.data.get("method")
@@ -161,7 +224,77 @@ class Spec(StageSpec):
             raise ValueError("method expand needs new_layers (identity blocks to add)")
         if self.method == "layers" and not self.slices:
             raise ValueError("method layers needs slices: [{layer_range: [first, end]}, ...]")
+        if self.method == "moe":
+            self._moe_settings()
         return self
+
+    @property
+    def expert_list(self) -> list[Expert]:
+        """moe: the experts, a count written out as that many copies of the base's FFNs."""
+        if isinstance(self.experts, int):
+            return [Expert() for _ in range(self.experts)]
+        return list(self.experts or [])
+
+    def _moe_settings(self) -> None:
+        """What mergekit-moe would refuse (it logs and exits) or silently get wrong, at load."""
+        if self.experts is None:
+            raise ValueError(
+                "method moe needs experts: a count (copies of the base's FFNs) or a list"
+            )
+        count = len(self.expert_list)
+        if count < 2:
+            raise error_at(("experts",), f"a mixture needs at least 2 experts, got {count}")
+        top_k = self.moe_top_k
+        if not 1 <= top_k <= count:
+            raise error_at(
+                ("experts_per_token",),
+                f"must be between 1 and the {count} experts, got {top_k}",
+            )
+        gate = self.moe_gate
+        experts = self.expert_list
+        if gate not in PROMPT_GATES:
+            for i, expert in enumerate(experts):
+                for key in ("positive_prompts", "negative_prompts"):
+                    if getattr(expert, key):
+                        raise error_at(
+                            ("experts", i, key),
+                            f"gate_mode {gate} does not read prompts: set gate_mode hidden or "
+                            "cheap_embed to route by them",
+                        )
+            return
+        if isinstance(self.experts, int):
+            raise error_at(
+                ("gate_mode",),
+                f"gate_mode {gate} routes by each expert's positive_prompts: list the experts "
+                "(experts: [{positive_prompts: [...]}, ...]) or use gate_mode random",
+            )
+        for i, expert in enumerate(experts):
+            if not expert.positive_prompts:
+                raise error_at(
+                    ("experts", i),
+                    f"gate_mode {gate} needs positive_prompts for every expert: text to route to it",
+                )
+        # the gate of an expert is read from its prompts: the same prompts make the same gates,
+        # and a router that cannot tell the experts apart (mergekit-moe refuses it too)
+        first = _prompts(experts[0])
+        if all(_prompts(e) == first for e in experts[1:]):
+            raise error_at(
+                ("experts", count - 1, "positive_prompts"),
+                "every expert has the same prompts, so every gate would be the same: give each "
+                "expert prompts of what it should be routed",
+            )
+
+    @property
+    def moe_gate(self) -> str:
+        return self.gate_mode or "random"
+
+    @property
+    def moe_top_k(self) -> int:
+        return 2 if self.experts_per_token is None else self.experts_per_token
+
+
+def _prompts(expert: Expert) -> tuple:
+    return (tuple(expert.positive_prompts or ()), tuple(expert.negative_prompts or ()))
 
 
 @dataclass
@@ -194,6 +327,8 @@ def preflight(spec: Spec, ctx: StageContext) -> None:
     source is checked when the stage starts, before any weight is fetched (a dry run stays offline)."""
     from upstack.shapes import planned_shape
 
+    if spec.method == "moe":
+        return _preflight_moe(spec, ctx)
     layers = {}
     for ref in _model_refs(ctx):
         if ref.origin == "hub":
@@ -214,7 +349,19 @@ def preflight(spec: Spec, ctx: StageContext) -> None:
 
 
 def output_shape(spec: Spec, input_shape) -> dict | None:
-    """The grown model's shape: its source's, with the layer count the method gives."""
+    """The grown model's shape: its source's, with the layer count the method gives; for moe a
+    Mixtral of the base's sizes with `experts` experts per layer."""
+    if spec.method == "moe":
+        base = input_shape("model")
+        if base is None:
+            return None
+        return {
+            **base,
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "num_local_experts": len(spec.expert_list),
+            "num_experts_per_tok": spec.moe_top_k,
+        }
     shapes = {"model": input_shape("model")}
     for i, piece in enumerate(spec.slices or []):
         if piece.model is not None:
@@ -247,6 +394,8 @@ def planned_layer_map(spec: Spec, ctx: StageContext) -> list[dict] | None:
         if shape.get("num_hidden_layers") is None:
             return None
         layers[ref.key] = shape["num_hidden_layers"]
+    if spec.method == "moe":
+        return moe_layer_map(spec, layers["model"], ctx)
     if spec.analysis is not None and ctx.is_pending(ctx.ref("analysis")):
         return None
     pieces = plan_layers(spec, layers, ctx, seam_from_analysis(spec, layers["model"], ctx))
@@ -473,9 +622,21 @@ def _slice_loc(problem: tuple) -> tuple:
 
 def check_at_load(spec: Spec, recipe, name: str) -> None:
     """Every slice parameter evaluates for every tensor of its layers, on the source's
-    architecture (its config.json, or what the recipe says a stage will build)."""
+    architecture (its config.json, or what the recipe says a stage will build). moe: the base
+    is a Llama or Mistral and every expert has its architecture and shape."""
     from upstack import merging
 
+    if spec.method == "moe":
+        from upstack.shapes import planned_shape
+
+        refs = {ref.key: ref for ref in recipe.refs(name) if ref.thing == "model"}
+        every = frozenset(recipe.stages)  # the shapes the recipe gives its stages
+        shapes = {key: planned_shape(recipe, ref, every) for key, ref in refs.items()}
+        problem = moe_problem(spec, shapes, lambda key: refs[key].text)
+        if problem:
+            key, message = problem
+            raise recipe.error(("stages", name, *key.split(".")), message)
+        return
     if spec.method != "layers" or not any(piece.parameters for piece in spec.slices):
         return
     refs = {ref.key: ref for ref in recipe.refs(name)}
@@ -498,6 +659,8 @@ def run(spec: Spec, ctx: StageContext) -> dict:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    if spec.method == "moe":
+        return run_moe(spec, ctx)
     sources = read_sources(ctx)
     _check_method_fits(spec, sources["model"], ctx)
     n = sources["model"].layers
@@ -549,6 +712,217 @@ def run(spec: Spec, ctx: StageContext) -> dict:
     # for every output layer: source, source layer, copy, roles (upstack.layermap)
     metrics["layer_origins"] = build_layer_map(pieces, ctx)
     return metrics
+
+
+# --------------------------------------------------------------------------- moe (mergekit-moe)
+
+
+def _expert_key(spec: Spec, i: int) -> str:
+    """The reference key of expert i's model: its own, or the stage's (an upcycled copy)."""
+    return f"experts.{i}.model" if spec.expert_list[i].model is not None else "model"
+
+
+def moe_problem(spec: Spec, shapes: dict[str, dict | None], text) -> tuple[str, str] | None:
+    """(key, message) when mergekit-moe cannot build this mixture from these shapes (by reference
+    key; None where a shape is not known offline): the base must be a Llama or Mistral, every
+    expert of its architecture and sizes, since expert i of layer j is its model's FFN of layer j."""
+    from upstack.shapes import differences
+
+    base = shapes.get("model")
+    if not base:
+        return None
+    base_arch = _arch_name(base)
+    if base.get("model_type") and base["model_type"] not in MOE_BASES:
+        return "model", (
+            f"method moe writes a Mixtral, which mergekit-moe builds from Llama or Mistral "
+            f"models only; {text('model')} is {base_arch}"
+        )
+    for i in range(len(spec.expert_list)):
+        key = _expert_key(spec, i)
+        shape = shapes.get(key)
+        if key == "model" or not shape:
+            continue
+        if shape.get("model_type") and shape["model_type"] != base.get("model_type"):
+            return key, (
+                f"{text(key)} is {_arch_name(shape)}, the base {text('model')} {base_arch}: "
+                "an expert takes the base's layers, so it must be of its architecture"
+            )
+        found = differences(base, shape)
+        if found:
+            return key, (
+                f"{text(key)} does not have the shape of the base {text('model')} "
+                f"({'; '.join(found)})"
+            )
+    return None
+
+
+def _arch_name(shape: dict) -> str:
+    return (shape.get("architectures") or [None])[0] or shape.get("model_type") or "unknown"
+
+
+def _source_shape(source: Source) -> dict:
+    from upstack.shapes import ARCHITECTURE_KEYS, SHAPE_KEYS
+
+    return {key: getattr(source.config, key, None) for key in (*SHAPE_KEYS, *ARCHITECTURE_KEYS)}
+
+
+def _moe_source_problem(source: Source) -> str | None:
+    """mergekit-moe writes Mixtral's tensors only: biases of a Llama would be dropped silently."""
+    biased = [key for key in ("attention_bias", "mlp_bias") if getattr(source.config, key, False)]
+    if biased:
+        return (
+            f"{source.config.architectures[0]} with {' and '.join(biased)}: Mixtral has no "
+            "biases, so mergekit-moe would drop them"
+        )
+    return None
+
+
+def _preflight_moe(spec: Spec, ctx: StageContext) -> None:
+    """Every local source is a readable checkpoint of a base Mixtral can come from, the experts of
+    the base's shape; sources this run builds first are checked on the shapes the recipe gives."""
+    from upstack.shapes import planned_shape
+
+    shapes: dict[str, dict | None] = {}
+    for ref in _model_refs(ctx):
+        if ref.origin == "hub":
+            shapes[ref.key] = None  # checked when the stage starts: a dry run stays offline
+        elif ctx.is_pending(ref):
+            shapes[ref.key] = planned_shape(ctx.recipe, ref, ctx.pending)
+        else:
+            source = _read_source(ref, ctx)
+            problem = _moe_source_problem(source)
+            if problem:
+                raise ctx.fail(ref.key, problem)
+            shapes[ref.key] = _source_shape(source)
+    problem = moe_problem(spec, shapes, lambda key: ctx.ref(key).text)
+    if problem:
+        raise ctx.fail(*problem)
+
+
+def moe_layer_map(spec: Spec, n: int, ctx: StageContext) -> list[dict]:
+    """Every layer of the mixture is the base's layer (attention, norms) with experts in place of
+    its FFN: role `expert`, and `experts`, expert e's source (its FFN of the same layer)."""
+    from upstack import layermap
+
+    base = ctx.ref("model").text
+    experts = [ctx.ref(_expert_key(spec, i)).text for i in range(len(spec.expert_list))]
+    entries = layermap.build([(base, j) for j in range(n)], roles={j: ["expert"] for j in range(n)})
+    for entry in entries:
+        entry["experts"] = list(experts)
+    return entries
+
+
+def moe_config(spec: Spec, sources: dict[str, Source], dtype: str | None) -> dict:
+    """mergekit-moe's config (MoEMergeConfig), absolute paths so `mergekit-moe` reruns it here."""
+
+    def where(key: str) -> str:
+        path = sources[key].path
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    experts = []
+    for i, expert in enumerate(spec.expert_list):
+        entry: dict[str, Any] = {"source_model": where(_expert_key(spec, i))}
+        for key in ("positive_prompts", "negative_prompts", "noise_scale"):
+            if getattr(expert, key) is not None:
+                entry[key] = getattr(expert, key)
+        experts.append(entry)
+    config: dict[str, Any] = {
+        "base_model": where("model"),
+        "architecture": "mixtral",  # the one output mergekit-moe makes from Llama and Mistral
+        "gate_mode": spec.moe_gate,
+        "experts_per_token": spec.moe_top_k,
+        "experts": experts,
+    }
+    if dtype:
+        config["dtype"] = dtype
+    return config
+
+
+def run_moe(spec: Spec, ctx: StageContext) -> dict:
+    import torch
+    import yaml
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.options import MergeOptions
+    from mergekit.scripts.moe import build
+    from transformers import AutoTokenizer, GenerationConfig
+
+    sources = read_sources(ctx)
+    for key, source in sources.items():
+        problem = _moe_source_problem(source)
+        if problem:
+            raise ctx.fail(key, problem)
+    shapes = {key: _source_shape(source) for key, source in sources.items()}
+    problem = moe_problem(spec, shapes, lambda key: ctx.ref(key).text)
+    if problem:
+        raise ctx.fail(*problem)
+    base = sources["model"]
+    dtype = spec.dtype or _config_dtype(base.config)
+    config = moe_config(spec, sources, dtype)
+    # Beside the weights, so a user can see the mixture and rerun it with `mergekit-moe`.
+    (ctx.out_dir / MOE_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    count = len(spec.expert_list)
+    ctx.log(
+        f"moe: {base.layers} layers, FFN -> {count} experts (top {spec.moe_top_k}), "
+        f"gate {spec.moe_gate}"
+    )
+    options = MergeOptions(
+        # upcycling reads one tensor for several experts; each must be its own tensor
+        clone_tensors=True,
+        copy_tokenizer=False,  # mergekit-moe saves it with pad = bos and left padding: ours below
+        out_shard_size=parse_size(spec.shard_size),
+        trust_remote_code=ctx.recipe.trust_remote_code,
+        write_model_card=False,
+        lazy_unpickle=False,
+    )
+    torch.manual_seed(ctx.seed)  # random gates and expert noise come from torch's global generator
+    try:
+        build(
+            MoEMergeConfig.model_validate(config),
+            str(ctx.out_dir),
+            options,
+            # the hidden gate runs the base over the prompts; mergekit's "auto" is for GPUs
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            # upcycling repeats one model on purpose: the experts part in training
+            allow_all_same=True,
+        )
+    except SystemExit:  # mergekit-moe logs why and exits; the checks above should have caught it
+        raise ctx.fail("", "mergekit-moe refused the config (its log above says why)") from None
+    AutoTokenizer.from_pretrained(
+        base.path, trust_remote_code=ctx.recipe.trust_remote_code
+    ).save_pretrained(ctx.out_dir)
+    with suppress(OSError):  # a base without a generation config
+        GenerationConfig.from_pretrained(base.path).save_pretrained(ctx.out_dir)
+    # inference needs no router logits; TRL turns them on for the load-balancing loss
+    settings: dict[str, Any] = {"output_router_logits": False}
+    if spec.router_aux_loss_coef is not None:
+        settings["router_aux_loss_coef"] = spec.router_aux_loss_coef
+    _update_config(ctx.out_dir, settings)
+    fix_dtype(ctx.out_dir, dtype)
+
+    layer_map = list(range(base.layers))
+    written = json.loads((ctx.out_dir / "config.json").read_text())
+    return {
+        "method": "moe",
+        "layers_before": base.layers,
+        "layers_after": base.layers,
+        "parameters_before": count_parameters(_local_dir(base.path)),
+        "parameters_after": count_parameters(ctx.out_dir),
+        "dtype": dtype,
+        "experts": count,
+        "experts_per_token": spec.moe_top_k,
+        "gate_mode": spec.moe_gate,
+        "router_aux_loss_coef": written.get("router_aux_loss_coef"),
+        "expert_sources": [ctx.ref(_expert_key(spec, i)).text for i in range(count)],
+        "layer_map": layer_map,
+        "layer_origins": moe_layer_map(spec, base.layers, ctx),
+    }
+
+
+def _update_config(out_dir: Path, settings: dict) -> None:
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(settings)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def merge_config(pieces: list[Piece], sources: dict[str, Source], dtype: str | None) -> dict:
