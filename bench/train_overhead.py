@@ -37,38 +37,146 @@ SETTINGS = {
 }
 DPO_SETTINGS = {**SETTINGS, "max_length": 128, "beta": 0.1}
 PROBLEMS = 512
+DATA = {"sft": "conversations.jsonl", "dpo": "pairs.jsonl"}
+
+
+# --------------------------------------------------------------------------- shared with bench/gpu.py
+
+
+def sft_rows(problems: int, turns: int = 1, seed: int = 42) -> list[dict]:
+    """Arith conversations; with turns > 1, row i holds 1..2*turns-1 question/answer turns
+    (mean `turns`), so rows differ in length as real chat data does."""
+    from data_synth import arith
+
+    pool = arith.problems(problems * turns, seed, "train")
+    rows, rng, at = [], random.Random(seed), 0
+    while len(rows) < problems:
+        count = 1 if turns == 1 else rng.randint(1, 2 * turns - 1)
+        messages = []
+        for problem in pool[at : at + count] or pool[:count]:
+            pick = random.Random(problem.id)
+            messages.append({"role": "user", "content": pick.choice(problem.questions())})
+            messages.append({"role": "assistant", "content": pick.choice(problem.solutions())})
+        at += count
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_sft_rows(path: Path, problems: int, turns: int = 1) -> None:
+    with path.open("w") as handle:
+        for row in sft_rows(problems, turns):
+            handle.write(json.dumps(row) + "\n")
+
+
+def write_pairs(path: Path, count: int = 256, turns: int = 1) -> None:
+    """Separable preference pairs; with turns > 1 each prompt opens with turns - 1 earlier
+    arith question/answer turns, so prompts reach realistic lengths."""
+    rng = random.Random(0)
+    context = sft_rows(count, turns - 1) if turns > 1 else [{"messages": []}] * count
+    with path.open("w") as handle:
+        for earlier in context:
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            question = {"role": "user", "content": f"Ana has {a} pens and gets {b} more. How many?"}
+            handle.write(
+                json.dumps(
+                    {
+                        "prompt": [*earlier["messages"], question],
+                        "chosen": [
+                            {
+                                "role": "assistant",
+                                "content": f"{a} + {b} = {a + b}. \\boxed{{{a + b}}}",
+                            }
+                        ],
+                        "rejected": [
+                            {"role": "assistant", "content": "Marbles and shells are in rows."}
+                        ],
+                    }
+                )
+                + "\n"
+            )
+
+
+def upstack_run(task: str, model: Path, data: Path, work: Path, trainer: dict) -> dict:
+    """The sft or dpo stage through upstack's runner, on a jsonl file; its manifest's metrics."""
+    import yaml
+
+    from upstack.recipe import load_recipe
+    from upstack.runner import run
+
+    stage = {"model": str(model), "datasets": [{"path": str(data)}], "trainer": trainer}
+    path = work / f"upstack-{task}.yaml"
+    path.write_text(
+        yaml.safe_dump({"name": "bench", "output_dir": str(work / "runs"), "stages": {task: stage}})
+    )
+    run(load_recipe(path), [task], force=True)
+    return json.loads((work / "runs" / task / "upstack.json").read_text())["metrics"]
+
+
+def trl_run(
+    task: str, model: Path, data: Path, work: Path, settings: dict, model_kwargs: dict
+) -> dict:
+    """What a user would write with TRL alone: load, configure, train, save."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    network = AutoModelForCausalLM.from_pretrained(str(model), **model_kwargs)
+    rows = datasets.load_dataset("json", data_files=str(data), split="train")
+    common = {"output_dir": str(work / "trl-out"), "report_to": "none", "seed": 42}
+    if task == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(**common, **settings, assistant_only_loss=True)
+        trainer = SFTTrainer(
+            model=network, args=config, train_dataset=rows, processing_class=tokenizer
+        )
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(**common, **settings)
+        trainer = DPOTrainer(
+            model=network, args=config, train_dataset=rows, processing_class=tokenizer
+        )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(str(work / "trl-out" / "final"))
+    return {"train_seconds": seconds, "steps": trainer.state.global_step}
+
+
+def run_worker(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
+    """One worker in a fresh subprocess: the JSON of its last stdout line, its own peak RSS
+    (wait4) and wall time. stderr goes to `log` (else nowhere); a failure raises SystemExit."""
+    # the checkout first, then whatever the caller had (wheels unpacked elsewhere, say)
+    paths = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), **(env or {})}
+    start = time.perf_counter()
+    with open(log or os.devnull, "w") as errors:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        where = f"; its stderr: {log}" if log else ""
+        raise SystemExit(f"worker failed (exit {code}){where}; rerun by hand: " + " ".join(cmd))
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - start
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
 
 
 # --------------------------------------------------------------------------- workers (one per subprocess)
 
 
 def upstack_worker(task: str, steps: int, packing: str) -> dict:
-    import yaml
-
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
-
     model = WORK / "model" / "runs" / "init"
     if task == "sft":
-        stage = {
-            "model": str(model),
-            "datasets": [{"arith": {"problems": PROBLEMS}}],
-            "trainer": {**SETTINGS, "max_steps": steps, "packing": packing != "none"},
-        }
+        trainer = {**SETTINGS, "max_steps": steps, "packing": packing != "none"}
         if packing != "none":
-            stage["trainer"]["packing_strategy"] = packing
+            trainer["packing_strategy"] = packing
     else:
-        stage = {
-            "model": str(model),
-            "datasets": [{"path": str(WORK / "pairs.jsonl")}],
-            "trainer": {**DPO_SETTINGS, "max_steps": steps},
-        }
-    path = WORK / f"upstack-{task}.yaml"
-    path.write_text(
-        yaml.safe_dump({"name": "bench", "output_dir": str(WORK / "runs"), "stages": {task: stage}})
-    )
-    run(load_recipe(path), [task], force=True)
-    metrics = json.loads((WORK / "runs" / task / "upstack.json").read_text())["metrics"]
+        trainer = {**DPO_SETTINGS, "max_steps": steps}
+    metrics = upstack_run(task, model, WORK / DATA[task], WORK, trainer)
     return {
         "train_seconds": metrics["train_seconds"],
         "steps": metrics["steps"],
@@ -77,56 +185,14 @@ def upstack_worker(task: str, steps: int, packing: str) -> dict:
 
 
 def trl_worker(task: str, steps: int, packing: str) -> dict:
-    """What a user would write with TRL alone: load, configure, train, save."""
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data_synth import arith
-
-    model_path = str(WORK / "model" / "runs" / "init")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    common = {
-        "output_dir": str(WORK / "trl-out"),
-        "max_steps": steps,
-        "bf16": False,
-        "use_cpu": True,
-        "activation_checkpointing": False,
-        "report_to": "none",
-        "seed": 42,
-    }
+    cpu = {"max_steps": steps, "bf16": False, "use_cpu": True, "activation_checkpointing": False}
     if task == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        rows = []
-        for problem in arith.problems(PROBLEMS, 42, "train"):
-            rng = random.Random(problem.id)
-            rows.append(
-                {
-                    "messages": [
-                        {"role": "user", "content": rng.choice(problem.questions())},
-                        {"role": "assistant", "content": rng.choice(problem.solutions())},
-                    ]
-                }
-            )
-        data = datasets.Dataset.from_list(rows).shuffle(seed=42)
-        config = SFTConfig(**common, **SETTINGS, assistant_only_loss=True)
-        trainer = SFTTrainer(
-            model=model, args=config, train_dataset=data, processing_class=tokenizer
-        )
+        settings = {**cpu, **SETTINGS}
     else:
-        from trl import DPOConfig, DPOTrainer
-
-        data = datasets.load_dataset("json", data_files=str(WORK / "pairs.jsonl"), split="train")
-        config = DPOConfig(**common, **DPO_SETTINGS, precompute_ref_log_probs=True)
-        trainer = DPOTrainer(
-            model=model, args=config, train_dataset=data, processing_class=tokenizer
-        )
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    trainer.save_model(str(WORK / "trl-out" / "final"))
-    return {"train_seconds": seconds, "steps": trainer.state.global_step, "tokens_per_second": None}
+        settings = {**cpu, **DPO_SETTINGS, "precompute_ref_log_probs": True}
+    model = WORK / "model" / "runs" / "init"
+    result = trl_run(task, model, WORK / DATA[task], WORK, settings, {"dtype": "auto"})
+    return {**result, "tokens_per_second": None}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -136,22 +202,7 @@ def measure(contender: str, task: str, steps: int, packing: str = "none") -> dic
     """One run in a fresh subprocess; its own peak RSS from wait4."""
     cmd = [sys.executable, __file__, "--worker", contender, "--task", task, "--steps", str(steps)]
     cmd += ["--packing", packing]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"{contender} {task} failed (exit {proc.returncode}); rerun the worker by hand: "
-            + " ".join(cmd)
-        )
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - start
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result = run_worker(cmd, {"OMP_NUM_THREADS": "1"})
     result["step_ms"] = 1000 * result["train_seconds"] / result["steps"]
     return result
 
@@ -175,32 +226,8 @@ def prepare() -> None:
         )
     )
     run(load_recipe(recipe), ["init"])
-    rng = random.Random(0)
-    with (WORK / "pairs.jsonl").open("w") as handle:
-        for _ in range(256):
-            a, b = rng.randint(1, 20), rng.randint(1, 20)
-            handle.write(
-                json.dumps(
-                    {
-                        "prompt": [
-                            {
-                                "role": "user",
-                                "content": f"Ana has {a} pens and gets {b} more. How many?",
-                            }
-                        ],
-                        "chosen": [
-                            {
-                                "role": "assistant",
-                                "content": f"{a} + {b} = {a + b}. \\boxed{{{a + b}}}",
-                            }
-                        ],
-                        "rejected": [
-                            {"role": "assistant", "content": "Marbles and shells are in rows."}
-                        ],
-                    }
-                )
-                + "\n"
-            )
+    write_sft_rows(WORK / DATA["sft"], PROBLEMS)
+    write_pairs(WORK / DATA["dpo"])
 
 
 def main() -> None:
