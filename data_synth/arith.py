@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -175,6 +177,65 @@ def _stream(seed: int) -> Iterator[ArithProblem]:
             item=item,
             answer=KINDS[kind].answer(*numbers),
         )
+
+
+def variant(problem: ArithProblem, sample: int) -> ArithProblem:
+    """The same kind of problem with its numbers drawn again (`sample` picks which draw) and the
+    answer recomputed: MetaMath-style new data rather than a new wording of the same data. The
+    draw stays in the seed's split, so a variant of a synth seed is never an eval problem."""
+    rng = random.Random(f"variant:{problem.id}:{sample}")
+    kind = KINDS[problem.kind]
+    for _ in range(10_000):
+        numbers = kind.draw(rng)
+        if numbers != problem.numbers and split_of(problem.kind, numbers) == problem.split:
+            ident = hashlib.sha256(f"{problem.id}:{numbers}".encode()).hexdigest()[:12]
+            return ArithProblem(
+                id=f"arith-{ident}",
+                kind=problem.kind,
+                numbers=numbers,
+                name=problem.name,
+                item=problem.item,
+                answer=kind.answer(*numbers),
+            )
+    raise AssertionError(f"no other numbers for {problem.kind} in split {problem.split}")
+
+
+def parse(question: str) -> ArithProblem | None:
+    """The problem a question states, in any of the wordings (numbers, name and item read back);
+    None for a question that is no arith problem. How the scripted teacher reads what it is asked."""
+    for name, kind in KINDS.items():
+        for wording in kind.questions:
+            found = re.fullmatch(_pattern(wording), question.strip())
+            if found:
+                numbers = tuple(int(found[slot]) for slot in "abc")
+                return ArithProblem(
+                    id=f"arith-parsed-{name}-{'-'.join(map(str, numbers))}",
+                    kind=name,
+                    numbers=numbers,
+                    name=found["name"],
+                    item=found["item"],
+                    answer=kind.answer(*numbers),
+                )
+    return None
+
+
+NUMBER = r"\d+"
+_SLOT_PATTERNS = {"name": "[A-Z][a-z]+", "item": "[a-z]+"}  # every other slot is a number
+
+
+def _pattern(wording: str) -> str:
+    """A wording as a regex: each slot a named group the first time, a back-reference after."""
+    out, seen = [], set()
+    for literal, slot, _, _ in string.Formatter().parse(wording):
+        out.append(re.escape(literal))
+        if slot is None:
+            continue
+        if slot in seen:
+            out.append(f"(?P={slot})")
+        else:
+            seen.add(slot)
+            out.append(f"(?P<{slot}>{_SLOT_PATTERNS.get(slot, NUMBER)})")
+    return "".join(out)
 
 
 def plain_prompt(question: str) -> str:

@@ -26,7 +26,9 @@ from data_synth.errors import DataSynthError
 from data_synth.files import read_jsonl, write_jsonl
 
 RECORDS = "records.jsonl"  # what synth writes
-EXTRA = Literal["answer_augmentation", "fobar", "self_verification", "rephrase_question"]
+EXTRA = Literal[
+    "answer_augmentation", "fobar", "self_verification", "new_numbers", "rephrase_question"
+]
 SETS = ("instruct", "alignment")
 SPLITS = ("train", "test")
 
@@ -36,7 +38,12 @@ class PairsConfig(Strict):
         0.05, ge=0, lt=1, description="share of seed problems held out as test"
     )
     instruct_extra: list[EXTRA] = Field(
-        default_factory=lambda: ["answer_augmentation", "fobar", "self_verification"],
+        default_factory=lambda: [
+            "answer_augmentation",
+            "fobar",
+            "self_verification",
+            "new_numbers",
+        ],
         description="verified records added to the instruct set as they are, beside the tuples",
     )
 

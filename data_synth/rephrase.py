@@ -27,17 +27,29 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from data_synth import teachers, verify
+from data_synth import arith, teachers, verify
 from data_synth.cache import Cache, request_key
 from data_synth.config import Strict, used_for
 from data_synth.errors import DataSynthError, SynthFailed
-from data_synth.seeds import ArithSeeds, ListopsSeeds, Problem, SeedSource, load_problems
+from data_synth.seeds import (
+    ArithSeeds,
+    ListopsSeeds,
+    Problem,
+    SeedSource,
+    arith_problem,
+    load_problems,
+)
 from data_synth.teachers import Request, Runtime, ScriptedTeacher, TeacherSpec, teacher_model
 
 PROMPTS = Path(__file__).parent / "prompts"
 
 Augmentation = Literal[
-    "rephrase_question", "rephrase_answer", "answer_augmentation", "fobar", "self_verification"
+    "rephrase_question",
+    "rephrase_answer",
+    "answer_augmentation",
+    "fobar",
+    "self_verification",
+    "new_numbers",
 ]
 
 
@@ -47,7 +59,10 @@ class Augmentations(Strict):
     SOLAR's Synth.Math-Alignment needs rephrase_question and rephrase_answer; the rest are
     MetaMath's extra instruct data: fresh solutions (answer_augmentation), and backward questions
     that hide a number as X and give the answer (fobar: a fixed template; self_verification: the
-    teacher restates question and answer as one statement).
+    teacher restates question and answer as one statement). new_numbers is new data rather than
+    new wording: the seed's generator draws other numbers for the same kind of problem and
+    recomputes the answer, and the teacher's solution must reach it (generated `arith` seeds only,
+    since a file's problems have no generator).
     """
 
     rephrase_question: int = Field(1, ge=0)
@@ -55,6 +70,7 @@ class Augmentations(Strict):
     answer_augmentation: int = Field(0, ge=0)
     fobar: int = Field(0, ge=0)
     self_verification: int = Field(0, ge=0)
+    new_numbers: int = Field(0, ge=0)
 
 
 class Sampling(Strict):
@@ -95,6 +111,17 @@ class SynthConfig(Strict):
         description="a run whose failed requests (after retries) exceed this share fails, "
         "rather than pass on a thinned data set; a rerun retries only the failed ones",
     )
+
+    @model_validator(mode="after")
+    def _new_numbers_needs_a_generator(self) -> SynthConfig:
+        if self.augmentations.new_numbers and not any(
+            isinstance(s, ArithSeeds) for s in self.seeds
+        ):
+            raise ValueError(
+                "augmentations.new_numbers draws new numbers with the `arith` generator, and no "
+                "seed source is arith: set it to 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _scripted_knows_only_arith(self) -> SynthConfig:
@@ -290,14 +317,15 @@ def _prompt(name: str, **slots: str) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class NewQuestion:
-    """A question written in round one (or by FOBAR's template), waiting for its solve in round two."""
+    """A question written in round one (or by FOBAR's template, or new_numbers' generator), waiting
+    for its solve in round two."""
 
     problem: Problem
     augmentation: str
     sample: int
     text: str
     gold: str  # the seed's answer, or the masked number for a backward question
-    request_key: str | None  # the request that wrote it; None for FOBAR's template
+    request_key: str | None  # the request that wrote it; None for FOBAR's and new_numbers'
 
 
 def _request(
@@ -522,6 +550,20 @@ def _judge_first(
         template = Template((PROMPTS / "fobar.txt").read_text())
         text = template.substitute(question=masked[0], answer=problem.answer).strip()
         questions += [NewQuestion(problem, "fobar", i, text, masked[1], None) for i in range(fobar)]
+
+    # new_numbers: the generator writes the new problem (in a wording picked per sample) and knows
+    # its answer; only the solution is the teacher's.
+    new = config.augmentations.new_numbers
+    for problem in seeds if new else []:
+        if problem.source != "arith":
+            dropped["no_generator"] += new
+            continue
+        for i in range(new):
+            variant = arith.variant(arith_problem(problem), i)
+            text = random.Random(f"{seed}:{variant.id}").choice(variant.questions())
+            questions.append(
+                NewQuestion(problem, "new_numbers", i, text, str(variant.answer), None)
+            )
     return records, questions
 
 

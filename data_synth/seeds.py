@@ -8,13 +8,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
 from data_synth.config import Strict, names
 from data_synth.errors import DataSynthError
 from data_synth.files import load_local, read_jsonl
+
+if TYPE_CHECKING:
+    from data_synth.arith import ArithProblem
 
 
 @dataclass
@@ -196,6 +199,21 @@ def load_problems(
     return problems[: source.limit] if source.limit else problems
 
 
+def arith_problem(problem: Problem) -> ArithProblem:
+    """The generated arith problem an `arith` seed was made from (its metadata holds it)."""
+    from data_synth.arith import ArithProblem
+
+    meta = problem.metadata
+    return ArithProblem(
+        id=problem.id,
+        kind=meta["kind"],
+        numbers=tuple(meta["numbers"]),
+        name=meta["name"],
+        item=meta["item"],
+        answer=int(problem.answer),
+    )
+
+
 def _arith(source: ArithSeeds, seed: int) -> list[Problem]:
     from data_synth import arith
 
@@ -203,7 +221,8 @@ def _arith(source: ArithSeeds, seed: int) -> list[Problem]:
     for p in arith.problems(
         source.count, seed if source.seed is None else source.seed, source.split
     ):
-        # kind/numbers/name/item rebuild the ArithProblem: the scripted teacher answers from them
+        # kind/numbers/name/item rebuild the ArithProblem (arith_problem): for new_numbers and the
+        # scripted teacher
         meta = {
             "kind": p.kind,
             "numbers": list(p.numbers),

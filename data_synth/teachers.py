@@ -366,19 +366,15 @@ async def _scripted(
 
 
 def scripted_reply(request: Request, error_rate: float) -> str:
-    from data_synth.arith import ArithProblem
+    from data_synth import arith
+    from data_synth.seeds import arith_problem
 
-    meta = request.problem.metadata
     if request.problem.source == "listops":
         return _scripted_listops(request, error_rate)
-    problem = ArithProblem(
-        id=request.problem.id,
-        kind=meta["kind"],
-        numbers=tuple(meta["numbers"]),
-        name=meta["name"],
-        item=meta["item"],
-        answer=int(request.problem.answer),
-    )
+    problem = arith_problem(request.problem)
+    if request.task == "solve":  # solve what is asked, which may be another problem (new_numbers)
+        asked = arith.parse(request.messages[-1]["content"].split("Problem:", 1)[-1])
+        problem = asked or problem
     rng = random.Random(request.key)
     if request.task == "rephrase_question":
         others = problem.questions()[1:] or problem.questions()

@@ -800,6 +800,15 @@ CASES = [
     ),
     Case(
         "teacher",
+        "new-numbers-without-arith",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: listops}]\n"
+        "    teacher: {kind: scripted}\n    augmentations: {new_numbers: 1}\n",
+        "stages.synth: augmentations.new_numbers draws new numbers with the `arith` generator, "
+        "and no seed source is arith: set it to 0",
+        line=3,
+    ),
+    Case(
+        "teacher",
         "vllm-missing",
         "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
         "    teacher: {kind: vllm, model: {model}}\n",

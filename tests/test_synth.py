@@ -314,3 +314,42 @@ def test_scripted_listops_answers_verify_and_spoiled_ones_are_dropped(tmp_path):
     # the spoiled ones (a wrong answer, or none boxed) were dropped, by reason
     assert stats["dropped"].get("wrong_answer", 0) > 0
     assert stats["dropped"].get("no_boxed_answer", 0) > 0
+
+
+def test_new_numbers_are_new_problems_whose_recomputed_answers_verify(tmp_path):
+    """new_numbers: the same kind of problem with other numbers, the answer recomputed by the
+    generator; the scripted teacher solves what it is asked, and its spoiled solves are dropped."""
+    from data_synth import arith
+    from data_synth.seeds import last_boxed
+
+    path = write_recipe(
+        tmp_path,
+        f"""
+        name: variants
+        output_dir: {tmp_path / "runs"}
+        stages:
+          synth:
+            seeds: [{{source: arith, split: synth, count: 30}}]
+            teacher: {{kind: scripted, error_rate: 0.3}}
+            augmentations: {{rephrase_question: 0, rephrase_answer: 0, new_numbers: 2}}
+    """,
+    )
+    run(load_recipe(path), ["synth"])
+    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
+    stats = metrics(tmp_path / "runs" / "synth")
+    assert {r["augmentation"] for r in records} == {"new_numbers"}
+    assert 30 <= len(records) < 60  # ~30% of 60 solves spoiled: dropped by the verifier
+    assert sum(stats["dropped"].values()) == 60 - len(records)
+    changed_answers = 0
+    for record in records:
+        seed = arith.parse(record["original_question"])
+        asked = arith.parse(record["question"])
+        assert asked is not None and asked.kind == seed.kind and asked.numbers != seed.numbers
+        # the gold answer is recomputed from the new numbers, and the kept solution reaches it
+        assert record["gold"] == str(arith.KINDS[asked.kind].answer(*asked.numbers))
+        assert check(record["gold"], record["answer"]) is None
+        assert last_boxed(record["answer"]) == record["gold"]
+        # a new problem of the seed's split: never an eval (or SFT train) problem
+        assert asked.split == "synth"
+        changed_answers += record["gold"] != last_boxed(record["original_solution"])
+    assert changed_answers > len(records) / 2  # new data, not only new wording
