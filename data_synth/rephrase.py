@@ -324,7 +324,7 @@ class NewQuestion:
     augmentation: str
     sample: int
     text: str
-    gold: str  # the seed's answer, the masked number (backward), or the recomputed one (new_numbers)
+    gold: str  # the seed's answer, the masked number (backward), the recomputed one (new_numbers)
     request_key: str | None  # the request that wrote it; None for FOBAR's and new_numbers'
 
 
