@@ -64,6 +64,29 @@ def test_finished_stage_is_skipped_and_a_change_makes_it_and_dependents_stale(ch
     assert runner.plan(load_recipe(path), ["a"], force=True) == ["a"]
 
 
+def test_a_changed_generator_makes_stages_on_generated_data_stale_and_no_others(monkeypatch):
+    """The tiny world's data comes from code (data_synth.arith, listops, splits, the scripted
+    teacher): a stage cached on the old code is stale, while a recipe on Hub data is untouched."""
+    tiny = load_recipe(ROOT / "recipes" / "tiny.yaml", deep=False)
+    solar = load_recipe(ROOT / "recipes" / "solar-10.7b.yaml", deep=False)
+    before = runner.stage_hashes(tiny), runner.stage_hashes(solar)
+
+    monkeypatch.setattr(runner, "_generator", "a-changed-generator")
+    after = runner.stage_hashes(tiny), runner.stage_hashes(solar)
+    # every tiny stage descends from init, whose tokenizer trains on generated arith text
+    assert all(after[0][name] != before[0][name] for name in tiny.order())
+    assert after[1] == before[1]
+
+    # which settings read generated data: the ones that name it, at any depth
+    assert runner._reads_generated({"datasets": [{"arith": {"problems": 5}, "hub": None}]})
+    assert runner._reads_generated({"datasets": [{"generated": {"task": "listops"}}]})
+    assert runner._reads_generated({"seeds": [{"source": "listops"}], "teacher": {"kind": "openai"}})
+    assert runner._reads_generated({"seeds": [{"source": "jsonl"}], "teacher": {"kind": "scripted"}})
+    assert not runner._reads_generated(
+        {"datasets": [{"hub": "HuggingFaceTB/smollm-corpus", "arith": None, "generated": None}]}
+    )
+
+
 def test_targets_by_kind_and_dry_run(chain, capsys):
     path, out = chain
     recipe = load_recipe(path)

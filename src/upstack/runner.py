@@ -46,19 +46,61 @@ PACKAGES = (
 
 def stage_hashes(recipe: Recipe) -> dict[str, str]:
     """A hash per stage of its settings, the recipe seed and its inputs' hashes, so a change
-    anywhere upstream makes every stage below it stale before anything is rerun."""
+    anywhere upstream makes every stage below it stale before anything is rerun. A stage that
+    reads the tiny world's generated data also hashes the code that generates it."""
     hashes: dict[str, str] = {}
     for name in recipe.order():
         spec = recipe.stages[name]
+        settings = spec.model_dump(mode="json", exclude={"after"})
         payload = {
             "kind": spec.kind,
-            "spec": spec.model_dump(mode="json", exclude={"after"}),
+            "spec": settings,
             "seed": recipe.seed,
             "inputs": {dep: hashes[dep] for dep in recipe.deps(name)},
         }
+        if spec.kind == "init" or _reads_generated(settings):  # init: its BPE trains on arith
+            payload["generator"] = generator_fingerprint()
         blob = json.dumps(payload, sort_keys=True).encode()
         hashes[name] = hashlib.sha256(blob).hexdigest()[:16]
     return hashes
+
+
+# The code behind generated data (data_synth's tasks, their splits, the scripted teacher): the
+# same settings give other data when it changes, so a stage cached before would be stale while
+# saying "done". Only stages that read such data hash it, so an upgrade never reruns a stage on
+# a user's own data.
+GENERATOR_FILES = ("arith.py", "listops.py", "splits.py", "teachers.py")
+
+
+def _reads_generated(settings: Any) -> bool:
+    """Whether a stage's settings name generated data anywhere: a `datasets` entry `arith:` or
+    `generated:`, a seed or eval set `source: arith|listops`, or the scripted teacher."""
+    if isinstance(settings, dict):
+        if settings.get("arith") is not None or settings.get("generated") is not None:
+            return True
+        if settings.get("source") in ("arith", "listops") or settings.get("kind") == "scripted":
+            return True
+        return any(_reads_generated(value) for value in settings.values())
+    if isinstance(settings, list):
+        return any(_reads_generated(value) for value in settings)
+    return False
+
+
+_generator: str | None = None
+
+
+def generator_fingerprint() -> str:
+    global _generator
+    if _generator is None:
+        import importlib.util
+
+        # found, not imported: the kernel stays free of data_synth's imports
+        package = Path(importlib.util.find_spec("data_synth").origin).parent
+        digest = hashlib.sha256()
+        for name in GENERATOR_FILES:
+            digest.update((package / name).read_bytes())
+        _generator = digest.hexdigest()[:16]
+    return _generator
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
