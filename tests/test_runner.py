@@ -80,8 +80,12 @@ def test_a_changed_generator_makes_stages_on_generated_data_stale_and_no_others(
     # which settings read generated data: the ones that name it, at any depth
     assert runner._reads_generated({"datasets": [{"arith": {"problems": 5}, "hub": None}]})
     assert runner._reads_generated({"datasets": [{"generated": {"task": "listops"}}]})
-    assert runner._reads_generated({"seeds": [{"source": "listops"}], "teacher": {"kind": "openai"}})
-    assert runner._reads_generated({"seeds": [{"source": "jsonl"}], "teacher": {"kind": "scripted"}})
+    assert runner._reads_generated(
+        {"seeds": [{"source": "listops"}], "teacher": {"kind": "openai"}}
+    )
+    assert runner._reads_generated(
+        {"seeds": [{"source": "jsonl"}], "teacher": {"kind": "scripted"}}
+    )
     assert not runner._reads_generated(
         {"datasets": [{"hub": "HuggingFaceTB/smollm-corpus", "arith": None, "generated": None}]}
     )
