@@ -8,6 +8,8 @@ appears in training under any wording.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import random
 import re
@@ -189,13 +191,8 @@ def variant(problem: ArithProblem, sample: int) -> ArithProblem:
         numbers = kind.draw(rng)
         if numbers != problem.numbers and split_of(problem.kind, numbers) == problem.split:
             ident = hashlib.sha256(f"{problem.id}:{numbers}".encode()).hexdigest()[:12]
-            return ArithProblem(
-                id=f"arith-{ident}",
-                kind=problem.kind,
-                numbers=numbers,
-                name=problem.name,
-                item=problem.item,
-                answer=kind.answer(*numbers),
+            return dataclasses.replace(
+                problem, id=f"arith-{ident}", numbers=numbers, answer=kind.answer(*numbers)
             )
     raise AssertionError(f"no other numbers for {problem.kind} in split {problem.split}")
 
@@ -203,39 +200,40 @@ def variant(problem: ArithProblem, sample: int) -> ArithProblem:
 def parse(question: str) -> ArithProblem | None:
     """The problem a question states, in any of the wordings (numbers, name and item read back);
     None for a question that is no arith problem. How the scripted teacher reads what it is asked."""
-    for name, kind in KINDS.items():
-        for wording in kind.questions:
-            found = re.fullmatch(_pattern(wording), question.strip())
-            if found:
-                numbers = tuple(int(found[slot]) for slot in "abc")
-                return ArithProblem(
-                    id=f"arith-parsed-{name}-{'-'.join(map(str, numbers))}",
-                    kind=name,
-                    numbers=numbers,
-                    name=found["name"],
-                    item=found["item"],
-                    answer=kind.answer(*numbers),
-                )
+    for name, pattern in _question_patterns():
+        found = pattern.fullmatch(question.strip())
+        if found:
+            numbers = tuple(int(found[slot]) for slot in "abc")
+            return ArithProblem(
+                id=f"arith-parsed-{name}-{'-'.join(map(str, numbers))}",
+                kind=name,
+                numbers=numbers,
+                name=found["name"],
+                item=found["item"],
+                answer=KINDS[name].answer(*numbers),
+            )
     return None
 
 
-NUMBER = r"\d+"
 _SLOT_PATTERNS = {"name": "[A-Z][a-z]+", "item": "[a-z]+"}  # every other slot is a number
 
 
-def _pattern(wording: str) -> str:
-    """A wording as a regex: each slot a named group the first time, a back-reference after."""
-    out, seen = [], set()
-    for literal, slot, _, _ in string.Formatter().parse(wording):
-        out.append(re.escape(literal))
-        if slot is None:
-            continue
-        if slot in seen:
-            out.append(f"(?P={slot})")
-        else:
-            seen.add(slot)
-            out.append(f"(?P<{slot}>{_SLOT_PATTERNS.get(slot, NUMBER)})")
-    return "".join(out)
+@functools.cache
+def _question_patterns() -> list[tuple[str, re.Pattern]]:
+    """Every question wording as a regex, compiled once: each slot a named group the first time
+    it appears, a back-reference after."""
+    patterns = []
+    for name, kind in KINDS.items():
+        for wording in kind.questions:
+            out, seen = [], set()
+            for literal, slot, _, _ in string.Formatter().parse(wording):
+                out.append(re.escape(literal))
+                if slot is not None:
+                    group = _SLOT_PATTERNS.get(slot, r"\d+")
+                    out.append(f"(?P={slot})" if slot in seen else f"(?P<{slot}>{group})")
+                    seen.add(slot)
+            patterns.append((name, re.compile("".join(out))))
+    return patterns
 
 
 def plain_prompt(question: str) -> str:

@@ -71,7 +71,7 @@ def test_a_changed_generator_makes_stages_on_generated_data_stale_and_no_others(
     solar = load_recipe(ROOT / "recipes" / "solar-10.7b.yaml", deep=False)
     before = runner.stage_hashes(tiny), runner.stage_hashes(solar)
 
-    monkeypatch.setattr(runner, "_generator", "a-changed-generator")
+    monkeypatch.setattr(runner, "generator_fingerprint", lambda: "a-changed-generator")
     after = runner.stage_hashes(tiny), runner.stage_hashes(solar)
     # every tiny stage descends from init, whose tokenizer trains on generated arith text
     assert all(after[0][name] != before[0][name] for name in tiny.order())

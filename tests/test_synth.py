@@ -250,24 +250,33 @@ def test_missing_api_key_fails_before_any_stage_runs(tmp_path):
     assert not (tmp_path / "runs" / "r" / "init").exists()  # failed before the first stage ran
 
 
-def test_scripted_fobar_solves_for_x_and_spoiled_solves_are_dropped(tmp_path):
-    from data_synth.seeds import last_boxed
-
+def scripted_synth(tmp_path, seeds: str, augmentations: str) -> tuple[list[dict], dict]:
+    """A synth stage on the scripted teacher with 30% of its answers spoiled: (records, metrics)."""
     path = write_recipe(
         tmp_path,
         f"""
-        name: backward
+        name: scripted
         output_dir: {tmp_path / "runs"}
         stages:
           synth:
-            seeds: [{{source: arith, count: 40}}]
+            seeds: [{seeds}]
             teacher: {{kind: scripted, error_rate: 0.3}}
-            augmentations: {{rephrase_question: 0, rephrase_answer: 0, answer_augmentation: 0, fobar: 1}}
+            augmentations: {augmentations}
     """,
     )
     run(load_recipe(path), ["synth"])
-    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
-    stats = metrics(tmp_path / "runs" / "synth")
+    stage_dir = tmp_path / "runs" / "synth"
+    return read_jsonl(stage_dir / "records.jsonl"), metrics(stage_dir)
+
+
+def test_scripted_fobar_solves_for_x_and_spoiled_solves_are_dropped(tmp_path):
+    from data_synth.seeds import last_boxed
+
+    records, stats = scripted_synth(
+        tmp_path,
+        "{source: arith, count: 40}",
+        "{rephrase_question: 0, rephrase_answer: 0, answer_augmentation: 0, fobar: 1}",
+    )
     fobar = [r for r in records if r["augmentation"] == "fobar"]
     assert 15 <= len(fobar) < 40  # ~30% spoiled: dropped by the verifier, the rest kept
     assert stats["kept"] == len(fobar)
@@ -287,21 +296,11 @@ def test_scripted_listops_answers_verify_and_spoiled_ones_are_dropped(tmp_path):
     from data_synth.seeds import last_boxed
     from data_synth.verify import same_answer
 
-    path = write_recipe(
+    records, stats = scripted_synth(
         tmp_path,
-        f"""
-        name: general
-        output_dir: {tmp_path / "runs"}
-        stages:
-          synth:
-            seeds: [{{source: listops, split: synth, count: 40}}]
-            teacher: {{kind: scripted, error_rate: 0.3}}
-            augmentations: {{rephrase_question: 1, rephrase_answer: 1, answer_augmentation: 1}}
-    """,
+        "{source: listops, split: synth, count: 40}",
+        "{rephrase_question: 1, rephrase_answer: 1, answer_augmentation: 1}",
     )
-    run(load_recipe(path), ["synth"])
-    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
-    stats = metrics(tmp_path / "runs" / "synth")
     assert {r["augmentation"] for r in records} == {
         "rephrase_question",
         "rephrase_answer",
@@ -322,21 +321,11 @@ def test_new_numbers_are_new_problems_whose_recomputed_answers_verify(tmp_path):
     from data_synth import arith
     from data_synth.seeds import last_boxed
 
-    path = write_recipe(
+    records, stats = scripted_synth(
         tmp_path,
-        f"""
-        name: variants
-        output_dir: {tmp_path / "runs"}
-        stages:
-          synth:
-            seeds: [{{source: arith, split: synth, count: 30}}]
-            teacher: {{kind: scripted, error_rate: 0.3}}
-            augmentations: {{rephrase_question: 0, rephrase_answer: 0, new_numbers: 2}}
-    """,
+        "{source: arith, split: synth, count: 30}",
+        "{rephrase_question: 0, rephrase_answer: 0, new_numbers: 2}",
     )
-    run(load_recipe(path), ["synth"])
-    records = read_jsonl(tmp_path / "runs" / "synth" / "records.jsonl")
-    stats = metrics(tmp_path / "runs" / "synth")
     assert {r["augmentation"] for r in records} == {"new_numbers"}
     assert 30 <= len(records) < 60  # ~30% of 60 solves spoiled: dropped by the verifier
     assert sum(stats["dropped"].values()) == 60 - len(records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -86,21 +87,16 @@ def _reads_generated(settings: Any) -> bool:
     return False
 
 
-_generator: str | None = None
-
-
+@functools.cache
 def generator_fingerprint() -> str:
-    global _generator
-    if _generator is None:
-        import importlib.util
+    import importlib.util
 
-        # found, not imported: the kernel stays free of data_synth's imports
-        package = Path(importlib.util.find_spec("data_synth").origin).parent
-        digest = hashlib.sha256()
-        for name in GENERATOR_FILES:
-            digest.update((package / name).read_bytes())
-        _generator = digest.hexdigest()[:16]
-    return _generator
+    # found, not imported: the kernel stays free of data_synth's imports
+    package = Path(importlib.util.find_spec("data_synth").origin).parent
+    digest = hashlib.sha256()
+    for name in GENERATOR_FILES:
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
