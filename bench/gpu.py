@@ -695,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the workers inherit it: CPU only
+    import importlib.metadata
     import importlib.util
 
     import torch
@@ -732,8 +733,8 @@ def main(argv: list[str] | None = None) -> None:
     versions = {}
     for package in ("torch", "transformers", "trl", "accelerate", "datasets", "liger_kernel"):
         try:
-            versions[package] = __import__(package).__version__
-        except ImportError:
+            versions[package] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     result = {
         "label": label,

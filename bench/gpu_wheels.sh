@@ -8,7 +8,7 @@
 # is not fetched; transformers and peft are, so the versions match what CI tests (the image's
 # huggingface_hub, tokenizers and safetensors already satisfy them).
 #
-#   bash bench/gpu_wheels.sh            # needs pip and a registry; ~20 MB
+#   bash bench/gpu_wheels.sh            # needs pip and a registry; ~30 MB
 #   LIGER=0 bash bench/gpu_wheels.sh    # without liger-kernel (then gpu.py records 'unavailable')
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,8 @@ LOCKED=(
   pydantic pydantic_core annotated-types typing-inspection typing_extensions
   math-verify latex2sympy2_extended antlr4-python3-runtime
   transformers peft
+  # the tiny recipe end to end (bench/gpu_session.sh): merges, the teacher client, the eval sets
+  mergekit immutables openai jiter sniffio httpx2 httpcore2 truststore champ-dataset natsort
 )
 
 pinned() { # NAME -> NAME==VERSION from the lock (names compared as pip does: case, - _ .)
