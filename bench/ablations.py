@@ -120,7 +120,7 @@ def _manifest(stage_dir: Path) -> dict:
 def _flops_per_token(model_dir: Path) -> float:
     """6 N, N = the parameters a token passes through: all but the input embedding, and of a
     mixture of experts only the experts it is routed to."""
-    from upstack.checkpoints import count_parameters
+    from upstack.models.checkpoints import count_parameters
 
     config = json.loads((model_dir / "config.json").read_text())
     passed = count_parameters(model_dir) - config["vocab_size"] * config["hidden_size"]
@@ -292,7 +292,7 @@ def _mean_sd(values: list[float], digits: int) -> str:
 
 
 def document(results: dict) -> str:
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
 
     seeds = results["seeds"]
     took = (

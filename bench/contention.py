@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from upstack.tables import markdown_table
+from upstack.core.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"

@@ -35,10 +35,10 @@ def main() -> None:
     import yaml
 
     from data_synth.seeds import ArithSeeds, load_problems
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
+    from upstack.core.recipe import load_recipe
+    from upstack.core.runner import run
+    from upstack.core.tables import markdown_table
     from upstack.stages.eval import MathEval, load_model, solve
-    from upstack.tables import markdown_table
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))

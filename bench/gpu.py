@@ -41,7 +41,7 @@ from train_overhead import (
     write_sft_rows,
 )
 
-from upstack.tables import markdown_table
+from upstack.core.tables import markdown_table
 
 OUT = ROOT / "bench" / "out"
 WORK = OUT / "gpu-work"
@@ -248,7 +248,7 @@ def train_worker(job: dict) -> dict:
     import transformers.trainer
     import trl
 
-    from upstack.training import flash_attention
+    from upstack.train.training import flash_attention
 
     cuda = torch.cuda.is_available()
     clock = step_clock()
@@ -296,9 +296,10 @@ def generation_worker(job: dict) -> dict:
     import torch
 
     from data_synth.cache import request_key
+    from data_synth.exchange import Request, Runtime
     from data_synth.rephrase import _prompt
     from data_synth.seeds import ArithSeeds, load_problems
-    from data_synth.teachers import Request, Runtime, TransformersTeacher, stream
+    from data_synth.teachers import TransformersTeacher, stream
     from upstack.stages.eval import MathEval, load_model, solve
 
     cuda = torch.cuda.is_available()

@@ -159,7 +159,7 @@ def measure(cmd: list[str]) -> dict:
 
 
 def report(results: dict, arch: dict, model_bytes: int) -> None:
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
 
     model_gb = model_bytes / 2**30
     naive_rss = results["transformers load-average-save"]["peak_rss_gb"]

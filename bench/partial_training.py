@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from upstack.tables import markdown_table
+from upstack.core.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -79,8 +79,8 @@ def recipe_path(steps: int) -> Path:
 
 
 def worker(stage: str, steps: int) -> dict:
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
+    from upstack.core.recipe import load_recipe
+    from upstack.core.runner import run
 
     run(load_recipe(recipe_path(steps)), [stage], force=True)
     metrics = json.loads((WORK / "runs" / stage / "upstack.json").read_text())["metrics"]
@@ -119,8 +119,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.steps)))
         return
 
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
+    from upstack.core.recipe import load_recipe
+    from upstack.core.runner import run
 
     run(load_recipe(recipe_path(args.steps)), ["up_dus", "up_expand"])  # once, in this process
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in CONTENDERS}

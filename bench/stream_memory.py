@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from upstack.tables import markdown_table
+from upstack.core.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -80,9 +80,9 @@ def write_corpus(gigabytes: float) -> Path:
 
 
 def worker(corpus: str, streaming: bool, max_samples: int) -> dict:
-    from upstack.context import StageContext
-    from upstack.data import Source, build_mixture
-    from upstack.recipe import Recipe
+    from upstack.core.context import StageContext
+    from upstack.core.recipe import Recipe
+    from upstack.train.data import Source, build_mixture
 
     work = WORK / f"run-{'stream' if streaming else 'load'}"
     recipe = Recipe(name="bench", seed=42, output_dir=str(work), stages={})

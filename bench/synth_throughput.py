@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from data_synth import echo_server
+from data_synth.exchange import Request, Runtime
 from data_synth.seeds import Problem
-from data_synth.teachers import OpenAITeacher, Request, Runtime, stream
-from upstack.tables import markdown_table
+from data_synth.teachers import OpenAITeacher, stream
+from upstack.core.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 

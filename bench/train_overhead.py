@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from upstack.tables import markdown_table
+from upstack.core.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,8 +100,8 @@ def upstack_run(task: str, model: Path, data: Path, work: Path, trainer: dict) -
     """The sft or dpo stage through upstack's runner, on a jsonl file; its manifest's metrics."""
     import yaml
 
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
+    from upstack.core.recipe import load_recipe
+    from upstack.core.runner import run
 
     stage = {"model": str(model), "datasets": [{"path": str(data)}], "trainer": trainer}
     path = work / f"upstack-{task}.yaml"
@@ -210,8 +210,8 @@ def measure(contender: str, task: str, steps: int, packing: str = "none") -> dic
 def prepare() -> None:
     import yaml
 
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
+    from upstack.core.recipe import load_recipe
+    from upstack.core.runner import run
 
     WORK.mkdir(parents=True, exist_ok=True)
     recipe = WORK / "model" / "init.yaml"

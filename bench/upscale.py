@@ -150,7 +150,7 @@ def others(
         ),
         # the fixed cost in every Python contender: interpreter, torch, transformers, mergekit
         "imports only": (
-            [sys.executable, "-c", "import upstack.cli, mergekit.merge, transformers"],
+            [sys.executable, "-c", "import upstack.commands.cli, mergekit.merge, transformers"],
             work / "none",
         ),
     }

@@ -31,6 +31,8 @@ from data_synth import arith, teachers, verify
 from data_synth.cache import Cache, request_key
 from data_synth.config import Strict, used_for
 from data_synth.errors import DataSynthError, SynthFailed
+from data_synth.exchange import Request, Runtime
+from data_synth.scripted import ScriptedTeacher
 from data_synth.seeds import (
     ArithSeeds,
     ListopsSeeds,
@@ -39,7 +41,7 @@ from data_synth.seeds import (
     arith_problem,
     load_problems,
 )
-from data_synth.teachers import Request, Runtime, ScriptedTeacher, TeacherSpec, teacher_model
+from data_synth.teachers import TeacherSpec, teacher_model
 
 PROMPTS = Path(__file__).parent / "prompts"
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -143,6 +143,8 @@ class ArithSeeds(Strict):
     """Generated arithmetic word problems (data_synth.arith): train, synth and eval splits never
     share a problem (synth: the seeds to rephrase, apart from the problems SFT trains on)."""
 
+    GENERATED: ClassVar[bool] = True  # data_synth.generated
+
     source: Literal["arith"] = "arith"
     split: Literal["train", "synth", "eval"] = "train"
     count: int = Field(300, ge=1)
@@ -151,6 +153,8 @@ class ArithSeeds(Strict):
 
 class ListopsSeeds(Strict):
     """Generated list and string instructions (data_synth.listops), split like arith's."""
+
+    GENERATED: ClassVar[bool] = True  # data_synth.generated
 
     source: Literal["listops"] = "listops"
     split: Literal["train", "synth", "eval"] = "train"

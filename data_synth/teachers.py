@@ -11,44 +11,16 @@ import json
 import os
 import random
 import re
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from data_synth import scripted
 from data_synth.config import Strict, names
 from data_synth.errors import DataSynthError
-from data_synth.seeds import Problem
-
-
-@dataclass(frozen=True)
-class Request:
-    key: str  # data_synth.cache.request_key: teacher, model, messages, sampling, sample
-    task: str  # which prompt made it: rephrase_question, rephrase_answer, solve, ...
-    messages: list[dict[str, str]]
-    sampling: dict[str, Any]  # temperature, top_p, max_tokens
-    sample: int
-    problem: Problem = field(compare=False)
-    gold: str | None = None  # the final answer the reply must reach; None when it writes a question
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str | None  # None: the request failed for good (after retries)
-    retries: int = 0
-    error: str | None = None  # why it failed: "HTTP 503", "APITimeoutError", ...
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What a teacher needs from its caller besides its settings."""
-
-    seed: int = 0
-    trust_remote_code: bool = False  # for a local model's own code (transformers, vllm)
-    allow_pickle: bool = False  # load pickled weights (pytorch_model.bin): runs code from the file
-    resolve: Callable[[str], str] = str  # a teacher `model` -> the path or Hub id to load
-
+from data_synth.exchange import Reply, Request, Runtime
+from data_synth.scripted import ScriptedTeacher
 
 # --------------------------------------------------------------------------- specs
 
@@ -127,23 +99,6 @@ class TransformersTeacher(Strict):
     device: str = Field("cpu", description="cpu, cuda, cuda:1, mps ...")
 
 
-class ScriptedTeacher(Strict):
-    """No LLM: answers `arith` seeds from the generator's own wordings, for the tiny recipe and tests.
-
-    A rephrased question is another wording of the same problem; a rephrased or fresh answer is
-    another wording of its worked solution; a FOBAR backward question (one number masked as X,
-    the answer given) is solved for X and checked forward. With probability `error_rate` an answer is deliberately
-    spoiled (wrong boxed number, or no \\boxed{} at all) so verification has something real to
-    drop. Deterministic per request key. It knows arith and listops problems, nothing else.
-    """
-
-    kind: Literal["scripted"] = "scripted"
-    error_rate: float = Field(0.1, ge=0, le=1, description="share of answers deliberately spoiled")
-    delay_s: float = Field(
-        0.0, ge=0, description="simulated latency per request (tests of kill/resume)"
-    )
-
-
 TeacherSpec = Annotated[
     OpenAITeacher | VllmTeacher | TransformersTeacher | ScriptedTeacher, Field(discriminator="kind")
 ]
@@ -162,7 +117,7 @@ def stream(
         "openai": _openai,
         "vllm": _vllm,
         "transformers": _transformers,
-        "scripted": _scripted,
+        "scripted": scripted.stream,
     }
     return streams[spec.kind](spec, requests, runtime)
 
@@ -351,93 +306,3 @@ async def _transformers(
             batch = group[start : start + spec.batch_size]
             for request, text in zip(batch, await asyncio.to_thread(generate, batch), strict=True):
                 yield request, Reply(text)
-
-
-# --------------------------------------------------------------------------- scripted
-
-
-async def _scripted(
-    spec: ScriptedTeacher, requests: list[Request], runtime: Runtime
-) -> AsyncIterator[tuple[Request, Reply]]:
-    for request in requests:
-        if spec.delay_s:
-            await asyncio.sleep(spec.delay_s)
-        yield request, Reply(scripted_reply(request, spec.error_rate))
-
-
-def scripted_reply(request: Request, error_rate: float) -> str:
-    from data_synth import arith
-    from data_synth.seeds import arith_problem
-
-    if request.problem.source == "listops":
-        return _scripted_listops(request, error_rate)
-    problem = arith_problem(request.problem)
-    if request.task == "solve":  # solve what is asked, which may be another problem (new_numbers)
-        asked = arith.parse(request.messages[-1]["content"].split("Problem:", 1)[-1])
-        problem = asked or problem
-    rng = random.Random(request.key)
-    if request.task == "rephrase_question":
-        others = problem.questions()[1:] or problem.questions()
-        return rng.choice(others)
-    backward = _backward(problem, request.messages[-1]["content"])
-    if backward is not None:
-        text, answer = backward
-    else:
-        # a rephrased answer is another wording, never the original (the canonical first one)
-        wordings = (
-            problem.solutions()[1:] if request.task == "rephrase_answer" else problem.solutions()
-        )
-        text, answer = rng.choice(wordings), problem.answer
-    if rng.random() < error_rate:  # a deliberately imperfect answer, for verification to catch
-        if rng.random() < 0.5:
-            return text.replace(f"\\boxed{{{answer}}}", f"\\boxed{{{answer + 1}}}")
-        return re.sub(r"\\boxed\{(\d+)\}", r"\1", text)
-    return text
-
-
-def _scripted_listops(request: Request, error_rate: float) -> str:
-    """As for arith: other wordings of the question or of the worked solution; a spoiled answer
-    reaches the mistake one would expect for the kind, or has no \\boxed{}."""
-    from data_synth.listops import ListProblem
-
-    meta = request.problem.metadata
-    problem = ListProblem(
-        id=request.problem.id,
-        kind=meta["kind"],
-        args=tuple(meta["args"]),
-        answer=request.problem.answer,
-    )
-    rng = random.Random(request.key)
-    if request.task == "rephrase_question":
-        return rng.choice(problem.questions()[1:] or problem.questions())
-    wordings = problem.solutions()[1:] if request.task == "rephrase_answer" else problem.solutions()
-    choice = rng.randrange(len(wordings))
-    if rng.random() < error_rate:
-        if rng.random() < 0.5:
-            offset = len(problem.solutions()) - len(wordings)
-            return problem.solutions_with(problem.wrong_answer())[offset + choice]
-        return re.sub(r"\\boxed\{(.*)\}", r"\1", wordings[choice])
-    return wordings[choice]
-
-
-def _backward(problem, prompt: str) -> tuple[str, int] | None:
-    """FOBAR's backward question ("... X ... If we know the answer ... is A, what is X?"), solved:
-    X is the number that, written in place of X, makes one of the problem's wordings, whose
-    forward solution then reaches A. None when the prompt is no backward question of `problem`."""
-    asked = re.search(r"answer to the above question is (-?\d+)", prompt)
-    if "unknown variable X" not in prompt or asked is None:
-        return None
-    # the line before "If we know ...": arith questions are one line
-    masked = prompt[: asked.start()].rsplit("\n", 1)[0].rsplit("\n", 1)[-1].strip()
-    pattern = re.sub(r"(?<![A-Za-z])X(?![A-Za-z])", r"(\\d+)", re.escape(masked))
-    for question in problem.questions():
-        found = re.fullmatch(pattern, question)
-        if found and int(asked.group(1)) == problem.answer:
-            x = int(found.group(1))
-            forward = problem.solution.replace(f"\\boxed{{{problem.answer}}}", str(problem.answer))
-            return (
-                f"Put X = {x} into the question and solve it forward: {forward} That is "
-                f"{problem.answer}, the answer we were given, so X = \\boxed{{{x}}}.",
-                x,
-            )
-    return None

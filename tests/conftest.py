@@ -62,8 +62,8 @@ def one_torch_thread():
 
 def build_tiny_model(out_dir: Path, **architecture) -> Path:
     """Run the init stage in-process: a locally trained tokenizer and a random tiny Llama."""
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
+    from upstack.core.recipe import load_recipe
+    from upstack.core.runner import run
 
     recipe = {
         "name": "tiny-fixture",
@@ -115,8 +115,8 @@ def merge_zoo(tmp_path_factory) -> dict[str, Path]:
     """Tiny local models to merge (read them, never write into them): `base`; `a`, `b`, `c`, its
     fine-tuned stand-ins; `wide`, the same architecture with a tokenizer of another vocabulary;
     `lora`, a LoRA adapter of `base` (peft, random nonzero B so it changes the weights)."""
-    from upstack.recipe import load_recipe
-    from upstack.runner import run
+    from upstack.core.recipe import load_recipe
+    from upstack.core.runner import run
 
     root = tmp_path_factory.mktemp("merge_zoo")
     recipe = recipe_from_stages(

@@ -11,9 +11,9 @@ import torch
 import yaml
 from conftest import recipe_from_stages
 
-from upstack import layer_analysis
-from upstack.recipe import load_recipe
-from upstack.runner import context, run
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import context, run
+from upstack.models import layer_analysis
 from upstack.stages import upscale
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,7 +96,10 @@ def test_distances_match_hidden_states_computed_independently(analyzed):
                 [torch.nn.functional.cosine_similarity(x, y, dim=-1) for x, y in ((a, b), (a2, b2))]
             ).clamp(-1, 1)
             angle = (torch.arccos(cos) / math.pi).mean().item()
-            assert measured["angular_distance"][k - 1][start] == pytest.approx(angle, abs=1e-9)
+            # arccos is ill-conditioned at cos = 1: over an identity block (angle ~1e-9) float32
+            # rounding in two forward passes moves the angle by ~1e-8, so compare to 1e-7 (the
+            # other blocks are ~1e-2: still 5 significant digits)
+            assert measured["angular_distance"][k - 1][start] == pytest.approx(angle, abs=1e-7)
             influence = (1 - cos).mean().item()
             assert measured["block_influence"][k - 1][start] == pytest.approx(influence, abs=1e-9)
 

@@ -11,8 +11,8 @@ from conftest import write_recipe
 
 LOAD = """
 import json, sys
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
 try:
     load_recipe(sys.argv[1])
     error = None
@@ -54,7 +54,7 @@ def test_a_checked_merge_loads_again_without_mergekit(tmp_path, tiny_model):
 
 def _counting_checks(monkeypatch) -> list[str]:
     """The names of the mergekit checks that ran, in this process."""
-    from upstack import merging
+    from upstack.models import merging
     from upstack.stages import merge
 
     ran: list[str] = []
@@ -75,8 +75,8 @@ def _counting_checks(monkeypatch) -> list[str]:
 def test_what_a_verdict_depends_on_is_checked_again(tmp_path, tiny_model, monkeypatch):
     import shutil
 
-    from upstack.errors import UserError
-    from upstack.recipe import load_recipe
+    from upstack.core.errors import UserError
+    from upstack.core.recipe import load_recipe
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     ran = _counting_checks(monkeypatch)

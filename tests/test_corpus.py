@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from upstack import cli
+from upstack.commands import cli
 
 SMALL = (
     "tokenizer: {corpus_problems: 100, vocab_size: 400}\n"

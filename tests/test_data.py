@@ -5,11 +5,11 @@ import json
 import pytest
 from conftest import write_recipe
 
-from upstack.context import StageContext
-from upstack.data import Source, build_mixture
-from upstack.errors import UserError
-from upstack.recipe import Recipe, load_recipe
-from upstack.runner import run
+from upstack.core.context import StageContext
+from upstack.core.errors import UserError
+from upstack.core.recipe import Recipe, load_recipe
+from upstack.core.runner import run
+from upstack.train.data import Source, build_mixture
 
 
 def _ctx(tmp_path, seed=7):
@@ -326,7 +326,7 @@ def test_generated_listops_preference_pairs_reject_the_expected_mistake():
 
     from data_synth.seeds import last_boxed
     from data_synth.verify import same_answer
-    from upstack.data import _generated_rows
+    from upstack.train.data import _generated_rows
 
     ctx = SimpleNamespace(seed=5, fail=lambda where, message: AssertionError(message))
     rows = _generated_rows("listops", 200, "train", "preference", ctx, "datasets.0.generated")

@@ -9,9 +9,9 @@ from conftest import recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from upstack.context import StageContext
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.context import StageContext
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 from upstack.stages import dpo
 
 FAST = {

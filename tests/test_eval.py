@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_synth import arith
 from data_synth.verify import grade as score
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -114,7 +114,7 @@ def test_eval_stage_generates_greedily_scores_and_reports(tmp_path, tiny_model):
 
 
 def test_eval_without_a_model_fails_before_anything_runs(tmp_path):
-    from upstack.errors import UserError
+    from upstack.core.errors import UserError
 
     path = write_recipe(tmp_path, "name: e\nstages:\n  eval: {}\n")
     with pytest.raises(UserError, match=r"recipe.yaml:3: stages.eval: list `models`"):

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import yaml
 
-from upstack import cli
-from upstack.recipe import load_recipe
+from upstack.commands import cli
+from upstack.core.recipe import load_recipe
 
 # As a model card prints it: a header comment, comments beside values, a block scalar.
 CARD = """\

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import recipe_from_stages, run_cli
 
-from upstack import layermap
-from upstack.recipe import load_recipe
-from upstack.runner import context
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import context
+from upstack.models import layermap
 
 
 @pytest.mark.parametrize(("n", "m"), [(8, 3), (8, 0), (8, 2), (8, 4), (6, 5), (32, 8), (48, 7)])

@@ -1,5 +1,6 @@
 """The package's shape: data_synth is a library that imports nothing of upstack; upstack's layers
-(kernel, stages, commands) import only downward; no module imports itself in a cycle."""
+(core, models, train and growth, stages, commands) import only downward; no module imports
+itself in a cycle; and modules found by name (importlib) are found only where the layers allow."""
 
 from __future__ import annotations
 
@@ -12,19 +13,34 @@ import textwrap
 
 from conftest import ROOT
 
-# A module's layer; it may import its own layer and those below, never above. Stage modules
-# (upstack.stages.<kind>) may not import each other: what two stages share lives in the kernel.
-COMMANDS = {"upstack.cli", "upstack.report", "upstack.import_merge", "upstack.__main__"}
+# Each folder of src/upstack is a layer; a module may import its own folder and lower layers,
+# never a higher layer nor a sibling folder of its own layer. Stage modules (upstack.stages.<kind>)
+# may not import each other: what two stages share lives below them.
+LAYERS = {
+    "data_synth": 0,  # a library of its own
+    "upstack": 1,  # the package itself (its __init__)
+    "upstack.core": 1,  # the kernel
+    "upstack.models": 2,  # checkpoints, shapes, layer maps, mergekit configs
+    "upstack.train": 3,  # what cpt, sft and dpo share
+    "upstack.growth": 3,  # upscale's methods
+    "upstack.stages": 4,
+    "upstack.commands": 5,
+}
+# `python -m upstack` is the command line's, though it sits at the package's top
+ALIASES = {"upstack.__main__": "upstack.commands"}
+# The one module that finds other modules by name: the kernel's registry of stage kinds, which
+# may name stage modules only (it is how the kernel runs a kind without importing it upward).
+REGISTRY = "upstack.core.registry"
+
+
+def folder(module: str) -> str:
+    if module in ALIASES:
+        return ALIASES[module]
+    return max((f for f in LAYERS if module == f or module.startswith(f + ".")), key=len)
 
 
 def layer(module: str) -> int:
-    if module.startswith("data_synth"):
-        return 0
-    if module in COMMANDS:
-        return 3
-    if module.startswith("upstack.stages."):
-        return 2
-    return 1  # the kernel and what stages share: recipe, runner, context, refs, training, data, ...
+    return LAYERS[folder(module)]
 
 
 def modules() -> dict[str, ast.Module]:
@@ -64,6 +80,30 @@ def imports(tree: ast.Module, known: set[str]) -> set[str]:
     return out
 
 
+def lookups(tree: ast.Module) -> list[tuple[int, str]]:
+    """Imports by name: calls of import_module/__import__/find_spec and what they name (the
+    string, or `?` when it is computed), with the line."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+        if name in ("import_module", "__import__", "find_spec") and node.args:
+            target = node.args[0]
+            text = target.value if isinstance(target, ast.Constant) else "?"
+            found.append((node.lineno, name, str(text)))
+    return found
+
+
+def project_strings(tree: ast.Module, known: set[str]) -> set[str]:
+    """String constants that name a project module ("upstack.stages.cpt")."""
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known
+    }
+
+
 def graph() -> dict[str, set[str]]:
     trees = modules()
     known = set(trees)
@@ -95,11 +135,35 @@ def test_layers_import_only_downward():
                 wrong.append(
                     f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})"
                 )
-            elif layer(name) == layer(target) == 2:
+            elif layer(target) == layer(name) and folder(target) != folder(name):
+                wrong.append(f"{name} imports {target}, of a sibling folder of its layer")
+            elif folder(name) == folder(target) == "upstack.stages" and target != "upstack.stages":
                 wrong.append(f"stage module {name} imports stage module {target}")
     assert not wrong, "\n".join(wrong)
     # the walk does see imports, top-level and inside functions alike
-    assert {"upstack.recipe", "data_synth.files"} <= graph()["upstack.stages.synth"]
+    assert {"upstack.core.settings", "data_synth.files"} <= graph()["upstack.stages.synth"]
+    assert "upstack.models.checkpoints" in graph()["upstack.stages.eval"]
+
+
+def test_modules_are_found_by_name_only_by_the_registry():
+    """importlib can reach around the layers: only the registry may, and only stage modules."""
+    from upstack.core.registry import STAGE_MODULES
+
+    wrong = []
+    trees = modules()
+    for name, tree in trees.items():
+        for line, call, target in lookups(tree):
+            named = target.split(".")[0] in ("upstack", "data_synth") or target == "?"
+            if call != "find_spec" and name != REGISTRY:
+                wrong.append(f"{name}:{line}: {call}({target}): only {REGISTRY} imports by name")
+            elif call == "find_spec" and named and target != "data_synth":
+                wrong.append(f"{name}:{line}: find_spec({target}) of a project module")
+        if name != REGISTRY:  # a module named in a string, to run it (python -m) or look it up
+            named = project_strings(tree, set(trees))
+            wrong += [f"{name} names {m}, a higher layer" for m in named if layer(m) > layer(name)]
+    assert not wrong, "\n".join(wrong)
+    assert all(folder(module) == "upstack.stages" for module in STAGE_MODULES.values())
+    assert project_strings(trees[REGISTRY], set(trees)) == set(STAGE_MODULES.values())
 
 
 BLOCK_UPSTACK = """

@@ -12,9 +12,9 @@ from conftest import run_cli, write_recipe
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 
 def _weights(model_dir) -> dict[str, torch.Tensor]:

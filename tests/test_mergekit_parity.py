@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 SEED = (
     42  # the recipe's seed: upstack gives it to mergekit (dare, della), mergekit-yaml gets it too

@@ -9,7 +9,7 @@ import random
 import pytest
 from conftest import run_cli, write_recipe
 
-from upstack.mixture import Law, best_shares, entropies, fit_law, shares_from_entropy
+from upstack.train.mixture import Law, best_shares, entropies, fit_law, shares_from_entropy
 
 
 def test_entropies_order_domains_by_how_predictable_their_tokens_are():

@@ -13,10 +13,10 @@ import yaml
 from conftest import SMALL_ARCHITECTURE, recipe_from_stages
 from safetensors.torch import load_file
 
-from upstack import layermap
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
+from upstack.models import layermap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -204,7 +204,7 @@ def test_experts_of_two_models_carry_each_models_ffn(mixture):
 
 
 def test_planned_shape_and_layer_map_match_what_ran(mixture):
-    from upstack.shapes import planned_shape
+    from upstack.models.shapes import planned_shape
 
     recipe = load_recipe(mixture.parent / "recipe.yaml")
     ref = next(r for r in recipe.refs("cpt") if r.key == "model")

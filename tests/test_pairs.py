@@ -2,8 +2,8 @@ import json
 
 from conftest import write_recipe
 
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 
 def record(seed: int, augmentation: str, sample: int, question: str, answer: str) -> dict:

@@ -12,10 +12,11 @@ import torch
 from conftest import recipe_from_stages
 from safetensors.torch import load_file
 
-from upstack import layermap, training
-from upstack.recipe import load_recipe
-from upstack.runner import context, run
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import context, run
+from upstack.models import layermap
 from upstack.stages import cpt
+from upstack.train import training
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,9 +6,9 @@ import pytest
 from conftest import run_cli, write_recipe
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 from upstack.stages.push import push_stage
 
 SENTINEL = "hf_SENTINEL0token0never0written"

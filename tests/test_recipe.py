@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli, write_recipe
 
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
 
 SMALL_INIT = """
     tokenizer: {corpus_problems: 100, vocab_size: 400}
@@ -172,7 +172,7 @@ def test_status_loads_the_tiny_recipe_without_importing_torch(tmp_path):
 
     def load(deep: bool) -> str:
         code = (
-            "import sys; from upstack.recipe import load_recipe; "
+            "import sys; from upstack.core.recipe import load_recipe; "
             f"load_recipe('recipes/tiny.yaml', deep={deep}); print('torch' in sys.modules)"
         )
         return subprocess.run(

@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli, write_recipe
 
-from upstack import runner
-from upstack.recipe import load_recipe
+from upstack.core import runner
+from upstack.core.recipe import load_recipe
 
 # Two tiny init stages, `b` ordered after `a`: fast, real stages, and a dependency edge.
 RECIPE = """\
@@ -67,28 +68,55 @@ def test_finished_stage_is_skipped_and_a_change_makes_it_and_dependents_stale(ch
 def test_a_changed_generator_makes_stages_on_generated_data_stale_and_no_others(monkeypatch):
     """The tiny world's data comes from code (data_synth.arith, listops, splits, the scripted
     teacher): a stage cached on the old code is stale, while a recipe on Hub data is untouched."""
+    from upstack.core import hashing
+
     tiny = load_recipe(ROOT / "recipes" / "tiny.yaml", deep=False)
     solar = load_recipe(ROOT / "recipes" / "solar-10.7b.yaml", deep=False)
     before = runner.stage_hashes(tiny), runner.stage_hashes(solar)
 
-    monkeypatch.setattr(runner, "generator_fingerprint", lambda: "a-changed-generator")
+    monkeypatch.setattr(hashing, "generator_fingerprint", lambda: "a-changed-generator")
     after = runner.stage_hashes(tiny), runner.stage_hashes(solar)
     # every tiny stage descends from init, whose tokenizer trains on generated arith text
     assert all(after[0][name] != before[0][name] for name in tiny.order())
     assert after[1] == before[1]
 
-    # which settings read generated data: the ones that name it, at any depth
-    assert runner._reads_generated({"datasets": [{"arith": {"problems": 5}, "hub": None}]})
-    assert runner._reads_generated({"datasets": [{"generated": {"task": "listops"}}]})
-    assert runner._reads_generated(
-        {"seeds": [{"source": "listops"}], "teacher": {"kind": "openai"}}
-    )
-    assert runner._reads_generated(
-        {"seeds": [{"source": "jsonl"}], "teacher": {"kind": "scripted"}}
-    )
-    assert not runner._reads_generated(
-        {"datasets": [{"hub": "HuggingFaceTB/smollm-corpus", "arith": None, "generated": None}]}
-    )
+    # which settings read generated data: the ones whose settings models are marked, at any depth
+    from data_synth.scripted import ScriptedTeacher
+    from data_synth.seeds import JsonlSeeds, ListopsSeeds
+    from data_synth.teachers import OpenAITeacher
+    from upstack.train.data import Source
+
+    assert hashing.reads_generated([Source(arith={"problems": 5})])
+    assert hashing.reads_generated({"d": [Source(generated={"task": "listops", "problems": 3})]})
+    assert hashing.reads_generated(ListopsSeeds())
+    assert hashing.reads_generated([JsonlSeeds(path="p.jsonl"), ScriptedTeacher()])
+    teacher = OpenAITeacher(model="m", base_urls=["http://localhost:1/v1"])
+    assert not hashing.reads_generated([Source(hub="HuggingFaceTB/smollm-corpus"), teacher])
+
+
+def test_the_generator_fingerprint_covers_the_generators_only(tmp_path, monkeypatch):
+    """Editing a real teacher's code (the OpenAI client's retries) leaves stages on generated
+    data done; editing the scripted teacher makes them stale."""
+    import shutil
+
+    import data_synth
+    from data_synth import generated
+
+    package = Path(data_synth.__file__).parent
+    copy = tmp_path / "data_synth"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(generated, "__file__", str(copy / "generated.py"))
+    generated.fingerprint.cache_clear()
+    try:
+        before = generated.fingerprint()
+        with (copy / "teachers.py").open("a") as handle:
+            handle.write("\n# a change to the OpenAI client\n")
+        assert generated.fingerprint.__wrapped__() == before
+        with (copy / "scripted.py").open("a") as handle:
+            handle.write("\n# a change to the scripted teacher\n")
+        assert generated.fingerprint.__wrapped__() != before
+    finally:
+        generated.fingerprint.cache_clear()
 
 
 def test_targets_by_kind_and_dry_run(chain, capsys):

@@ -13,10 +13,10 @@ from conftest import ROOT, recipe_from_stages
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from upstack.context import StageContext
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.context import StageContext
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 from upstack.stages import sft
 
 FAST = {

@@ -6,8 +6,8 @@ import json
 
 from conftest import recipe_from_stages
 
-from upstack.recipe import load_recipe
-from upstack.report import for_terminal, report, summary
+from upstack.commands.report import for_terminal, report, summary
+from upstack.core.recipe import load_recipe
 
 
 def _row(model, correct, total, loss):

@@ -9,10 +9,10 @@ import torch
 from conftest import write_recipe
 from safetensors.torch import load_file
 
-from upstack import runner
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
-from upstack.report import report
+from upstack.commands.report import report
+from upstack.core import runner
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
 
 VARIANTS = ["soup-weight-0p2", "soup-weight-0p5", "soup-weight-0p8"]
 

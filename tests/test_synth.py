@@ -4,9 +4,9 @@ import pytest
 from conftest import run_cli, write_recipe
 
 from data_synth.verify import check
-from upstack.errors import StageFailed, UserError
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.errors import StageFailed, UserError
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 
 def read_jsonl(path):
@@ -73,7 +73,7 @@ def test_scripted_synth_verifies_counts_and_builds_solar_tuples(tmp_path):
 
 def fake_teacher(make_reply):
     """A teacher stream that answers every request with make_reply(request): text, or None for a failure."""
-    from data_synth.teachers import Reply
+    from data_synth.exchange import Reply
 
     async def stream(spec, requests, runtime):
         for request in requests:

@@ -9,8 +9,8 @@ import time
 import pytest
 from conftest import ROOT, write_recipe
 
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 RECIPE = """
     name: resume

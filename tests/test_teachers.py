@@ -10,11 +10,12 @@ from conftest import write_recipe
 
 from data_synth import echo_server
 from data_synth.errors import DataSynthError
+from data_synth.exchange import Request, Runtime
 from data_synth.seeds import Problem
-from data_synth.teachers import OpenAITeacher, Request, Runtime, stream
-from upstack.errors import StageFailed
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from data_synth.teachers import OpenAITeacher, stream
+from upstack.core.errors import StageFailed
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 PROBLEM = Problem(id="p", question="q", solution="s", answer="1", source="test")
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import ROOT, run_cli, write_recipe
 
 from data_synth import echo_server
-from upstack.errors import StageFailed
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.errors import StageFailed
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 TEACHER = """
 name: fault
@@ -163,7 +163,7 @@ def test_text_answers_are_compared_as_text(gold, prediction, correct):
 
 
 def test_a_full_disk_fails_the_stage_in_one_line_and_keeps_nothing(tmp_path, monkeypatch, capsys):
-    from upstack import cli
+    from upstack.commands import cli
     from upstack.stages import init
 
     def full(spec, ctx):
@@ -203,7 +203,7 @@ def test_a_locked_output_dir_is_refused_before_the_heavy_imports(tmp_path):
         "    models: [{model: init, parameters: {weight: 1.0}}]\n",
     )
     code = (
-        "import sys; from upstack import cli; "
+        "import sys; from upstack.commands import cli; "
         f"code = cli.main(['run', {str(path)!r}]); "
         "print(code, 'torch' in sys.modules, 'mergekit' in sys.modules)"
     )

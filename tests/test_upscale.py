@@ -13,9 +13,9 @@ import yaml
 from conftest import run_cli, write_recipe
 from safetensors.torch import load_file
 
-from upstack.errors import UserError
-from upstack.recipe import load_recipe
-from upstack.runner import run
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe
+from upstack.core.runner import run
 
 N = 8  # layers of the tiny_model fixture
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -404,7 +404,7 @@ def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model):
 
 
 def test_a_source_stage_without_output_and_an_override_are_named(tmp_path, tiny_model):
-    from upstack.runner import context
+    from upstack.core.runner import context
     from upstack.stages import upscale
 
     recipe_path = write_recipe(

@@ -1,3 +1,3 @@
-from upstack.cli import main
+from upstack.commands.cli import main
 
 raise SystemExit(main())

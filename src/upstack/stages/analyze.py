@@ -8,9 +8,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from upstack.data import Source, check_sources
-from upstack.recipe import StageSpec, names
-from upstack.training import check_model
+from upstack.core.settings import StageSpec, names
+from upstack.train.data import Source, check_sources
+from upstack.train.training import check_model
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "analysis"  # analysis.json: an upscale's `analysis:` reads it
+LAYER_MAP = "none"
+LAUNCHABLE = False
 
 
 class Spec(StageSpec):
@@ -39,9 +44,10 @@ def run(spec: Spec, ctx) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from upstack import layer_analysis, training
-    from upstack.checkpoints import from_pretrained
-    from upstack.data import build_mixture
+    from upstack.models import layer_analysis
+    from upstack.models.checkpoints import from_pretrained
+    from upstack.train import training
+    from upstack.train.data import build_mixture
 
     path = ctx.ref("model").location
     model = from_pretrained(

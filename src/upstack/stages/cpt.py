@@ -6,11 +6,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from upstack.recipe import Strict, error_at
-from upstack.training import TrainingSpec
-from upstack.training import output_shape as output_shape  # the model's shape, kept
-from upstack.training import preflight as preflight  # data sources checked before anything runs
+from upstack.core.settings import Strict, error_at
+from upstack.train.training import TrainingSpec
+from upstack.train.training import output_shape as output_shape  # the model's shape, kept
+from upstack.train.training import (
+    preflight as preflight,  # data sources checked before anything runs
+)
 
+# The stage contract (upstack.core.contract)
+OUTPUT = "model"  # a checkpoint
+LAYER_MAP = "keeps"  # its model has its input's layers one for one
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
 
 
@@ -88,8 +93,8 @@ def build(spec: Spec, ctx) -> tuple[Any, dict | None]:
     """The trainer, and with a `mixture:` the table of how the sources share the rows."""
     from trl import SFTConfig, SFTTrainer
 
-    from upstack import training
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
+    from upstack.train import training
 
     inputs = training.prepare(spec, ctx, mixture=spec.mixture)
     settings = training.trainer_settings(spec, stage_defaults, inputs)
@@ -113,8 +118,19 @@ def build(spec: Spec, ctx) -> tuple[Any, dict | None]:
     return trainer, inputs.mixture
 
 
+def card_tags(spec: Spec) -> list[str]:
+    return ["trl"]
+
+
+def effective_settings(spec: Spec) -> dict[str, Any]:
+    """What this stage passes to TRL on this machine (`upstack show`)."""
+    from upstack.train import training
+
+    return training.trainer_settings(spec, stage_defaults)
+
+
 def run(spec: Spec, ctx) -> dict:
-    from upstack import training
+    from upstack.train import training
 
     trainer, mixture = build(spec, ctx)
     metrics = training.train_and_save(trainer, spec, ctx)

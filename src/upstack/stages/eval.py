@@ -12,9 +12,14 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from data_synth.files import read_jsonl, write_jsonl
 from data_synth.seeds import ArithSeeds, SeedSource
-from upstack.recipe import StageSpec, Strict, error_at, names, used_for
-from upstack.results import PLOT, RESULTS, results_table
-from upstack.stages import MODEL_KINDS
+from upstack.core import registry
+from upstack.core.results import PLOT, RESULTS, results_table
+from upstack.core.settings import StageSpec, Strict, error_at, names, used_for
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "results"  # results.json: one table over every model it scored
+LAYER_MAP = "none"
+LAUNCHABLE = False
 
 REPORT = "report.md"
 
@@ -73,7 +78,7 @@ class Spec(StageSpec):
         if self.models is None:
             if not self.after:
                 raise ValueError("list `models`, or the model stages in `after`")
-            if kinds and not any(kinds.get(name) in MODEL_KINDS for name in self.after):
+            if kinds and not any(_makes_model(kinds.get(name)) for name in self.after):
                 message = f"none of {self.after} is a model stage: list them in `models`"
                 raise error_at(("after",), message)
         if not (self.math or self.loss or self.lm_eval):
@@ -93,14 +98,21 @@ def models_of(spec: Spec, ctx) -> list[tuple[str, str]]:
     """(name, what to load) of the models to evaluate: `models`, else every model stage in `after`."""
     if spec.models:
         return [(model, ctx.ref(f"models.{i}").location) for i, model in enumerate(spec.models)]
-    kinds = {name: ctx.recipe.stages[name].kind for name in spec.after}
-    return [(name, str(ctx.stage_dir(name))) for name in spec.after if kinds[name] in MODEL_KINDS]
+    return [
+        (name, str(ctx.stage_dir(name)))
+        for name in spec.after
+        if _makes_model(ctx.recipe.stages[name].kind)
+    ]
+
+
+def _makes_model(kind: str | None) -> bool:
+    return kind is not None and registry.known(kind) and registry.kind(kind).output == "model"
 
 
 def preflight(spec: Spec, ctx) -> None:
     """Before anything runs: every model is a checkpoint upstack can load (or a Hub model it can
     reach), and the local files the measures read exist."""
-    from upstack.checkpoints import hub_model_problem, model_dir_problem
+    from upstack.models.checkpoints import hub_model_problem, model_dir_problem
 
     for ref in ctx.refs():
         if ctx.is_pending(ref):
@@ -181,8 +193,8 @@ def load_model(path: str, ctx=None, key: str = "models"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upstack.checkpoints import from_pretrained
-    from upstack.errors import UserError
+    from upstack.core.errors import UserError
+    from upstack.models.checkpoints import from_pretrained
 
     def fail(message: str) -> UserError:
         return ctx.fail(_model_key(ctx, key), message) if ctx else UserError(message)

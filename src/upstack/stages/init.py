@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from upstack.recipe import StageSpec, Strict, error_at
+from upstack.core.settings import StageSpec, Strict, error_at
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "model"  # a checkpoint: `model:` may name this stage
+LAYER_MAP = "none"  # a model of its own
+LAUNCHABLE = False
 
 # ChatML, with {% generation %} around what the assistant says: TRL's assistant-only loss
 # reads those marks to build its loss mask.
@@ -24,6 +29,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
 class Tokenizer(Strict):
+    GENERATED: ClassVar[bool] = True  # its BPE trains on data_synth.arith text
+
     vocab_size: int = Field(
         1024, ge=320, description="upper bound: BPE stops when the corpus runs out of merges"
     )

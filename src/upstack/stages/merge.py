@@ -9,11 +9,17 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from upstack import check_cache, merging
-from upstack.checkpoints import count_parameters
-from upstack.recipe import StageSpec, error_at
-from upstack.refs import Declared
-from upstack.sweeps import Sweep
+from upstack.core import check_cache
+from upstack.core.refs import Declared
+from upstack.core.settings import StageSpec, error_at
+from upstack.core.sweeps import Sweep
+from upstack.models import merging
+from upstack.models.checkpoints import count_parameters
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "model"  # a checkpoint
+LAYER_MAP = "keeps"  # a layer map passes through a merge of one lineage
+LAUNCHABLE = False
 
 # Files a checkpoint needs beside its weights that not every mergekit code path carries over
 # (a `tokenizer_source` merge re-serializes the tokenizer and drops generation_config.json).
@@ -181,8 +187,8 @@ def preflight(spec: Spec, ctx) -> None:
     """Before the runner writes anything: every local input is a loadable safetensors checkpoint
     (a LoRA adapter, an adapter dir), and all inputs have the same shapes, including those this
     run builds first (as the recipe gives them). Hub inputs are left to mergekit."""
-    from upstack.checkpoints import model_dir_problem
-    from upstack.shapes import SHAPE_KEYS, differences, planned_shape
+    from upstack.models.checkpoints import model_dir_problem
+    from upstack.models.shapes import SHAPE_KEYS, differences, planned_shape
 
     if spec.sweep is not None:
         return  # the pick reads what its variants and its eval wrote
@@ -248,9 +254,13 @@ def mergekit_config(spec: Spec, location) -> dict[str, Any]:
     )
 
 
+def card_tags(spec: Spec) -> list[str]:
+    return ["merge", "mergekit"]
+
+
 def run(spec: Spec, ctx) -> dict:
     if spec.sweep is not None:
-        from upstack.sweeps import pick_best
+        from upstack.core.sweeps import pick_best
 
         return pick_best(ctx)
     import yaml

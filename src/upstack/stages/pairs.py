@@ -14,8 +14,13 @@ from typing import Literal
 from pydantic import Field
 
 from data_synth import PairsConfig
-from upstack.errors import StageFailed
-from upstack.recipe import StageSpec, names
+from upstack.core.errors import StageFailed
+from upstack.core.settings import StageSpec, names
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "data"  # instruct and alignment splits: `datasets: [{stage: ...}]` reads them
+LAYER_MAP = "none"
+LAUNCHABLE = False
 
 
 class Spec(StageSpec, PairsConfig):

@@ -13,17 +13,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from upstack.errors import UserError
-from upstack.recipe import Recipe, StageSpec, Strict, names, used_for
-from upstack.results import read_results, results_table
-from upstack.stages import DATA_KINDS
-from upstack.tables import short
+from upstack.core import registry
+from upstack.core.errors import UserError, redact
+from upstack.core.recipe import Recipe
+from upstack.core.results import read_results, results_table
+from upstack.core.settings import StageSpec, Strict, names, used_for
+from upstack.core.tables import short
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "nothing"  # the card it uploaded, for the record
+LAYER_MAP = "none"
+LAUNCHABLE = False
 
 REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 # the manifest holds local paths; README.md is the card, written anew
 NOT_UPLOADED = ("upstack.json", "README.md")
 TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)s?($|_)", re.I)  # not "tokenizer"
 
 
 class DatasetPush(Strict):
@@ -94,19 +99,19 @@ def push_stage(
 ) -> dict[str, Any]:
     """Upload a finished stage (a model, or a synth/pairs data set) with its card; or, on a dry
     run, print what would be uploaded and the card, and send nothing."""
-    from upstack import runner
+    from upstack.core import runner
 
     if not re.match(REPO_ID, repo_id):
         raise UserError(f"--repo-id {repo_id}: expected org/name")
     if stage not in recipe.stages:
         raise UserError(f"{recipe.source}: no stage '{stage}' (stages: {', '.join(recipe.stages)})")
-    state = runner.stage_state(recipe, stage, runner.stage_hashes(recipe)[stage])
+    state = runner.states(recipe)[stage]
     if state != "done":
         raise UserError(
             f"{recipe.source}: stages.{stage} is {state}: run `upstack run {recipe.source} {stage}` first"
         )
     stage_dir = recipe.out_dir / stage
-    repo_type = "dataset" if recipe.stages[stage].kind in DATA_KINDS else "model"
+    repo_type = "dataset" if registry.kind(recipe.stages[stage].kind).output == "data" else "model"
     card = (dataset_card if repo_type == "dataset" else model_card)(recipe, stage, repo_id, license)
     _refuse_tokens(card)
     files = stage_files(stage_dir)
@@ -189,7 +194,7 @@ def lineage(recipe: Recipe, stage: str) -> list[str]:
         name = todo.pop()
         if name not in wanted:
             wanted.add(name)
-            if recipe.stages[name].kind != "eval":
+            if registry.kind(recipe.stages[name].kind).output != "results":
                 todo.extend(recipe.deps(name))
     return [name for name in recipe.order() if name in wanted]
 
@@ -198,20 +203,12 @@ def model_card(recipe: Recipe, stage: str, repo_id: str, license: str | None = N
     from huggingface_hub import ModelCard, ModelCardData
 
     stages = lineage(recipe, stage)
-    kinds = {recipe.stages[name].kind for name in stages}
     models, data = _outside_sources(recipe, stages)
     tags = ["upstack", "solar"]
-    methods = {
-        getattr(recipe.stages[name], "method", None)
-        for name in stages
-        if recipe.stages[name].kind == "upscale"
-    }
-    tags += ["depth-upscaling"] if methods - {"moe"} else []
-    tags += ["moe", "mixtral"] if "moe" in methods else []
-    tags += ["merge", "mergekit"] if "merge" in kinds else []
-    tags += [k for k in ("sft", "dpo") if k in kinds] + (
-        ["trl"] if kinds & {"cpt", "sft", "dpo"} else []
-    )
+    for name in stages:  # what each stage of the lineage says it was (upscale: its method)
+        spec = recipe.stages[name]
+        tags += registry.kind(spec.kind).card_tags(spec)
+    tags = list(dict.fromkeys(tags))
     data_card = ModelCardData(
         model_name=repo_id,
         base_model=models[0] if len(models) == 1 else (models or None),
@@ -260,13 +257,11 @@ def dataset_card(recipe: Recipe, stage: str, repo_id: str, license: str | None =
 
 
 def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
-    from upstack.runner import read_manifest
-
     parts = ["## Lineage"]
     for i, name in enumerate(stages, 1):
         spec = recipe.stages[name]
-        manifest = read_manifest(recipe.out_dir / name) or {}
-        settings = _scrub(
+        manifest = recipe.run_dir.manifest(name) or {}
+        settings = redact(
             spec.model_dump(mode="json", exclude={"kind", "after"}, exclude_defaults=True)
         )
         parts.append(f"### {i}. `{name}` ({spec.kind})")
@@ -293,8 +288,8 @@ def _lineage_section(recipe: Recipe, stages: list[str]) -> str:
 def _layer_notes(metrics: dict) -> list[str]:
     """An upscale stage's layer map as a compact table; what a training stage trained when it
     trained part of the model."""
-    from upstack.layermap import COMPACT_HEADERS, compact
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
+    from upstack.models.layermap import COMPACT_HEADERS, compact
 
     notes = []
     if metrics.get("layer_origins"):
@@ -341,12 +336,10 @@ def _outside_sources(recipe: Recipe, stages: list[str]) -> tuple[list[str], list
 
 def _teachers(recipe: Recipe, stages: list[str]) -> list[str]:
     """The models that wrote synthetic data in the lineage, as their manifests recorded them."""
-    from upstack.runner import read_manifest
-
     found = []
     for name in stages:
         if recipe.stages[name].kind == "synth":
-            model = (read_manifest(recipe.out_dir / name) or {}).get("metrics", {}).get("model")
+            model = (recipe.run_dir.manifest(name) or {}).get("metrics", {}).get("model")
             found += [model] if model else []
     return list(dict.fromkeys(found))
 
@@ -368,17 +361,6 @@ def _local_license(models: list[str]) -> str | None:
         if card.is_file():
             return ModelCard.load(card).data.license
     return None
-
-
-def _scrub(value: Any) -> Any:
-    """Settings as shown on a card: any key that smells of a secret loses its value."""
-    if isinstance(value, dict):
-        return {
-            k: "<redacted>" if SECRET_KEY.search(str(k)) else _scrub(v) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_scrub(v) for v in value]
-    return value
 
 
 def _refuse_tokens(text: str) -> None:

@@ -6,10 +6,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from upstack.training import TrainingSpec
-from upstack.training import output_shape as output_shape  # the model's shape, kept
-from upstack.training import preflight as preflight  # data sources checked before anything runs
+from upstack.train.training import TrainingSpec
+from upstack.train.training import output_shape as output_shape  # the model's shape, kept
+from upstack.train.training import (
+    preflight as preflight,  # data sources checked before anything runs
+)
 
+# The stage contract (upstack.core.contract)
+OUTPUT = "model"  # a checkpoint
+LAYER_MAP = "keeps"  # its model has its input's layers one for one
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
 
 
@@ -32,7 +37,7 @@ def build_trainer(spec: Spec, ctx):
     """The SFTTrainer, data tokenized and masked, before any step: what `run` trains and tests inspect."""
     from trl import SFTConfig, SFTTrainer
 
-    from upstack import training
+    from upstack.train import training
 
     inputs = training.prepare(spec, ctx, spec.chat_template)
     train, held_out = inputs.train, inputs.held_out
@@ -52,8 +57,19 @@ def build_trainer(spec: Spec, ctx):
     )
 
 
+def card_tags(spec: Spec) -> list[str]:
+    return ["sft", "trl"]
+
+
+def effective_settings(spec: Spec) -> dict[str, Any]:
+    """What this stage passes to TRL on this machine (`upstack show`)."""
+    from upstack.train import training
+
+    return training.trainer_settings(spec, stage_defaults)
+
+
 def run(spec: Spec, ctx) -> dict:
-    from upstack import training
+    from upstack.train import training
 
     return training.train_and_save(build_trainer(spec, ctx), spec, ctx)
 

@@ -10,8 +10,13 @@ from typing import Literal
 
 from data_synth import DataSynthError, SynthConfig
 from data_synth.teachers import OpenAITeacher, VllmTeacher
-from upstack.errors import StageFailed
-from upstack.recipe import StageSpec
+from upstack.core.errors import StageFailed
+from upstack.core.settings import StageSpec
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "data"  # records.jsonl: pairs reads it
+LAYER_MAP = "none"
+LAUNCHABLE = False
 
 RECORDS = "records.jsonl"
 CACHE = "requests.sqlite"  # in the stage's work dir: survives a crash, unlike out_dir
@@ -29,7 +34,7 @@ def preflight(spec: Spec, ctx) -> None:
     can be known now: a teacher that cannot start here, a missing API key, a broken seed file."""
     from data_synth.seeds import JsonlSeeds, load_problems
     from data_synth.teachers import VLLM_MISSING
-    from upstack.checkpoints import hub_model_problem, model_dir_problem
+    from upstack.models.checkpoints import hub_model_problem, model_dir_problem
 
     teacher = spec.teacher
     if isinstance(teacher, VllmTeacher) and importlib.util.find_spec("vllm") is None:
@@ -93,7 +98,7 @@ def run(spec: Spec, ctx) -> dict:
 
 
 def _log_tables(result, ctx) -> None:
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
 
     kept = Counter(r["augmentation"] for r in result.records)
     rows = [[a, n] for a, n in sorted(kept.items())] + [["total", len(result.records)]]

@@ -13,13 +13,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from upstack.checkpoints import count_parameters, model_dir_problem
-from upstack.errors import UserError
-from upstack.recipe import StageSpec, Strict, error_at, names
+from upstack.core.errors import UserError
+from upstack.core.settings import StageSpec, Strict, error_at, names
+from upstack.models.checkpoints import count_parameters, model_dir_problem
+
+# The stage contract (upstack.core.contract)
+OUTPUT = "model"  # a checkpoint
+LAYER_MAP = "writes"  # it records where each output layer came from
+LAUNCHABLE = False
 
 if TYPE_CHECKING:
-    from upstack.context import StageContext
-    from upstack.refs import Reference
+    from upstack.core.context import StageContext
+    from upstack.core.refs import Reference
 
 # The keys each method reads; a key of another method is an error, not silently ignored.
 METHOD_KEYS: dict[str, tuple[str, ...]] = {
@@ -113,7 +118,7 @@ class Spec(StageSpec):
     )
     # SOLAR duplicates (or, for m > n/2, drops) the middle block of k = |s - n| layers; an
     # analysis picks the block of that size that changes the hidden state least instead, so the
-    # seam joins two states that are most alike (upstack.layer_analysis).
+    # seam joins two states that are most alike (upstack.models.layer_analysis).
     analysis: str | None = Field(
         None,
         description="dus: an analyze stage; the block duplicated or dropped at the seam is the "
@@ -196,7 +201,7 @@ class Spec(StageSpec):
             return self  # `upstack status`/`report`: importing mergekit (peft, torch) costs ~8 s
         if not any(piece.parameters for piece in self.slices):
             return self
-        from upstack import merging
+        from upstack.models import merging
 
         config = passthrough_config(self, lambda key: key)
         method, _ = merging.merge_method("passthrough")
@@ -321,11 +326,15 @@ class Piece:
 # --------------------------------------------------------------------------- checks
 
 
+def card_tags(spec: Spec) -> list[str]:
+    return ["moe", "mixtral"] if spec.method == "moe" else ["depth-upscaling"]
+
+
 def preflight(spec: Spec, ctx: StageContext) -> None:
     """Raise the run-time UserErrors (layer counts, architecture, missing source) before the runner
     writes anything. A source this run builds first counts the layers the recipe gives it; a Hub
     source is checked when the stage starts, before any weight is fetched (a dry run stays offline)."""
-    from upstack.shapes import planned_shape
+    from upstack.models.shapes import planned_shape
 
     if spec.method == "moe":
         return _preflight_moe(spec, ctx)
@@ -386,7 +395,7 @@ def planned_layer_map(spec: Spec, ctx: StageContext) -> list[dict] | None:
     """The layer map the stage will record, from the recipe and its sources' layer counts (read
     from config.json, or planned for a source this run builds); None when a count is not known
     offline (a Hub source) or the seam waits for an analysis this run makes first."""
-    from upstack.shapes import planned_shape
+    from upstack.models.shapes import planned_shape
 
     layers = {}
     for ref in _model_refs(ctx):
@@ -404,7 +413,7 @@ def planned_layer_map(spec: Spec, ctx: StageContext) -> list[dict] | None:
 
 def build_layer_map(pieces: list[Piece], ctx: StageContext) -> list[dict]:
     """For every output layer: its source (as the recipe names it), source layer, copy and roles."""
-    from upstack import layermap
+    from upstack.models import layermap
 
     by_layer = [(piece, j) for piece in pieces for j in range(piece.first, piece.end)]
     origins = [(ctx.ref(piece.key).text, j) for piece, j in by_layer]
@@ -414,7 +423,7 @@ def build_layer_map(pieces: list[Piece], ctx: StageContext) -> list[dict]:
 def seam_from_analysis(spec: Spec, n: int, ctx: StageContext) -> int | None:
     """dus with `analysis`: the first layer of the block to duplicate or drop at the seam, the
     cheapest of its size the analysis measured; None without an analysis or before it ran."""
-    from upstack import layer_analysis
+    from upstack.models import layer_analysis
 
     if spec.analysis is None:
         return None
@@ -536,7 +545,7 @@ def plan_layers(
 ) -> list[Piece]:
     """The output as slices of the sources, checked against each source's layer count (n for
     the stage's `model`), by reference key. `seam_start`: dus's block placed by an analysis."""
-    from upstack.layer_analysis import seam_slices
+    from upstack.models.layer_analysis import seam_slices
 
     n = layers["model"]
     fail = ctx.fail
@@ -624,10 +633,10 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
     """Every slice parameter evaluates for every tensor of its layers, on the source's
     architecture (its config.json, or what the recipe says a stage will build). moe: the base
     is a Llama or Mistral and every expert has its architecture and shape."""
-    from upstack import merging
+    from upstack.models import merging
 
     if spec.method == "moe":
-        from upstack.shapes import planned_shape
+        from upstack.models.shapes import planned_shape
 
         refs = {ref.key: ref for ref in recipe.refs(name) if ref.thing == "model"}
         every = frozenset(recipe.stages)  # the shapes the recipe gives its stages
@@ -709,7 +718,7 @@ def run(spec: Spec, ctx: StageContext) -> dict:
         metrics["identity_layers"] = [i for i, (piece, _) in enumerate(by_layer) if piece.identity]
     if spec.analysis is not None:
         metrics["seam_slices"] = [[piece.first, piece.end] for piece in pieces]
-    # for every output layer: source, source layer, copy, roles (upstack.layermap)
+    # for every output layer: source, source layer, copy, roles (upstack.models.layermap)
     metrics["layer_origins"] = build_layer_map(pieces, ctx)
     return metrics
 
@@ -726,7 +735,7 @@ def moe_problem(spec: Spec, shapes: dict[str, dict | None], text) -> tuple[str, 
     """(key, message) when mergekit-moe cannot build this mixture from these shapes (by reference
     key; None where a shape is not known offline): the base must be a Llama or Mistral, every
     expert of its architecture and sizes, since expert i of layer j is its model's FFN of layer j."""
-    from upstack.shapes import differences
+    from upstack.models.shapes import differences
 
     base = shapes.get("model")
     if not base:
@@ -761,7 +770,7 @@ def _arch_name(shape: dict) -> str:
 
 
 def _source_shape(source: Source) -> dict:
-    from upstack.shapes import ARCHITECTURE_KEYS, SHAPE_KEYS
+    from upstack.models.shapes import ARCHITECTURE_KEYS, SHAPE_KEYS
 
     return {key: getattr(source.config, key, None) for key in (*SHAPE_KEYS, *ARCHITECTURE_KEYS)}
 
@@ -780,7 +789,7 @@ def _moe_source_problem(source: Source) -> str | None:
 def _preflight_moe(spec: Spec, ctx: StageContext) -> None:
     """Every local source is a readable checkpoint of a base Mixtral can come from, the experts of
     the base's shape; sources this run builds first are checked on the shapes the recipe gives."""
-    from upstack.shapes import planned_shape
+    from upstack.models.shapes import planned_shape
 
     shapes: dict[str, dict | None] = {}
     for ref in _model_refs(ctx):
@@ -802,7 +811,7 @@ def _preflight_moe(spec: Spec, ctx: StageContext) -> None:
 def moe_layer_map(spec: Spec, n: int, ctx: StageContext) -> list[dict]:
     """Every layer of the mixture is the base's layer (attention, norms) with experts in place of
     its FFN: role `expert`, and `experts`, expert e's source (its FFN of the same layer)."""
-    from upstack import layermap
+    from upstack.models import layermap
 
     base = ctx.ref("model").text
     experts = [ctx.ref(_expert_key(spec, i)).text for i in range(len(spec.expert_list))]

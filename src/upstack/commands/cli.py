@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from upstack.errors import UserError
+from upstack.core.errors import UserError
 
 
 def _recipe_arguments(cmd: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -116,9 +116,11 @@ def _worker_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from upstack.cpu import configure_process
+    from upstack.core import logs
+    from upstack.core.cpu import configure_process
 
     configure_process()  # before torch is imported by anything below
+    logs.capture()  # libraries' warnings go to the stage's log, not between upstack's lines
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_stage"]:
         args = _worker_parser().parse_args(argv[1:])
@@ -138,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "import-merge":
         return _import_merge(args)
-    from upstack import runner
-    from upstack.recipe import load_recipe
-    from upstack.tables import markdown_table
+    from upstack.core import runner
+    from upstack.core.recipe import load_recipe
+    from upstack.core.tables import markdown_table
 
     if args.command == "run" and not args.dry_run:
         # refused at once, before the seconds of imports that loading the recipe takes
@@ -158,12 +160,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "show":
         _show(recipe, args.json)
     elif args.command == "report":
-        from upstack.report import for_terminal, report, summary
+        from upstack.commands.report import for_terminal, report, summary
 
         text = report(recipe)  # report.md is written either way
         print(summary(recipe) if args.summary else for_terminal(text, recipe.out_dir), end="")
     elif args.command == "layers":
-        from upstack.report import layers_report
+        from upstack.commands.report import layers_report
 
         print(layers_report(recipe, args.stage), end="")
     elif args.command == "push":
@@ -176,23 +178,26 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _show(recipe, as_json: bool) -> None:
-    """The resolved recipe; then, for each training stage, every setting its TRL config gets on
-    this machine: upstack's defaults and the stage's, under the recipe's `trainer:` values."""
-    from upstack import training
-    from upstack.recipe import stage_module
+    """The resolved recipe; then, for each stage that passes settings to a library (the training
+    stages: TRL), every setting it gets on this machine: upstack's defaults and the stage's,
+    under the recipe's values."""
+    from upstack.core import registry
+    from upstack.core.errors import redact
 
-    data = _redact(recipe.to_dict())
-    effective = {
-        name: training.trainer_settings(spec, stage_module(spec.kind).stage_defaults)
-        for name, spec in recipe.stages.items()
-        if isinstance(spec, training.TrainingSpec)
-    }
+    data = redact(recipe.to_dict())
+    effective = {}
+    for name, spec in recipe.stages.items():
+        settings = registry.kind(spec.kind).effective_settings(spec)
+        if settings is not None:
+            effective[name] = redact(settings)
     if as_json:
         print(json.dumps({**data, "effective_trainer": effective}, indent=2))
         return
     print(yaml.safe_dump(data, sort_keys=False), end="")
     if effective:
-        device = "GPU" if training.on_gpu() else "CPU"
+        from upstack.train.training import on_gpu
+
+        device = "GPU" if on_gpu() else "CPU"
         print(
             f"---\n# What each training stage passes to TRL on this machine ({device}): upstack's "
             "defaults, then the stage's,\n# then the recipe's `trainer:` (output_dir and seed "
@@ -204,8 +209,8 @@ def _show(recipe, as_json: bool) -> None:
 
 def _mixture_fit(recipe, args: argparse.Namespace) -> None:
     """`upstack mixture fit`: laws per source, the shares they predict best; JSON and PNG."""
-    from upstack.mixture import fit_stages, plot_fit
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
+    from upstack.train.mixture import fit_stages, plot_fit
 
     result = fit_stages(recipe, args.stages, args.steps)
     out = recipe.out_dir / "mixture-fit"
@@ -232,7 +237,7 @@ def _mixture_fit(recipe, args: argparse.Namespace) -> None:
 
 
 def _import_merge(args: argparse.Namespace) -> int:
-    from upstack.import_merge import import_merge
+    from upstack.commands.import_merge import import_merge
 
     block = import_merge(args.config, stage=args.stage, into=args.into)
     if args.into:
@@ -240,17 +245,6 @@ def _import_merge(args: argparse.Namespace) -> int:
     else:
         print(block, end="")
     return 0
-
-
-def _redact(value):
-    """`show` never prints a value that looks like a token or key, wherever it was pasted."""
-    from upstack.errors import looks_like_secret
-
-    if isinstance(value, dict):
-        return {k: _redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    return "<redacted: looks like a secret>" if looks_like_secret(value) else value
 
 
 def _push(recipe, args: argparse.Namespace) -> None:
@@ -273,9 +267,11 @@ def _push(recipe, args: argparse.Namespace) -> None:
 def _run_worker(recipe, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from upstack import runner
-    from upstack.context import is_main_process
+    from upstack.core import logs, runner
+    from upstack.core.context import is_main_process
+    from upstack.core.rundir import WORKER_ERROR, WORKER_METRICS
 
+    logs.to_stage_log(Path(args.work_dir))  # each rank's library records, in the stage's log
     hashes = runner.stage_hashes(recipe)
     try:
         metrics = runner.execute_stage(
@@ -284,10 +280,10 @@ def _run_worker(recipe, args: argparse.Namespace) -> None:
     except UserError as err:
         if is_main_process():  # the launcher prints it as the stage's one line
             error = {"message": str(err), "exit_code": err.exit_code}
-            (Path(args.out_dir) / runner.WORKER_ERROR).write_text(json.dumps(error))
+            (Path(args.out_dir) / WORKER_ERROR).write_text(json.dumps(error))
         raise
     if is_main_process():
-        (Path(args.out_dir) / ".metrics.json").write_text(json.dumps(metrics, default=str))
+        (Path(args.out_dir) / WORKER_METRICS).write_text(json.dumps(metrics, default=str))
 
 
 if __name__ == "__main__":

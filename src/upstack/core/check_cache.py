@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-UPSTACK_SOURCE = Path(__file__).parent
+UPSTACK_SOURCE = Path(__file__).parent.parent  # the whole package
 
 
 def cache_dir() -> Path:

@@ -2,57 +2,23 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import re
 from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic import Field, ValidationError, field_validator
 
-# One vocabulary for settings models and for the fields that name models and data sets, shared
-# with data_synth (whose settings the synth stage takes as they are).
-from data_synth.config import Strict, key_path, names, used_for
-from upstack.errors import UserError, looks_like_secret
-from upstack.refs import Reference, declared, resolve
-from upstack.stages import STAGE_MODULES
-from upstack.sweeps import LOWER_IS_BETTER, SCORER_KIND, Sweep, SweepPlan, SweepProblem, expand
+from data_synth.config import key_path
+from upstack.core import registry
+from upstack.core.errors import UserError, is_secret_key, looks_like_secret
+from upstack.core.keys import KeyPath
+from upstack.core.refs import Reference, declared, resolve
+from upstack.core.rundir import RunDir
+from upstack.core.settings import StageSpec, Strict, did_you_mean
+from upstack.core.sweeps import LOWER_IS_BETTER, Sweep, SweepPlan, SweepProblem, expand
 
-__all__ = [
-    "Recipe",
-    "StageSpec",
-    "Strict",
-    "error_at",
-    "load_recipe",
-    "locate",
-    "names",
-    "used_for",
-]
-
-
-class StageSpec(Strict):
-    """Fields every stage has. Each stage kind's module subclasses this as `Spec`.
-
-    A field that names a model or a data set says so (`json_schema_extra=names("model")`): the
-    recipe resolves every such name at load (upstack.refs), and a name that is a stage makes
-    that stage a dependency.
-    """
-
-    kind: str
-    after: list[str] = Field(
-        default_factory=list, description="stages to finish first, beyond the ones this stage reads"
-    )
-
-    @field_validator("after")
-    @classmethod
-    def _known_stages(cls, after: list[str], info: ValidationInfo) -> list[str]:
-        stages = (info.context or {}).get("stages")  # stage name -> kind, when loading a recipe
-        for i, name in enumerate(after if stages is not None else []):
-            if name not in stages:
-                raise error_at((i,), f"no stage '{name}'{did_you_mean(name, list(stages))}")
-        return after
+__all__ = ["Recipe", "load_recipe", "locate"]
 
 
 class Launch(Strict):
@@ -68,6 +34,31 @@ class Launch(Strict):
     extra_args: list[str] = Field(
         default_factory=list, description="passed to accelerate launch as is"
     )
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _config_file(cls, value: str | None) -> str | None:
+        """A missing or unreadable file is found at load, not when the training stage starts
+        after the stages before it ran."""
+        if value is not None:
+            problem = accelerate_config_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+
+def accelerate_config_problem(path: str) -> str | None:
+    """Why `path` is not an accelerate config file upstack can pass on, or None."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return f"{path}: file not found"
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return f"{path}: not a readable YAML file ({str(err).splitlines()[0]})"
+    if not isinstance(config, dict):
+        return f"{path}: an accelerate config is a mapping (accelerate config --config_file ...)"
+    return None
 
 
 class Recipe(Strict):
@@ -99,6 +90,11 @@ class Recipe(Strict):
     def out_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
 
+    @property
+    def run_dir(self) -> RunDir:
+        """Every path of a run: stage dirs, work dirs, temp dirs, manifests, the lock."""
+        return RunDir(self.out_dir)
+
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, defaults filled in, as plain data."""
         data = self.model_dump(mode="json", exclude={"stages"})
@@ -117,17 +113,18 @@ class Recipe(Strict):
         picked = [*(v.name for v in plan.variants), plan.scored_by] if plan else []
         return list(dict.fromkeys([*read, *picked, *self.stages[stage].after]))
 
-    def source_loc(self, loc: tuple) -> tuple:
+    def source_loc(self, loc) -> KeyPath:
         """Where key path `loc` is written in the recipe file: a sweep variant's settings are the
         sweep stage's, its swept value an entry of the sweep's grid."""
         return _source_loc(self.sweeps, loc)
 
-    def error(self, loc: tuple, message: str, error: type[UserError] = UserError) -> UserError:
+    def error(self, loc, message: str, error: type[UserError] = UserError) -> UserError:
         """The one-line error for the recipe key `loc` (a variant's key: where it is written)."""
+        loc = KeyPath.of(loc)
         place = self.source_loc(loc)
-        if place != tuple(loc):
+        if place != loc:
             message += f" (in sweep variant {loc[1]})"
-        return error(f"{locate(self, *place)}: {'.'.join(map(str, place))}: {message}")
+        return error(f"{locate(self, *place)}: {place}: {message}")
 
     def order(self) -> list[str]:
         """All stages, each after its dependencies; ties keep the recipe's order."""
@@ -148,6 +145,18 @@ class Recipe(Strict):
             visit(name, [])
         return done
 
+    def stages_with(self, **declared: object) -> list[str]:
+        """The stages, in run order, whose kind declares these values (upstack.core.contract):
+        `stages_with(output="results")` are the eval stages."""
+        return [
+            name
+            for name in self.order()
+            if all(
+                getattr(registry.kind(self.stages[name].kind), key) == value
+                for key, value in declared.items()
+            )
+        ]
+
     def resolve_targets(self, targets: list[str]) -> list[str]:
         """Stage names for targets given as stage names or kinds (`sft` = every sft stage)."""
         names: list[str] = []
@@ -164,20 +173,6 @@ class Recipe(Strict):
                 )
             names.extend(of_kind)
         return list(dict.fromkeys(names))
-
-
-def error_at(loc: tuple[str | int, ...], message: str) -> ValidationError:
-    """For a model validator whose check concerns one key: the error placed at that key path
-    (relative to the model), so the load error names that key and its line."""
-    error = PydanticCustomError("recipe", "{message}", {"message": message})
-    return ValidationError.from_exception_data(
-        "recipe", [InitErrorDetails(type=error, loc=loc, input={})]
-    )
-
-
-def stage_module(kind: str) -> Any:
-    """The module of a stage kind: imported only for the kinds a recipe uses."""
-    return importlib.import_module(STAGE_MODULES[kind])
 
 
 # --------------------------------------------------------------------------- loading
@@ -232,7 +227,7 @@ def load_recipe(
     try:
         stages_raw, plans = expand(stages_raw, sweeps, kinds)
     except SweepProblem as err:
-        raise UserError(f"{where(err.loc)}: {'.'.join(map(str, err.loc))}: {err}") from None
+        raise UserError(f"{where(err.loc)}: {KeyPath.of(err.loc)}: {err}") from None
     kinds = _kinds(stages_raw)
 
     def place(loc: tuple) -> tuple:
@@ -246,20 +241,20 @@ def load_recipe(
                 f"{where(('stages', name))}: stages.{name}: must be a mapping of settings"
             )
         kind = body.get("kind", name)
-        if kind not in STAGE_MODULES:
-            loc = ("stages", name, "kind") if "kind" in body else ("stages", name)
-            known = ", ".join(STAGE_MODULES)
-            hint = did_you_mean(str(kind), list(STAGE_MODULES))
+        if not isinstance(kind, str) or not registry.known(kind):
+            loc = KeyPath(("stages", name, "kind") if "kind" in body else ("stages", name))
+            known = ", ".join(registry.STAGE_MODULES)
+            hint = did_you_mean(str(kind), registry.STAGE_MODULES)
             raise UserError(
-                f"{where(loc)}: {'.'.join(map(str, loc))}: unknown stage kind '{kind}'{hint} "
-                f"(known: {known})"
+                f"{where(loc)}: {loc}: unknown stage kind '{kind}'{hint} (known: {known})"
             )
-        spec_class = stage_module(kind).Spec
+        stage_kind = registry.kind(kind)
         try:
-            stages[name] = spec_class.model_validate(
+            stages[name] = stage_kind.validate(
                 {**body, "kind": kind}, context={"deep": deep, "stages": kinds}
             )
         except ValidationError as err:
+            spec_class = stage_kind.spec_class(body)
             raise UserError(
                 _describe(err, ("stages", name), body, spec_class, where, place)
             ) from None
@@ -291,9 +286,7 @@ def load_recipe(
     if deep:
         # checks that need the other stages: a merge's parameters on its models' architecture
         for name, spec in stages.items():
-            check = getattr(stage_module(spec.kind), "check_at_load", None)
-            if check is not None:
-                check(spec, recipe, name)
+            registry.kind(spec.kind).check_at_load(spec, recipe, name)
     recipe.order()  # raises on a cycle
     return recipe
 
@@ -307,15 +300,17 @@ def _kinds(stages_raw: dict) -> dict[str, str]:
 
 def _sweepable(kind: Any) -> bool:
     """A kind whose settings take a `sweep:` (merge); elsewhere the key is an unknown key."""
-    return kind in STAGE_MODULES and "sweep" in stage_module(kind).Spec.model_fields
+    return (
+        isinstance(kind, str) and registry.known(kind) and "sweep" in registry.kind(kind).fields()
+    )
 
 
-def _source_loc(plans: dict[str, SweepPlan], loc: tuple) -> tuple:
-    loc = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in loc)
+def _source_loc(plans: dict[str, SweepPlan], loc) -> KeyPath:
+    loc = KeyPath.of(loc)
     if len(loc) >= 2 and loc[0] == "stages":
         for plan in plans.values():
             if any(v.name == loc[1] for v in plan.variants):
-                return plan.source_loc(loc[1], loc[2:])
+                return KeyPath(plan.source_loc(loc[1], loc[2:]))
     return loc
 
 
@@ -323,7 +318,7 @@ def _check_sweep_metrics(recipe: Recipe) -> None:
     """A sweep's metric must be one its scoring eval measures: found now, not after every variant ran."""
     for name, plan in recipe.sweeps.items():
         scorer = recipe.stages[plan.scored_by]
-        measures = stage_module(SCORER_KIND).measures(scorer)
+        measures = registry.kind(scorer.kind).measures(scorer)
         if plan.metric in measures or any(
             m.endswith("/") and plan.metric.startswith(m) for m in measures
         ):
@@ -390,7 +385,7 @@ def _refuse_duplicate_keys(node: yaml.Node | None, source: str, loc: tuple) -> N
             if key == "<<":  # a merge key (`<<: *anchor`): its keys may be overridden here
                 continue
             if key in seen:
-                path = ".".join(map(str, (*loc, key)))
+                path = KeyPath((*loc, key))
                 raise UserError(
                     f"{source}:{line}: {path}: given twice (lines {seen[key]} and {line}); "
                     "YAML would keep only the last"
@@ -400,11 +395,6 @@ def _refuse_duplicate_keys(node: yaml.Node | None, source: str, loc: tuple) -> N
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             _refuse_duplicate_keys(item, source, (*loc, i))
-
-
-def did_you_mean(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def locate(recipe: Recipe, *loc: str | int) -> str:
@@ -435,7 +425,7 @@ def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where,
     # an unknown key beside a missing one is most likely its typo: name the typo
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = key_path(first["loc"], raw)
-    key = ".".join(str(k) for k in (*prefix, *loc))
+    key = str(KeyPath((*prefix, *loc)))
     kind = first["type"]
     if kind == "extra_forbidden":
         message = "unknown key" + did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))
@@ -444,7 +434,7 @@ def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where,
     else:
         message = first["msg"].removeprefix("Value error, ")
         value = first.get("input")
-        secret = looks_like_secret(value) or SECRET_KEY.search(str(loc[-1]) if loc else "")
+        secret = looks_like_secret(value) or (loc and is_secret_key(loc[-1]))
         if "input" in first and not isinstance(value, dict | list) and not secret:
             message += f" (got {value!r})"
     more = len(errors) - 1
@@ -452,7 +442,7 @@ def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where,
     full = (*prefix, *loc)
     shown = place(full) if place else full
     if shown != full:  # a sweep variant: where its setting is written, and which variant it is
-        key = ".".join(map(str, shown))
+        key = str(KeyPath(shown))
         suffix += f" (in sweep variant {prefix[1]})"
     return f"{where(shown)}: {key}: {message}{suffix}"
 
@@ -477,10 +467,6 @@ def _models_in(annotation: Any) -> list[type]:
     if isinstance(annotation, type) and issubclass(annotation, Strict):
         return [annotation]
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
-
-
-# a setting whose value may be a secret, or the name of one: its value is never echoed
-SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)s?($|_)", re.I)
 
 
 def shown_override(item: str) -> str:

@@ -27,7 +27,7 @@ def reference_positions() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     mergekit that adds one is followed without a change here. Importing mergekit takes seconds
     (torch, peft): the positions are cached per mergekit version, so `upstack status` stays quick.
     """
-    from upstack.check_cache import library_facts
+    from upstack.core.check_cache import library_facts
 
     found = library_facts("mergekit", "references", _reference_positions)
     return [(tuple(path), tuple(keywords)) for path, keywords in found]
@@ -651,7 +651,7 @@ def _resolve(parameter, scopes, tensor: str, t: float, optional: bool, source) -
 def model_config(ref, recipe) -> Any:
     """A model's transformers config without loading it: its config.json, the shape the recipe
     gives a stage, or a Hub model's cached config.json; None when none is at hand."""
-    from upstack.shapes import planned_shape
+    from upstack.models.shapes import planned_shape
 
     if ref is None:
         return None
@@ -668,7 +668,7 @@ def model_config(ref, recipe) -> Any:
 def config_source(ref, recipe) -> Any:
     """What `model_config` builds a model's config from, as JSON (a check's verdict is kept under
     it): the config.json text of a path or a cached Hub model, the planned shape of a stage."""
-    from upstack.shapes import planned_shape
+    from upstack.models.shapes import planned_shape
 
     if ref is None:
         return None
@@ -696,7 +696,7 @@ def config_from_shape(shape: dict | None) -> Any:
         return None
     from transformers import AutoConfig
 
-    from upstack.shapes import SHAPE_KEYS
+    from upstack.models.shapes import SHAPE_KEYS
 
     sizes = {key: shape[key] for key in SHAPE_KEYS if shape.get(key) is not None}
     try:

@@ -121,7 +121,7 @@ def read(stage_dir: Path) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     """Per layer, then per block size: markdown for the stage dir and the log."""
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
 
     n = results["layers"]
     distance, influence = results["angular_distance"][0], results["block_influence"][0]

@@ -5,26 +5,26 @@ from __future__ import annotations
 
 import shutil
 
-from upstack import runner
-from upstack.recipe import Recipe
-from upstack.results import PLOT, read_results, results_table
-from upstack.sweeps import PLOT as SWEEP_PLOT
-from upstack.tables import markdown_table, short
+from upstack.core import runner
+from upstack.core.recipe import Recipe
+from upstack.core.results import PLOT, read_results, results_table
+from upstack.core.sweeps import PLOT as SWEEP_PLOT
+from upstack.core.tables import markdown_table, short
 
 
 def report(recipe: Recipe) -> str:
     """The report as markdown; also written, with the eval plots beside it, under the output dir."""
-    hashes = runner.stage_hashes(recipe)
+    state_of = runner.states(recipe)
     sections = [
         f"# {recipe.name}",
         "## Stages",
         markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)),
     ]
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
-    evals = [name for name in recipe.order() if recipe.stages[name].kind == "eval"]
+    evals = recipe.stages_with(output="results")
     for name in evals:
         stage_dir = recipe.out_dir / name
-        state = runner.stage_state(recipe, name, hashes[name])
+        state = state_of[name]
         results = read_results(stage_dir)
         if results is None:
             sections += [
@@ -45,7 +45,7 @@ def report(recipe: Recipe) -> str:
     if not evals:
         sections.append("No eval stage in this recipe: add one (kind: eval) to compare the models.")
     for name in recipe.sweeps:
-        sections += _sweep_section(recipe, name, runner.stage_state(recipe, name, hashes[name]))
+        sections += _sweep_section(recipe, name, state_of[name])
     text = "\n\n".join(sections) + "\n"
     (recipe.out_dir / "report.md").write_text(text)
     return text
@@ -55,15 +55,15 @@ def layers_report(recipe: Recipe, stage: str | None = None) -> str:
     """Each upscale stage's layer map (or the one `stage`'s model descends from): for every
     output layer its source, source layer, copy and roles, and a column per training stage
     below it that trains part of it (x: trained), as recorded or, not yet run, as planned."""
-    from upstack import layermap
-    from upstack.errors import UserError
-    from upstack.runner import context
+    from upstack.core.errors import UserError
+    from upstack.core.runner import context
+    from upstack.models import layermap
 
     hashes = runner.stage_hashes(recipe)
-    states = {name: runner.stage_state(recipe, name, hashes[name]) for name in recipe.stages}
+    states = runner.states(recipe, hashes)
     pending = frozenset(name for name, state in states.items() if state != "done")
     if stage is None:
-        upscales = [n for n in recipe.order() if recipe.stages[n].kind == "upscale"]
+        upscales = recipe.stages_with(layer_map="writes")
         if not upscales:
             return "No upscale stage in this recipe: no layer map to show.\n"
     else:
@@ -93,7 +93,7 @@ def layers_report(recipe: Recipe, stage: str | None = None) -> str:
             train_layers = getattr(recipe.stages[other], "train_layers", "all")
             if train_layers == "all" or _ancestor(recipe, other) != name:
                 continue
-            manifest = runner.read_manifest(recipe.out_dir / other) or {}
+            manifest = recipe.run_dir.manifest(other) or {}
             recorded = manifest.get("metrics", {}).get("trained", {}).get("layers")
             if other in pending or recorded is None:
                 try:
@@ -123,7 +123,7 @@ def layers_report(recipe: Recipe, stage: str | None = None) -> str:
 
 
 def _ancestor(recipe: Recipe, stage: str) -> str | None:
-    from upstack import layermap
+    from upstack.models import layermap
 
     try:
         return layermap.upscale_ancestor(recipe, stage)
@@ -135,7 +135,7 @@ def _sweep_section(recipe: Recipe, name: str, state: str) -> list[str]:
     """A sweep's variants as a table (their grid values and scores), its plot, and the best."""
     plan = recipe.sweeps[name]
     title = f"## Sweep `{name}` (scored by `{plan.scored_by}`, {plan.goal} {plan.metric})"
-    metrics = (runner.read_manifest(recipe.out_dir / name) or {}).get("metrics", {})
+    metrics = (recipe.run_dir.manifest(name) or {}).get("metrics", {})
     if "variants" not in metrics:
         return [title, f"no pick yet ({state}): `upstack run {recipe.source} {name}`"]
     rows = metrics["variants"]
@@ -176,11 +176,10 @@ def summary(recipe: Recipe) -> str:
     """What a person reads in ten seconds at the end of a run: each evaluated stage's effect
     on the models it started from, in one line, the best model, and where the report and plots
     are. A change in accuracy smaller than twice its standard error is called noise."""
-    hashes = runner.stage_hashes(recipe)
-    evals = [name for name in recipe.order() if recipe.stages[name].kind == "eval"]
+    state_of = runner.states(recipe)
+    evals = recipe.stages_with(output="results")
     seconds = sum(
-        (runner.read_manifest(recipe.out_dir / name) or {}).get("seconds") or 0
-        for name in recipe.order()
+        (recipe.run_dir.manifest(name) or {}).get("seconds") or 0 for name in recipe.order()
     )
     lines = [f"{recipe.name}: {len(recipe.stages)} stages, {_duration(seconds)} of stage time"]
     for name in evals:
@@ -189,7 +188,7 @@ def summary(recipe: Recipe) -> str:
             lines.append(f"eval {name}: not run yet")
             continue
         rows = {row["model"]: row for row in results["rows"]}
-        state = runner.stage_state(recipe, name, hashes[name])
+        state = state_of[name]
         note = "" if state == "done" else f", {state}: from an older configuration"
         lines.append(f"eval {name} ({results.get('problems') or 'held-out loss'}{note}):")
         width = max(len(model) for model in rows)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from upstack.errors import UserError
-from upstack.recipe import load_recipe, parse_yaml, read_text
+from upstack.core.errors import UserError
+from upstack.core.recipe import load_recipe, parse_yaml, read_text
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][\w-]*$")  # a name `--set stages.<name>.key=...` can reach
 # Lines that frame a YAML document rather than belong to it: `%YAML 1.2`, `---`, `...`

@@ -18,7 +18,7 @@ def routers(model) -> list[tuple[int, Any]]:
     """(layer index, router module) of every MoE layer: transformers 5's Mixtral keeps it at
     `mlp.gate` (a TopKRouter returning logits, scores, indices), 4.x at `block_sparse_moe.gate`
     (a Linear returning logits)."""
-    from upstack.layer_analysis import decoder_layers
+    from upstack.models.layer_analysis import decoder_layers
 
     found = []
     for index, layer in enumerate(decoder_layers(model)):
@@ -102,7 +102,7 @@ def load_metrics(callback, accelerator=None) -> dict[str, Any]:
 
 def load_table(metrics: dict[str, Any], mode: str = "train") -> str:
     """The per-layer load as a markdown table, for the stage's log."""
-    from upstack.tables import markdown_table
+    from upstack.core.tables import markdown_table
 
     found = metrics.get(mode)
     if not found:

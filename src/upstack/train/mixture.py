@@ -124,20 +124,20 @@ def best_shares(laws: Sequence[Law], steps: float) -> list[float]:
 def fit_stages(recipe, stages: list[str], steps: int | None = None) -> dict:
     """The law fitted per source to the held-out curves of finished cpt stages run with different
     shares (proxy runs), and the shares it predicts best after `steps` (default: the runs' own)."""
-    from upstack.errors import UserError
-    from upstack.runner import read_manifest, stage_hashes, stage_state
+    from upstack.core.errors import UserError
+    from upstack.core.runner import states
 
     if len(stages) < 2:
         raise UserError("mixture fit: give two or more finished cpt stages run with other shares")
-    hashes = stage_hashes(recipe)
+    state = states(recipe)
     points: dict[str, list[tuple[float, float, float]]] = {}
     runs = {}
     for stage in stages:
         if stage not in recipe.stages:
             raise UserError(f"{recipe.source}: no stage '{stage}'")
-        if stage_state(recipe, stage, hashes[stage]) != "done":
+        if state[stage] != "done":
             raise UserError(f"{recipe.source}: stages.{stage} is not done: run it first")
-        metrics = (read_manifest(recipe.out_dir / stage) or {}).get("metrics", {})
+        metrics = (recipe.run_dir.manifest(stage) or {}).get("metrics", {})
         if not metrics.get("mixture") or not metrics.get("eval_curves"):
             raise UserError(
                 f"{recipe.source}: stages.{stage}: not a cpt run with `mixture:` and held-out "

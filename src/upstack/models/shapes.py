@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from upstack.recipe import Recipe, stage_module
-from upstack.refs import Reference
+from upstack.core import registry
+from upstack.core.recipe import Recipe
+from upstack.core.refs import Reference
 
 # config.json fields that must agree for two models' tensors to line up one by one
 SHAPE_KEYS = (
@@ -43,15 +44,12 @@ def planned_shape(recipe: Recipe, ref: Reference, pending: frozenset[str]) -> Sh
     if ref.origin == "path" or ref.stage not in pending:
         return read_shape(Path(ref.location))
     spec = recipe.stages[ref.stage]
-    derive = getattr(stage_module(spec.kind), "output_shape", None)
-    if derive is None:
-        return None
     refs = {r.key: r for r in recipe.refs(ref.stage)}
 
     def input_shape(key: str) -> Shape | None:
         return planned_shape(recipe, refs[key], pending) if key in refs else None
 
-    return derive(spec, input_shape)
+    return registry.kind(spec.kind).output_shape(spec, input_shape)
 
 
 def differences(shape: Shape, other: Shape, keys: tuple[str, ...] = SHAPE_KEYS) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from data_synth.config import Strict
+from upstack.core import registry
 
 Loc = tuple  # a key path: ("models", 0, "parameters", "weight")
 KEY_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*$")  # what `--set` takes after `stages.<name>.`
@@ -21,7 +22,6 @@ KEY_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*$")  # what `--set` takes after `stage
 FIXED_KEYS = ("kind", "after", "sweep")
 # measures where lower is better; every other one (accuracies, lm-eval scores) is higher-better
 LOWER_IS_BETTER = ("loss", "perplexity")
-SCORER_KIND = "eval"  # the stage kind whose results.json scores the variants
 PLOT = "sweep.png"
 TABLE = "sweep.json"
 
@@ -123,7 +123,7 @@ def expand(
     `kinds`: stage name -> kind."""
     expanded = dict(stages)
     plans: dict[str, SweepPlan] = {}
-    scorers = [name for name, kind in kinds.items() if kind == SCORER_KIND]
+    scorers = [name for name, kind in kinds.items() if scores(kind)]
     for name, sweep in sweeps.items():
         body = stages[name]
         scored_by = sweep.scored_by
@@ -136,7 +136,7 @@ def expand(
                     + (f": {', '.join(scorers)})" if scorers else "; add one, kind: eval)"),
                 )
             scored_by = scorers[0]
-        elif kinds.get(scored_by) != SCORER_KIND:
+        elif not scores(kinds.get(scored_by)):
             what = f"a stage of kind {kinds[scored_by]}" if scored_by in kinds else "no stage"
             raise SweepProblem(
                 ("stages", name, "sweep", "scored_by"),
@@ -159,7 +159,7 @@ def expand(
     # In an eval's lists the sweep's name stands for what to compare: its variants. Anywhere
     # else (`after: [soup]` in a push) it is the pick, which comes after them all.
     for stage, body in list(expanded.items()):
-        if not isinstance(body, dict) or kinds.get(stage) != SCORER_KIND:
+        if not isinstance(body, dict) or not scores(kinds.get(stage)):
             continue
         body = expanded[stage] = dict(body)
         for key in ("after", "models"):
@@ -170,6 +170,13 @@ def expand(
                 key = "models" if isinstance(body.get("models"), list) else "after"
                 body[key] = [*(body.get(key) or []), *(v.name for v in plan.variants)]
     return expanded, plans
+
+
+def scores(kind: object) -> bool:
+    """Whether stages of `kind` write a results table that can score a sweep's variants."""
+    return (
+        isinstance(kind, str) and registry.known(kind) and registry.kind(kind).output == "results"
+    )
 
 
 def _variants(stage: str, sweep: Sweep) -> tuple[list[Variant], list[str]]:
@@ -299,8 +306,8 @@ def _lists_any(body: dict, plan: SweepPlan) -> bool:
 def pick_best(ctx) -> dict:
     """The sweep stage's run: read the scoring eval's table, pick the variant with the best
     metric (the first in grid order on a tie), and make this stage a copy of it."""
-    from upstack.errors import StageFailed
-    from upstack.results import read_results
+    from upstack.core.errors import StageFailed
+    from upstack.core.results import read_results
 
     plan: SweepPlan = ctx.recipe.sweeps[ctx.name]
     results = read_results(ctx.stage_dir(plan.scored_by))

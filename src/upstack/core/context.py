@@ -7,9 +7,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upstack.errors import UserError
-from upstack.recipe import Recipe
-from upstack.refs import Reference
+from upstack.core.errors import UserError
+from upstack.core.recipe import Recipe
+from upstack.core.refs import Reference
 
 
 @dataclass

@@ -3,14 +3,14 @@ duplicate, seam, new), and the layers a training stage's `train_layers` names th
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from upstack.context import StageContext
-from upstack.recipe import Recipe, stage_module
+from upstack.core import registry
+from upstack.core.recipe import Recipe
+from upstack.core.rundir import read_manifest
 
 # What an output layer can be. One layer may have two roles: a DUS seam layer is often a duplicate.
 #   original   the first copy of a source layer
@@ -25,8 +25,6 @@ SELECTORS = {"new": "new", "seam": "seam", "duplicates": "duplicate", "experts":
 # Keywords that train only part of each layer they select: the modules under this name (the MoE
 # block: router and experts), so `experts` leaves the attention the base already trained frozen.
 WITHIN = {"experts": "mlp"}
-# The kinds whose output keeps its model's layers one for one, so a layer map passes through them.
-KEEPS_LAYERS = ("cpt", "sft", "dpo", "merge")
 
 
 def build(
@@ -111,10 +109,10 @@ def upscale_ancestor(recipe: Recipe, stage: str) -> str | None:
     """The nearest upscale stage the weights of `stage` come from (`stage` itself if it is one),
     followed up through the `weights` references of stages that keep their model's layers.
     None when there is none; ValueError when its models come from different ones (a merge)."""
-    spec = recipe.stages[stage]
-    if spec.kind == "upscale":
+    layer_map = registry.kind(recipe.stages[stage].kind).layer_map
+    if layer_map == "writes":
         return stage
-    if spec.kind not in KEEPS_LAYERS:
+    if layer_map != "keeps":
         return None
     found = {
         upscale_ancestor(recipe, ref.stage) if ref.stage else None
@@ -133,22 +131,15 @@ def layer_map_of(
     """The layer map of upscale stage `stage`: from its manifest when it is done and not about to
     be rebuilt, else as the recipe will make it (the upscale module's `planned_layer_map`); None
     when that cannot be known offline (a Hub source, a seam that waits for an analysis)."""
+    from upstack.core.runner import context
+
     if stage not in pending:
-        found = read_layer_map(recipe.out_dir / stage)
+        found = read_layer_map(recipe.run_dir.stage(stage))
         if found is not None:
             return found
-    plan = getattr(stage_module(recipe.stages[stage].kind), "planned_layer_map", None)
-    if plan is None:
-        return None
-    ctx = StageContext(
-        recipe=recipe,
-        name=stage,
-        out_dir=recipe.out_dir / stage,
-        work_dir=recipe.out_dir / ".work" / stage,
-        config_hash="",
-        pending=pending,
-    )
-    return plan(recipe.stages[stage], ctx)
+    spec = recipe.stages[stage]
+    ctx = context(recipe, stage, "", pending, out_dir=recipe.run_dir.stage(stage))
+    return registry.kind(spec.kind).planned_layer_map(spec, ctx)
 
 
 def train_layers(selection: str | list[int], ctx, num_layers: int | None) -> list[int] | None:
@@ -212,8 +203,4 @@ def train_layers(selection: str | list[int], ctx, num_layers: int | None) -> lis
 
 def read_layer_map(stage_dir: Path) -> list[dict[str, Any]] | None:
     """The layer map a finished upscale stage recorded, or None."""
-    try:
-        manifest = json.loads((Path(stage_dir) / "upstack.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest.get("metrics", {}).get("layer_origins")
+    return ((read_manifest(stage_dir) or {}).get("metrics") or {}).get("layer_origins")

@@ -27,3 +27,27 @@ SECRET = re.compile(
 
 def looks_like_secret(value: object) -> bool:
     return isinstance(value, str) and bool(SECRET.match(value.strip()))
+
+
+# A setting whose value may be a secret, or the name of one (`api_key_env`): its value is never
+# echoed either. "tokenizer" is no token.
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)s?($|_)", re.I)
+
+
+def is_secret_key(key: object) -> bool:
+    return bool(SECRET_KEY.search(str(key)))
+
+
+REDACTED = "<redacted>"
+
+
+def redact(value: object, key: object = "") -> object:
+    """Settings as upstack shows them (`upstack show`, model cards): a value that looks like a
+    token, or any value of a key named like one, becomes `<redacted>`; the rest is kept."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if value is not None and (looks_like_secret(value) or is_secret_key(key)):
+        return REDACTED
+    return value

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from upstack import layermap
+from upstack.models import layermap
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def parts(model, within: str | None = None) -> dict[str, Any]:
     """Parameter name -> the part it belongs to: a layer index, "embeddings", "lm_head" or
     "rest". Tied embeddings (one tensor for both) are listed once, as "embeddings". With
     `within`, a layer's parameters outside that module of it belong to ("outside", index)."""
-    from upstack.layer_analysis import decoder_layers
+    from upstack.models.layer_analysis import decoder_layers
 
     owner: dict[int, Any] = {}
     for index, layer in enumerate(decoder_layers(model)):
@@ -93,7 +93,7 @@ def lora_targets(model, trainable: Trainable, target_modules: list[str] | str) -
     ("all-linear" or module names) picks: peft's `layers_to_transform` refuses "all-linear"."""
     import torch
 
-    from upstack.layer_analysis import decoder_layers
+    from upstack.models.layer_analysis import decoder_layers
 
     stack = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is stack)

@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from upstack.errors import looks_like_secret
-from upstack.stages import DATA_KINDS, MODEL_KINDS
+from upstack.core import registry
+from upstack.core.errors import looks_like_secret
 
 Origin = Literal["stage", "path", "hub"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -107,8 +107,12 @@ def resolve(
         return made("stage", str(out_dir / stage), stages[stage])
     if text in stages and may_be_stage:
         kind = stages[text]
-        allowed = name.kinds or (MODEL_KINDS if name.thing == "model" else DATA_KINDS)
-        if kind not in allowed:
+        if name.kinds:
+            fits = kind in name.kinds
+        else:  # a model must come from a stage that makes one, data from one that writes data
+            fits = registry.known(kind) and registry.kind(kind).output == name.thing
+        if not fits:
+            allowed = name.kinds or registry.kinds_making(name.thing)
             what = " or ".join(name.kinds) if name.kinds else f"{name.thing} ({', '.join(allowed)})"
             article = "an" if what[0] in "aeiou" else "a"
             raise ValueError(f"'{text}' is a stage of kind {kind}, not {article} {what} stage")

@@ -15,11 +15,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from upstack.context import is_main_process
-from upstack.data import Source, check_sources
-from upstack.errors import looks_like_secret
-from upstack.layermap import SELECTORS
-from upstack.recipe import StageSpec, Strict, error_at, names
+from upstack.core.context import is_main_process
+from upstack.core.errors import looks_like_secret
+from upstack.core.settings import StageSpec, Strict, error_at, names
+from upstack.models.layermap import SELECTORS
+from upstack.train.data import Source, check_sources
 
 # Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
 OWNED = {
@@ -77,7 +77,7 @@ class TrainingSpec(StageSpec):
     )
     adapter: Adapter | None = None
     # LLaMA Pro trains only its inserted blocks; after DUS one may heal only the seam. Keywords
-    # resolve through the layer map of the model's upscale stage (upstack.layermap), however
+    # resolve through the layer map of the model's upscale stage (upstack.models.layermap), however
     # many training stages lie between.
     train_layers: Literal["all", "new", "seam", "duplicates", "experts"] | list[int] = Field(
         "all",
@@ -148,7 +148,7 @@ def preflight(spec: TrainingSpec, ctx) -> None:
 
 def check_model(ctx) -> None:
     """The stage's `model` is a checkpoint upstack can load (or one this run builds first)."""
-    from upstack.checkpoints import hub_model_problem, model_dir_problem
+    from upstack.models.checkpoints import hub_model_problem, model_dir_problem
 
     ref = ctx.ref("model")
     if ref.origin == "hub":
@@ -163,11 +163,11 @@ def check_model(ctx) -> None:
 
 def check_train_layers(spec: TrainingSpec, ctx) -> None:
     """Before anything runs: `train_layers` names layers the model will have. The layer count
-    comes from the recipe (upstack.shapes) and a keyword's layers from the layer map the upscale
+    comes from the recipe (upstack.models.shapes) and a keyword's layers from the layer map the upscale
     ancestor recorded, or will record (planned from the recipe); where neither is known offline
     (a Hub model, a seam an analysis places in this run) the check waits for the stage's start."""
-    from upstack import layermap
-    from upstack.shapes import planned_shape
+    from upstack.models import layermap
+    from upstack.models.shapes import planned_shape
 
     if spec.train_layers == "all":
         return
@@ -277,7 +277,7 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
     """The tokenizer (with the stage's chat template, required for conversations) and the data
     mixture of the stage's format (text, sft, preference), each source checked. With a
     `mixture` (cpt), the sources share the rows as it says and keep their own held-out sets."""
-    from upstack.data import build_mixture, build_weighted_mixture
+    from upstack.train.data import build_mixture, build_weighted_mixture
 
     fmt = spec.DATA_FORMAT
     model_path = ctx.ref("model").location
@@ -302,7 +302,7 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
 def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
     """The trainer arguments every stage passes alike: the model with what it does not train
     frozen, its adapter config (limited to the trained layers), the guards."""
-    from upstack import trainable
+    from upstack.train import trainable
 
     model = load_model(inputs.model_path, spec.adapter, ctx)
     parts = trainable_parts(spec, ctx, model)
@@ -329,14 +329,14 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
                 )
         peft_config = lora_config(spec.adapter, targets, trainable.modules_to_save(model, parts))
     callbacks = [nan_guard(ctx)]
-    from upstack import routing
+    from upstack.train import routing
 
     if routing.is_moe(model.config):  # how the routers spread the tokens, for the manifest
         callbacks.append(routing.router_load(model))
-    from upstack.cpu import budget_threads
+    from upstack.core.cpu import budget_threads
 
     if not on_gpu() and budget_threads():
-        from upstack.cpu import thread_budget
+        from upstack.core.cpu import thread_budget
 
         callbacks.append(thread_budget())  # share the CPU with whatever else runs beside
     return {
@@ -348,8 +348,8 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
 
 
 def trainable_parts(spec: TrainingSpec, ctx, model):
-    """What of `model` the stage trains (upstack.trainable), checked against the model itself."""
-    from upstack import trainable
+    """What of `model` the stage trains (upstack.train.trainable), checked against the model itself."""
+    from upstack.train import trainable
 
     parts = trainable.resolve(spec, ctx, model.config.num_hidden_layers)
     if trainable.is_tied(model) and parts.embeddings != parts.lm_head:
@@ -364,7 +364,7 @@ def trainable_parts(spec: TrainingSpec, ctx, model):
 def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
     """Train (resuming when an earlier attempt left a checkpoint), then save a plain checkpoint.
     The manifest gets the effective trainer settings: every field that differs from TRL's default."""
-    from upstack import trainable
+    from upstack.train import trainable
 
     metrics = train(trainer, ctx)
     metrics.update(router_metrics(trainer, ctx))
@@ -376,9 +376,9 @@ def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
 
 
 def router_metrics(trainer, ctx) -> dict[str, Any]:
-    """A mixture of experts: the tokens each expert got per layer (upstack.routing), logged as a
+    """A mixture of experts: the tokens each expert got per layer (upstack.train.routing), logged as a
     table, and the load-balancing loss weight TRL trained with."""
-    from upstack import routing
+    from upstack.train import routing
 
     found = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "RouterLoad"]
     if not found:
@@ -423,7 +423,7 @@ def changed_fields(config) -> dict[str, Any]:
 def trainer_fields(config_name: str) -> dict[str, str]:
     """Field name -> type of a TRL config class. Importing trl takes seconds (torch comes with it),
     so the names are cached per TRL version and `upstack status` stays quick."""
-    from upstack.check_cache import library_facts
+    from upstack.core.check_cache import library_facts
 
     def fields() -> dict[str, str]:
         import dataclasses
@@ -495,7 +495,7 @@ def on_gpu() -> bool:
 def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
-    from upstack.checkpoints import from_pretrained
+    from upstack.models.checkpoints import from_pretrained
 
     tokenizer = from_pretrained(
         AutoTokenizer,
@@ -531,7 +531,7 @@ def load_model(model_path: str, adapter: Adapter | None, ctx):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from upstack.checkpoints import from_pretrained
+    from upstack.models.checkpoints import from_pretrained
 
     kwargs: dict[str, Any] = {
         "dtype": "auto",
@@ -741,7 +741,7 @@ def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, ctx) -> None
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from upstack.checkpoints import from_pretrained
+    from upstack.models.checkpoints import from_pretrained
 
     base = from_pretrained(
         AutoModelForCausalLM,

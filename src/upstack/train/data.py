@@ -7,13 +7,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from data_synth.errors import DataSynthError
 from data_synth.files import FILE_BUILDERS, load_local, peek_columns
-from upstack.recipe import Strict, names
+from upstack.core.settings import Strict, names
 
 # What each training format needs, after `columns` renames. `sft` also takes `prompt`/`completion`
 # (and an optional `system`), converted to conversations so one chat template applies to all.
@@ -53,6 +53,8 @@ class Exclude(Strict):
 
 
 class Arith(Strict):
+    GENERATED: ClassVar[bool] = True  # data_synth.generated
+
     problems: int = Field(
         ge=1, description="seeded arithmetic word problems (data_synth.arith, train split)"
     )
@@ -62,6 +64,8 @@ class Generated(Strict):
     """Data generated here, for the tiny world: list/string instructions with exact answers
     (data_synth.listops: text, conversations, or preference pairs whose rejected answer is the
     kind's expected mistake), or near-random text (a domain nothing can be learned from)."""
+
+    GENERATED: ClassVar[bool] = True  # data_synth.generated
 
     task: Literal["listops", "noise"]
     problems: int = Field(ge=1, description="rows of the train split (eval: a tenth as many)")
@@ -355,7 +359,7 @@ def _open_stream(source: Source, split: str, ctx, where: str):
     except DataSynthError as err:
         raise ctx.fail(f"{where}.path", str(err)) from None
     except (FileNotFoundError, ValueError) as err:
-        from upstack.checkpoints import hub_hint
+        from upstack.models.checkpoints import hub_hint
 
         raise ctx.fail(
             f"{where}.hub", f"cannot stream '{source.hub}': {str(err).splitlines()[0]}{hub_hint()}"
@@ -385,7 +389,7 @@ def build_weighted_mixture(sources: list[Source], mixture, tokenizer, ctx, eval_
     as given; each source's own held-out rows kept apart, so every domain's loss can be watched."""
     from datasets import concatenate_datasets
 
-    from upstack.mixture import entropies, mixture_rows, shares_from_entropy
+    from upstack.train.mixture import entropies, mixture_rows, shares_from_entropy
 
     names, parts, held_out = [], [], {}
     for i, source in enumerate(sources):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from upstack.tables import markdown_table, short
+from upstack.core.tables import markdown_table, short
 
 RESULTS = "results.json"  # {"rows": [{"model": ..., "math_accuracy": ...}, ...], "problems": ...}
 PLOT = "eval.png"

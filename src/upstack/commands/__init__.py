@@ -1,0 +1,1 @@
+"""The `upstack` command and the commands it runs besides stages: report, layers, import-merge."""
