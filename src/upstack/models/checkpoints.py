@@ -1,8 +1,15 @@
-"""Model checkpoints on disk, read from their safetensors headers without loading a tensor."""
+"""Model checkpoints: what upstack loads and how. The one owner of the loading policy
+(safetensors only unless the recipe sets `allow_pickle`; a model's own code only with
+`trust_remote_code`), of the check that a model a stage names can be loaded, and of what upstack
+reads from a checkpoint's files without loading a tensor (parameter counts, headers)."""
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def count_parameters(model_dir: Path | str) -> int:
@@ -92,6 +99,58 @@ def hub_model_problem(repo_id: str) -> str | None:
     return f"{repo_id} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What a load may do; a recipe is one too (its `trust_remote_code` and `allow_pickle`)."""
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+SAFE = Policy()  # a load outside any recipe (benches, tools): safetensors, no model code
+
+
+def model_problem(ref, recipe, pending: bool = False) -> str | None:
+    """Why the model reference `ref` (upstack.core.refs) cannot be loaded, or None; checked
+    before a run. A model this run builds first (`pending`) is not there yet; a Hub model is
+    checked only offline (it must be in the cache then)."""
+    if pending:
+        return None
+    if ref.origin == "hub":
+        return hub_model_problem(ref.location)
+    return model_dir_problem(Path(ref.location), recipe.allow_pickle)
+
+
+def check_model(ctx, key: str = "model") -> None:
+    """A stage's preflight: the model at `key` can be loaded, else its one-line error."""
+    ref = ctx.ref(key)
+    problem = model_problem(ref, ctx.recipe, ctx.is_pending(ref))
+    if problem:
+        raise ctx.fail(key, problem)
+
+
+def load_model(location: str, recipe, fail, **kwargs):
+    """A causal LM under the recipe's loading policy (safetensors only unless allow_pickle, its
+    own code only with trust_remote_code), in the dtype it was saved in unless `kwargs` say
+    otherwise; what keeps it from loading is one line through `fail(message)`."""
+    from transformers import AutoModelForCausalLM
+
+    policy = {
+        "dtype": "auto",
+        "trust_remote_code": recipe.trust_remote_code,
+        "use_safetensors": None if recipe.allow_pickle else True,
+    }
+    return from_pretrained(AutoModelForCausalLM, location, fail, **{**policy, **kwargs})
+
+
+def load_tokenizer(location: str, recipe, fail):
+    from transformers import AutoTokenizer
+
+    return from_pretrained(
+        AutoTokenizer, location, fail, trust_remote_code=recipe.trust_remote_code
+    )
+
+
 def from_pretrained(loader, location: str, fail, **kwargs):
     """`loader.from_pretrained(location, **kwargs)`; what keeps it from loading (a missing file,
     the Hub out of reach, a broken shard) becomes one line through `fail(message)`."""
@@ -103,3 +162,33 @@ def from_pretrained(loader, location: str, fail, **kwargs):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if Path(location).exists() else hub_hint()
         raise fail(f"cannot load {location}: {reason}{hint}") from None
+
+
+# --------------------------------------------------------------------------- files beside the weights
+
+SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)B?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000 (decimal units, as mergekit's own sizes)."""
+    number, unit = SIZE.match(text.strip()).groups()
+    return int(float(number) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[unit.upper()])
+
+
+def update_config(model_dir: Path, settings: dict[str, Any]) -> None:
+    """Set keys of a checkpoint's config.json."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config.update(settings)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def fix_dtype(model_dir: Path, dtype: str | None) -> None:
+    """config.json says the dtype asked for, under the name transformers 5 reads (`dtype`)."""
+    if not dtype:
+        return
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

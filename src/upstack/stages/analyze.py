@@ -9,8 +9,8 @@ from typing import Literal
 from pydantic import Field
 
 from upstack.core.settings import StageSpec, names
+from upstack.models.checkpoints import check_model
 from upstack.train.data import Source, check_sources
-from upstack.train.training import check_model
 
 # The stage contract (upstack.core.contract)
 OUTPUT = "analysis"  # analysis.json: an upscale's `analysis:` reads it
@@ -42,22 +42,14 @@ def preflight(spec: Spec, ctx) -> None:
 
 def run(spec: Spec, ctx) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from upstack.models import layer_analysis
-    from upstack.models.checkpoints import from_pretrained
+    from upstack.models.checkpoints import load_model
     from upstack.train import training
     from upstack.train.data import build_mixture
 
     path = ctx.ref("model").location
-    model = from_pretrained(
-        AutoModelForCausalLM,
-        path,
-        lambda message: ctx.fail("model", message),
-        dtype="auto",
-        trust_remote_code=ctx.recipe.trust_remote_code,
-        use_safetensors=None if ctx.recipe.allow_pickle else True,
-    ).eval()
+    model = load_model(path, ctx.recipe, lambda message: ctx.fail("model", message)).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     tokenizer = training.load_tokenizer(path, ctx)

@@ -112,18 +112,13 @@ def _makes_model(kind: str | None) -> bool:
 def preflight(spec: Spec, ctx) -> None:
     """Before anything runs: every model is a checkpoint upstack can load (or a Hub model it can
     reach), and the local files the measures read exist."""
-    from upstack.models.checkpoints import hub_model_problem, model_dir_problem
+    from upstack.models.checkpoints import check_model
 
     for ref in ctx.refs():
         if ctx.is_pending(ref):
             continue
         if ref.thing == "model":
-            if ref.origin == "hub":
-                problem = hub_model_problem(ref.location)
-            else:
-                problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
-            if problem:
-                raise ctx.fail(ref.key, problem)
+            check_model(ctx, ref.key)
         elif ref.origin in ("path", "stage") and not Path(ref.location).exists():
             raise ctx.fail(ref.key, f"{ref.text}: no such file")
 
@@ -191,29 +186,20 @@ def load_model(path: str, ctx=None, key: str = "models"):
     """The model and its tokenizer, for generation (left padding). With a stage context, what
     keeps them from loading is a one-line error naming the stage's `key`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from upstack.core.errors import UserError
-    from upstack.models.checkpoints import from_pretrained
+    from upstack.models import checkpoints
 
     def fail(message: str) -> UserError:
         return ctx.fail(_model_key(ctx, key), message) if ctx else UserError(message)
 
-    trust = ctx.recipe.trust_remote_code if ctx else False
-    pickles = ctx.recipe.allow_pickle if ctx else False
-    tokenizer = from_pretrained(AutoTokenizer, path, fail, trust_remote_code=trust)
+    policy = ctx.recipe if ctx else checkpoints.SAFE
+    tokenizer = checkpoints.load_tokenizer(path, policy, fail)
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = from_pretrained(
-        AutoModelForCausalLM,
-        path,
-        fail,
-        dtype="auto",
-        trust_remote_code=trust,
-        use_safetensors=None if pickles else True,
-    ).to(device)
+    model = checkpoints.load_model(path, policy, fail).to(device)
     model.eval()
     return model, tokenizer
 

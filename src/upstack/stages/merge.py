@@ -187,7 +187,7 @@ def preflight(spec: Spec, ctx) -> None:
     """Before the runner writes anything: every local input is a loadable safetensors checkpoint
     (a LoRA adapter, an adapter dir), and all inputs have the same shapes, including those this
     run builds first (as the recipe gives them). Hub inputs are left to mergekit."""
-    from upstack.models.checkpoints import model_dir_problem
+    from upstack.models.checkpoints import check_model
     from upstack.models.shapes import SHAPE_KEYS, differences, planned_shape
 
     if spec.sweep is not None:
@@ -208,10 +208,7 @@ def preflight(spec: Spec, ctx) -> None:
                     ref.key, f"{adapter} is not a LoRA adapter dir (no adapter_config.json)"
                 )
             continue
-        if not ctx.is_pending(ref):
-            problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
-            if problem:
-                raise ctx.fail(ref.key, problem)
+        check_model(ctx, ref.key)
         shape = planned_shape(ctx.recipe, ref, ctx.pending)
         if shape is None:
             continue

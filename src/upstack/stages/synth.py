@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Literal
 
 from data_synth import DataSynthError, SynthConfig
@@ -34,19 +33,14 @@ def preflight(spec: Spec, ctx) -> None:
     can be known now: a teacher that cannot start here, a missing API key, a broken seed file."""
     from data_synth.seeds import JsonlSeeds, load_problems
     from data_synth.teachers import VLLM_MISSING
-    from upstack.models.checkpoints import hub_model_problem, model_dir_problem
+    from upstack.models.checkpoints import check_model
 
     teacher = spec.teacher
     if isinstance(teacher, VllmTeacher) and importlib.util.find_spec("vllm") is None:
         raise ctx.fail("teacher.kind", VLLM_MISSING)
     for ref in ctx.refs():
-        if ref.thing == "model" and not ctx.is_pending(ref):  # a local teacher's weights
-            if ref.origin == "hub":
-                problem = hub_model_problem(ref.location)
-            else:
-                problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
-            if problem:
-                raise ctx.fail(ref.key, problem)
+        if ref.thing == "model":  # a local teacher's weights
+            check_model(ctx, ref.key)
     if (
         isinstance(teacher, OpenAITeacher)
         and teacher.api_key_env

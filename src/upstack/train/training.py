@@ -141,24 +141,11 @@ def preflight(spec: TrainingSpec, ctx) -> None:
     """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
     every data source is where it says and has the columns the stage needs, `train_layers`
     names layers the model has."""
+    from upstack.models.checkpoints import check_model
+
     check_model(ctx)
     check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
     check_train_layers(spec, ctx)
-
-
-def check_model(ctx) -> None:
-    """The stage's `model` is a checkpoint upstack can load (or one this run builds first)."""
-    from upstack.models.checkpoints import hub_model_problem, model_dir_problem
-
-    ref = ctx.ref("model")
-    if ref.origin == "hub":
-        problem = hub_model_problem(ref.location)
-    elif ctx.is_pending(ref):
-        problem = None
-    else:
-        problem = model_dir_problem(Path(ref.location), ctx.recipe.allow_pickle)
-    if problem:
-        raise ctx.fail("model", problem)
 
 
 def check_train_layers(spec: TrainingSpec, ctx) -> None:
@@ -493,16 +480,9 @@ def on_gpu() -> bool:
 
 
 def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
-    from transformers import AutoTokenizer
+    from upstack.models.checkpoints import load_tokenizer as load
 
-    from upstack.models.checkpoints import from_pretrained
-
-    tokenizer = from_pretrained(
-        AutoTokenizer,
-        model_path,
-        lambda message: ctx.fail("model", message),
-        trust_remote_code=ctx.recipe.trust_remote_code,
-    )
+    tokenizer = load(model_path, ctx.recipe, lambda message: ctx.fail("model", message))
     if chat_template:
         if "{%" not in chat_template and "{{" not in chat_template:
             path = Path(chat_template)
@@ -529,15 +509,11 @@ def require_chat_template(tokenizer, ctx, model_path: str) -> bool:
 def load_model(model_path: str, adapter: Adapter | None, ctx):
     """The model to train; for QLoRA its Linear layers in 4-bit NF4 (bitsandbytes, CPU or GPU)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    from upstack.models.checkpoints import from_pretrained
+    from upstack.models import checkpoints
 
-    kwargs: dict[str, Any] = {
-        "dtype": "auto",
-        "trust_remote_code": ctx.recipe.trust_remote_code,
-        "use_safetensors": None if ctx.recipe.allow_pickle else True,
-    }
+    kwargs: dict[str, Any] = {}
     if flash_attention():
         kwargs["attn_implementation"] = "flash_attention_2"  # what padding-free batches need
     if adapter is not None and adapter.type == "qlora":
@@ -552,7 +528,7 @@ def load_model(model_path: str, adapter: Adapter | None, ctx):
         )
         kwargs["device_map"] = {"": PartialState().local_process_index if on_gpu else "cpu"}
     fail = lambda message: ctx.fail("model", message)  # noqa: E731
-    return from_pretrained(AutoModelForCausalLM, model_path, fail, **kwargs)
+    return checkpoints.load_model(model_path, ctx.recipe, fail, **kwargs)
 
 
 def flash_attention() -> bool:
@@ -739,18 +715,10 @@ def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> N
 def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, ctx) -> None:
     """Base reloaded in full precision (never the 4-bit copy) + adapter, merged into plain weights."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from upstack.models.checkpoints import from_pretrained
+    from upstack.models.checkpoints import load_model
 
-    base = from_pretrained(
-        AutoModelForCausalLM,
-        base_path,
-        lambda message: ctx.fail("model", message),
-        dtype="auto",
-        trust_remote_code=ctx.recipe.trust_remote_code,
-        use_safetensors=None if ctx.recipe.allow_pickle else True,
-    )
+    base = load_model(base_path, ctx.recipe, lambda message: ctx.fail("model", message))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
 
