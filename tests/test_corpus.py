@@ -360,6 +360,29 @@ CASES = [
         line=2,
     ),
     Case(
+        "references",
+        "accelerate-config-missing",
+        "name: c\nlaunch: {accelerate_config: configs/zero3.yaml}\nstages: {init: {}}\n",
+        "launch.accelerate_config: configs/zero3.yaml: file not found",
+        line=2,
+    ),
+    Case(
+        "references",
+        "accelerate-config-not-a-mapping",
+        "name: c\nlaunch:\n  accelerate_config: {tmp}/ddp.yaml\nstages: {init: {}}\n",
+        "launch.accelerate_config: {tmp}/ddp.yaml: an accelerate config is a mapping",
+        line=3,
+        setup=lambda tmp, model: (tmp / "ddp.yaml").write_text("- multi_gpu\n"),
+    ),
+    Case(
+        "references",
+        "accelerate-env-missing",
+        "name: c\noutput_dir: {out}\nstages:\n  init:\n    " + SMALL + "\n  cpt:\n    model: init\n"
+        "    datasets: [{arith: {problems: 5}}]\n    " + FAST + "\n",
+        "ACCELERATE=recipes/accelerate/zero9.yaml: file not found",
+        env={"ACCELERATE": "recipes/accelerate/zero9.yaml"},
+    ),
+    Case(
         "ranges",
         "kv-heads",
         "name: c\nstages:\n  init:\n    architecture: {num_attention_heads: 4,\n"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upstack.core.errors import UserError
+from upstack.core.keys import KeyPath
 from upstack.core.recipe import Recipe
 from upstack.core.refs import Reference
 
@@ -29,10 +30,9 @@ class StageContext:
         self, key: str | tuple = "", message: str = "", error: type[UserError] = UserError
     ) -> UserError:
         """The one-line error for a mistake in this stage's setting `key` (a key path relative to
-        the stage, "" for the stage itself): `FILE:LINE: stages.<name>.<key>: message`.
-        `error=StageFailed` for a stage that ran but did not do its work (exit 1, not 2)."""
-        parts = tuple(key) if isinstance(key, tuple) else tuple(p for p in key.split(".") if p)
-        return self.recipe.error(("stages", self.name, *parts), message, error)
+        the stage, dotted or a tuple; "" for the stage itself): `FILE:LINE: stages.<name>.<key>:
+        message`. `error=StageFailed` for a stage that ran but did not do its work (exit 1)."""
+        return self.recipe.error(KeyPath(("stages", self.name)) + KeyPath.of(key), message, error)
 
     def refs(self) -> list[Reference]:
         """The models and data sets this stage names, resolved at load."""
@@ -53,7 +53,7 @@ class StageContext:
 
     def stage_dir(self, name: str) -> Path:
         """The finished output of another stage of this recipe."""
-        return self.recipe.out_dir / name
+        return self.recipe.run_dir.stage(name)
 
     def log(self, message: str) -> None:
         if is_main_process():

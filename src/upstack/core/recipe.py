@@ -499,7 +499,7 @@ def _set_path(raw: dict, key_path: tuple[str, ...], value: Any, item: str) -> No
             continue
         if not isinstance(node, dict):
             raise UserError(
-                f"--set {shown_override(item)}: {'.'.join(key_path[:i])} is not a mapping"
+                f"--set {shown_override(item)}: {KeyPath(key_path[:i])} is not a mapping"
             )
         node = node.setdefault(key, {})
     last = key_path[-1]
@@ -508,7 +508,7 @@ def _set_path(raw: dict, key_path: tuple[str, ...], value: Any, item: str) -> No
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise UserError(f"--set {shown_override(item)}: {'.'.join(key_path[:-1])} is not a mapping")
+        raise UserError(f"--set {shown_override(item)}: {KeyPath(key_path[:-1])} is not a mapping")
 
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from upstack.core import registry
 from upstack.core.errors import looks_like_secret
+from upstack.core.keys import KeyPath
 
 Origin = Literal["stage", "path", "hub"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -36,6 +37,11 @@ class Reference:
     location: str  # what to load: the stage's output dir, the local path, or the Hub id
     kind: str | None = None  # the stage kind, when origin is "stage"
     stage: str | None = None  # the stage, when origin is "stage" (`soup.best` names stage soup)
+
+    @property
+    def loc(self) -> KeyPath:
+        """The key path as a tuple of keys, for errors: ("models", 0, "model")."""
+        return KeyPath.of(self.key)
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def resolve(
 ) -> Reference:
     """The reference `name` makes, given the recipe's stages (name -> kind) and its sweeps. Raises
     ValueError with the message for the user when it names nothing it may name."""
-    key = ".".join(str(k) for k in name.key)
+    key = str(KeyPath(name.key))
     text, where = name.text, name.where
 
     def made(origin: Origin, location: str, kind: str | None = None) -> Reference:

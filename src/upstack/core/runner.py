@@ -74,6 +74,8 @@ def run(
 ) -> list[str]:
     check_output_dir(recipe)
     steps = plan(recipe, targets, force)
+    if any(_wants_launcher(recipe, recipe.stages[name]) for name in steps):
+        check_launch_env()
     preflight(recipe, steps)
     if dry_run or not steps:
         state = states(recipe)

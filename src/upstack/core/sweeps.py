@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from data_synth.config import Strict
 from upstack.core import registry
+from upstack.core.keys import KeyPath
 
 Loc = tuple  # a key path: ("models", 0, "parameters", "weight")
 KEY_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*$")  # what `--set` takes after `stages.<name>.`
@@ -215,7 +216,7 @@ def _variants(stage: str, sweep: Sweep) -> tuple[list[Variant], list[str]]:
 
 
 def _key_loc(key: str) -> Loc:
-    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
+    return KeyPath.of(key)
 
 
 def _labels(grid: list[Axis]) -> list[str]:
@@ -270,7 +271,7 @@ def _put(body: dict, loc: Loc, value: Any, key_loc: Loc) -> None:
             if not isinstance(key, int) or key >= len(node):
                 raise SweepProblem(
                     key_loc,
-                    f"{'.'.join(map(str, loc[:i]))} has {len(node)} entries: no entry {key}",
+                    f"{KeyPath(loc[:i])} has {len(node)} entries: no entry {key}",
                 )
             if last:
                 node[key] = value
@@ -281,9 +282,7 @@ def _put(body: dict, loc: Loc, value: Any, key_loc: Loc) -> None:
             else:
                 node = node.setdefault(key, {})
         else:
-            raise SweepProblem(
-                key_loc, f"{'.'.join(map(str, loc[:i]))} is a value, not a mapping or a list"
-            )
+            raise SweepProblem(key_loc, f"{KeyPath(loc[:i])} is a value, not a mapping or a list")
 
 
 def _listed_variants(names: list, plans: dict[str, SweepPlan]) -> list:

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from upstack.core.keys import KeyPath
+
 Loc = tuple  # a key path inside a stage's settings: ("slices", 0, "parameters", "t")
 Problem = tuple[Loc, str]  # (key path, message): what a validator turns into one error line
 
@@ -410,7 +412,7 @@ def ignored_parameters(config: Any) -> list[str]:
     method, _ = merge_method(config.merge_method)
     known = {p.name for p in method.spec.parameters}
     return [
-        f"{'.'.join(map(str, (*loc, key)))}: {method.spec.name} takes no '{key}'; mergekit ignores it"
+        f"{KeyPath((*loc, key))}: {method.spec.name} takes no '{key}'; mergekit ignores it"
         for loc, settings, _ in parameter_blocks(config)
         for key in (settings or {})
         if key not in known

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from upstack.core import check_cache
+from upstack.core.keys import KeyPath
 from upstack.core.refs import Declared
 from upstack.core.settings import StageSpec, error_at
 from upstack.core.sweeps import Sweep
@@ -145,7 +146,7 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
     for ref in refs:
         if ref.use == "adapter" and ref.origin == "stage":
             raise recipe.error(
-                ("stages", name, *ref.key.split(".")),
+                ("stages", name, *ref.loc),
                 f"'{ref.text}' after `+` is a LoRA adapter: a directory or Hub id holding "
                 "adapter_config.json, not a stage",
             )
@@ -230,7 +231,7 @@ def output_shape(spec: Spec, input_shape) -> dict | None:
     models = [n for n in merging.model_names(raw) if not n.tokenizer and not n.lora]
     if spec.sweep is not None or not models or raw.get("modules"):
         return None
-    shape = input_shape(".".join(map(str, models[0].loc)))
+    shape = input_shape(str(KeyPath(models[0].loc)))
     if shape is None:
         return None
     if isinstance(raw.get("slices"), list):
@@ -246,9 +247,7 @@ def output_shape(spec: Spec, input_shape) -> dict | None:
 
 def mergekit_config(spec: Spec, location) -> dict[str, Any]:
     """The mergekit YAML for this stage, every model name replaced by `location(key path)`."""
-    return merging.with_locations(
-        spec.mergekit, lambda name: location(".".join(map(str, name.loc)))
-    )
+    return merging.with_locations(spec.mergekit, lambda name: location(str(KeyPath(name.loc))))
 
 
 def card_tags(spec: Spec) -> list[str]:
