@@ -17,9 +17,10 @@ Use = Literal["weights", "tokenizer", "teacher", "train", "eval", "publish"]
 
 
 class Strict(BaseModel):
-    """Every settings model: an unknown key is an error, not a silently ignored typo."""
+    """Every settings model: an unknown key is an error, not a silently ignored typo, and a
+    number is finite (a NaN or infinite setting is never what anyone meant)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 def names(

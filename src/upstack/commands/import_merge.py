@@ -11,8 +11,8 @@ import yaml
 
 from upstack.core.errors import UserError
 from upstack.core.recipe import load_recipe, parse_yaml, read_text
+from upstack.core.settings import STAGE_NAME
 
-STAGE_NAME = re.compile(r"^[A-Za-z0-9_][\w-]*$")  # a name `--set stages.<name>.key=...` can reach
 # Lines that frame a YAML document rather than belong to it: `%YAML 1.2`, `---`, `...`
 DOCUMENT_MARKS = re.compile(r"^(%.*|---\s*(#.*)?|\.\.\.\s*(#.*)?)$")
 

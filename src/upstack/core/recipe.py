@@ -15,7 +15,7 @@ from upstack.core.errors import UserError, is_secret_key, looks_like_secret
 from upstack.core.keys import KeyPath
 from upstack.core.refs import Reference, declared, resolve
 from upstack.core.rundir import RunDir
-from upstack.core.settings import StageSpec, Strict, did_you_mean
+from upstack.core.settings import STAGE_NAME, StageSpec, Strict, did_you_mean
 from upstack.core.sweeps import LOWER_IS_BETTER, Sweep, SweepPlan, SweepProblem, expand
 
 __all__ = ["Recipe", "load_recipe", "locate"]
@@ -189,7 +189,7 @@ def load_recipe(
     path = Path(path)
     text = read_text(path)
     root = parse_yaml(text, str(path))
-    raw = yaml.safe_load(text)
+    raw = construct(text, str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping with at least `name` and `stages`")
 
@@ -199,6 +199,13 @@ def load_recipe(
 
     def where(loc: tuple[str | int, ...]) -> str:
         return _locate(root, str(path), overrides, loc)
+
+    # A number YAML reads as NaN or infinity (.nan, .inf, 1e999) is no setting anyone means,
+    # wherever it is: upstack's keys, TRL's, mergekit's, a sweep's grid.
+    for loc, value in _leaves(raw):
+        if not _finite(value):
+            shown = KeyPath(loc)
+            raise UserError(f"{where(shown)}: {shown}: not a finite number (got {value!r})")
 
     # the top level first: `stage:` for `stages:` is a typo, not a missing `stages`
     top_level = [k for k, f in Recipe.model_fields.items() if not f.exclude]
@@ -211,6 +218,13 @@ def load_recipe(
         raise UserError(
             f"{where(('stages',))}: stages: a mapping of stage name -> settings is required"
         )
+    for name in stages_raw:
+        if not isinstance(name, str) or not STAGE_NAME.match(name):
+            raise UserError(
+                f"{where(('stages', name))}: stages.{name}: a stage name is letters, digits, _ "
+                "and - (it names the stage's directory under output_dir, so nothing else may be "
+                "in it: no /, no .., no spaces)"
+            )
 
     kinds = _kinds(stages_raw)
     # A sweep's variants become stages of their own before anything is validated, so each is
@@ -358,8 +372,13 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+# A recipe has hundreds of values; YAML aliases (*name) can make a few lines stand for billions.
+MAX_VALUES = 100_000
+
+
 def parse_yaml(text: str, source: str) -> yaml.Node | None:
-    """The YAML node tree (kept for line numbers), refusing syntax errors and duplicate keys."""
+    """The YAML node tree (kept for line numbers), refusing syntax errors, alias bombs and
+    duplicate keys."""
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as err:
@@ -371,8 +390,79 @@ def parse_yaml(text: str, source: str) -> yaml.Node | None:
             mark, message = context_mark, f"{context} that is never closed"
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{source}{line}: not valid YAML: {message}") from None
+    values = _expanded_size(root)
+    if values > MAX_VALUES:
+        raise UserError(
+            f"{source}: its aliases (*name) expand it to over {MAX_VALUES:,} values "
+            f"({values:,}); a recipe is never that large: write the repeated part once"
+        )
     _refuse_duplicate_keys(root, source, ())
     return root
+
+
+def construct(text: str, source: str) -> Any:
+    """The YAML's plain data (parse_yaml has refused what cannot be read or is too large)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:  # a tag (!python/object, !foo) only a full loader would take
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{source}{line}: not plain YAML data: {problem}") from None
+
+
+def _expanded_size(root: yaml.Node | None) -> int:
+    """How many values the YAML holds once every alias is expanded (shared nodes counted each
+    time they are used), computed without expanding: a few loops over the distinct nodes."""
+    if root is None:
+        return 0
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = (
+            [part for pair in node.value for part in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
+        if children_done or not children:
+            sizes[id(node)] = min(1 + sum(sizes.get(id(c), 1) for c in children), 2**62)
+            continue
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _leaves(data: Any, loc: tuple = ()):
+    """(key path, value) of every plain value in YAML data."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _leaves(value, (*loc, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _leaves(value, (*loc, i))
+    else:
+        yield loc, data
+
+
+FLOAT_TEXT = re.compile(
+    r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$"
+)  # 1e999: what YAML 1.1 leaves a string
+
+
+def _finite(value: Any) -> bool:
+    """False for a float that is NaN or infinite, or a number written so large it overflows."""
+    import math
+
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str) and FLOAT_TEXT.match(value.strip()):
+        return math.isfinite(float(value))
+    return True
 
 
 def _refuse_duplicate_keys(node: yaml.Node | None, source: str, loc: tuple) -> None:

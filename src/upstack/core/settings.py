@@ -8,6 +8,7 @@ settings hold one hashes the generators' code (upstack.core.hashing)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -16,7 +17,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from data_synth.config import Strict, names, used_for
 from upstack.core.keys import KeyPath
 
-__all__ = ["StageSpec", "Strict", "did_you_mean", "error_at", "names", "used_for"]
+__all__ = ["STAGE_NAME", "StageSpec", "Strict", "did_you_mean", "error_at", "names", "used_for"]
+
+# A stage's name is its directory under output_dir and a key `--set stages.<name>.x` reaches:
+# nothing that could leave that directory (/, ..), nothing a shell or a key path splits on.
+STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$")
 
 
 class StageSpec(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ FIXED_KEYS = ("kind", "after", "sweep")
 # measures where lower is better; every other one (accuracies, lm-eval scores) is higher-better
 LOWER_IS_BETTER = ("loss", "perplexity")
 PLOT = "sweep.png"
+# every variant is a stage with a model of its own (gigabytes each at real sizes)
+MAX_VARIANTS = 256
 TABLE = "sweep.json"
 
 
@@ -182,6 +185,14 @@ def scores(kind: object) -> bool:
 
 def _variants(stage: str, sweep: Sweep) -> tuple[list[Variant], list[str]]:
     """Every combination of the axes' values, named `<stage>-<label>-<value>[-...]`."""
+    count = math.prod(len(axis.values) for axis in sweep.grid)  # known before any is made
+    if count > MAX_VARIANTS:
+        sizes = " x ".join(str(len(axis.values)) for axis in sweep.grid)
+        raise SweepProblem(
+            ("stages", stage, "sweep", "grid"),
+            f"{sizes} = {count:,} variants, each a merge of its own; at most {MAX_VARIANTS}: "
+            "sweep fewer values (mergekit-evolve searches larger spaces)",
+        )
     labels = _labels(sweep.grid)
     for i, axis in enumerate(sweep.grid):
         if isinstance(axis.key, list):
