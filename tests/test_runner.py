@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_cli, write_recipe
 
 from upstack.core import runner
+from upstack.core.errors import Interrupted, StageFailed
 from upstack.core.recipe import load_recipe
 
 # Two tiny init stages, `b` ordered after `a`: fast, real stages, and a dependency edge.
@@ -164,10 +165,56 @@ def test_a_failed_stage_is_reported_failed_and_leaves_no_output(chain, monkeypat
 
     monkeypatch.setattr(init_model, "run", broken)
     recipe = load_recipe(path)
-    with pytest.raises(RuntimeError, match="disk full"):
+    # not upstack's own error: one line naming the stage and the error, exit 1, the traceback
+    # kept for a bug report
+    with pytest.raises(StageFailed, match=r"stages\.a: RuntimeError: disk full") as caught:
         runner.run(recipe, ["a"])
+    assert caught.value.exit_code == 1 and "\n" not in str(caught.value)
+    trace = recipe.run_dir.work("a") / "traceback.txt"
+    assert str(trace) in str(caught.value) and "in broken" in trace.read_text()
     assert _states(recipe)["a"] == "failed"
     assert not (out / "a").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_a_model_with_nan_weights_is_not_done(chain, monkeypatch):
+    """A stage that writes a non-finite model fails instead of saying done."""
+    from safetensors.torch import load_file, save_file
+
+    path, out = chain
+    from upstack.stages import init as init_model
+
+    real = init_model.run
+
+    def poisoned(spec, ctx):
+        metrics = real(spec, ctx)
+        weights = ctx.out_dir / "model.safetensors"
+        tensors = load_file(weights)
+        tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+        return metrics
+
+    monkeypatch.setattr(init_model, "run", poisoned)
+    recipe = load_recipe(path)
+    with pytest.raises(
+        StageFailed, match=r"NaN or infinite values in model\.layers\.1\.mlp\.up_proj"
+    ):
+        runner.run(recipe, ["a"])
+    assert _states(recipe)["a"] == "failed" and not (out / "a").exists()
+
+
+def test_ctrl_c_in_a_stage_marks_it_interrupted(chain, monkeypatch):
+    path, _ = chain
+    from upstack.stages import init as init_model
+
+    def interrupted(spec, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(init_model, "run", interrupted)
+    recipe = load_recipe(path)
+    with pytest.raises(Interrupted, match="interrupted; its checkpoints are kept") as caught:
+        runner.run(recipe, ["a"])
+    assert caught.value.exit_code == 130
+    assert _states(recipe)["a"] == "interrupted"
 
 
 def test_a_second_concurrent_run_is_refused(chain):

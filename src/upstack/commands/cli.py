@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a stage (a stage's becomes its Interrupted line)
         print("interrupted", file=sys.stderr)
         return 130
 

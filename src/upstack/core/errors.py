@@ -18,6 +18,13 @@ class StageFailed(UserError):
     exit_code = 1
 
 
+class Interrupted(StageFailed):
+    """Ctrl-C or SIGTERM (a scheduler's preemption): the stage stopped, saving what it could; its
+    state is `interrupted` and a rerun resumes."""
+
+    exit_code = 130
+
+
 # Shapes API keys and tokens take: a value like these is never echoed in an error or `show`.
 SECRET = re.compile(
     r"^(sk-|hf_|ghp_|gho_|github_pat_|xox[abp]-|AKIA|AIza|glpat-)[\w-]{8,}$"

@@ -22,17 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from upstack.core.errors import UserError
+from upstack.core.errors import Interrupted, UserError
 
 MANIFEST = "upstack.json"  # written last inside a stage dir: its presence means the stage finished
 FAILED = "failed.json"  # in the stage's work dir when its last attempt raised
 WORKER_ERROR = ".error.json"  # an accelerate worker's one-line error, for the launcher to print
 WORKER_METRICS = ".metrics.json"  # an accelerate worker's metrics, for the launcher's manifest
+TRACEBACK = "traceback.txt"  # in the work dir: the last attempt's traceback, when it was not ours
 WORK = ".work"
 TEMP = ".tmp-"
 LOCK = ".lock"
 
-State = Literal["done", "stale", "failed", "missing"]
+State = Literal["done", "stale", "failed", "interrupted", "missing"]
 
 
 def read_manifest(stage_dir: Path | str) -> dict[str, Any] | None:
@@ -68,20 +69,24 @@ class RunDir:
 
     def state(self, name: str, expected_hash: str) -> State:
         """done (its manifest has this hash), stale (another hash), failed (its last attempt
-        raised), missing."""
+        raised), interrupted (Ctrl-C, SIGTERM), missing."""
         manifest = self.manifest(name)
         if manifest is not None:
             return "done" if manifest.get("config_hash") == expected_hash else "stale"
-        if (self.work(name) / FAILED).exists():
-            return "failed"
-        return "missing"
+        try:
+            failed = json.loads((self.work(name) / FAILED).read_text())
+        except (OSError, ValueError):
+            return "missing"
+        return "interrupted" if failed.get("interrupted") else "failed"
 
     def mark_failed(self, name: str, error: BaseException) -> None:
+        interrupted = isinstance(error, KeyboardInterrupt | Interrupted)
         with suppress(OSError):  # a full disk must not hide the error that filled it
             (self.work(name) / FAILED).write_text(
                 json.dumps(
                     {
                         "error": f"{type(error).__name__}: {error}",
+                        "interrupted": interrupted,
                         "at": dt.datetime.now(dt.timezone.utc).isoformat(),
                     }
                 )

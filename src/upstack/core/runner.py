@@ -10,17 +10,18 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from upstack.core import logs, registry
+from upstack.core import logs, outputs, registry
 from upstack.core.context import StageContext
-from upstack.core.errors import StageFailed, UserError
+from upstack.core.errors import Interrupted, StageFailed, UserError
 from upstack.core.hashing import stage_hashes
 from upstack.core.recipe import Recipe, accelerate_config_problem, locate
-from upstack.core.rundir import WORKER_ERROR, WORKER_METRICS, RunDir
+from upstack.core.rundir import TRACEBACK, WORKER_ERROR, WORKER_METRICS, RunDir
 from upstack.core.settings import StageSpec
 from upstack.core.tables import short
 
@@ -177,21 +178,44 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
             metrics = _launch(recipe, name, tmp, work)
         else:
             metrics = execute_stage(recipe, name, tmp, work, hashes[name])
+        # what the stage wrote must be what its kind promises before it counts as done
+        problem = outputs.problem(registry.kind(spec.kind).output, tmp)
+        if problem:
+            raise recipe.error(("stages", name), problem, StageFailed)
         run_dir.finish(name, tmp, manifest(recipe, name, hashes, metrics, started, t0))
     except BaseException as err:
         run_dir.abandon(tmp)
         run_dir.mark_failed(name, err)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise StageFailed(
-                f"{locate(recipe, 'stages', name)}: stages.{name}: disk full while writing "
-                f"{err.filename or tmp}: free space under {recipe.out_dir} and rerun "
-                "(checkpoints and request caches in .work are kept)"
-            ) from None
-        raise
+        raise one_line(recipe, name, err, work) from None
     finally:
         log, count = logs.stage_log_done()
         if count:
             print(f"[{name}] {count} library warnings in {log}", file=sys.stderr, flush=True)
+
+
+def one_line(recipe: Recipe, name: str, err: BaseException, work: Path) -> BaseException:
+    """What a stage's failure becomes for the person at the terminal: its own one line when it
+    is upstack's (a UserError says what to fix), else one line naming the stage and the error,
+    the traceback kept in the work dir for a bug report; a rerun resumes either way."""
+    where = f"{locate(recipe, 'stages', name)}: stages.{name}"
+    if isinstance(err, UserError):
+        return err
+    if isinstance(err, KeyboardInterrupt | Interrupted):
+        return Interrupted(f"{where}: interrupted; its checkpoints are kept: rerun to resume")
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return StageFailed(
+            f"{where}: disk full while writing {err.filename or work}: free space under "
+            f"{recipe.out_dir} and rerun (checkpoints and request caches are kept)"
+        )
+    if isinstance(err, SystemExit):
+        return StageFailed(f"{where}: a library it called exited ({err.code})")
+    trace = work / TRACEBACK
+    with suppress(OSError):
+        trace.write_text("".join(traceback.format_exception(err)))
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    origin = type(err).__module__.split(".")[0]
+    shown = f"{type(err).__name__}" if origin == "builtins" else f"{origin}: {type(err).__name__}"
+    return StageFailed(f"{where}: {shown}: {first} (traceback: {trace})")
 
 
 def manifest(
