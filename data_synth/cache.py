@@ -6,6 +6,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,34 @@ class Cache:
     (only a power cut can lose the last commits, never corrupt the file).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, log: Callable[[str], None] = print):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None)  # autocommit: each INSERT commits
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, task TEXT, messages TEXT, "
-            "reply TEXT NOT NULL, retries INTEGER, created REAL)"
-        )
+        try:
+            self.db = self._open(path)
+        except sqlite3.DatabaseError as err:
+            # a damaged file (a disk that filled, a copy cut short) is set aside, never deleted:
+            # the answers in it may be recoverable, and they cost money
+            aside = set_aside(path)
+            log(f"request cache {path} is damaged ({err}); moved to {aside}, starting a new one")
+            self.db = self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None)  # autocommit: each INSERT commits
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, task TEXT, "
+                "messages TEXT, reply TEXT NOT NULL, retries INTEGER, created REAL)"
+            )
+            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -59,3 +79,14 @@ class Cache:
 
     def close(self) -> None:
         self.db.close()
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a cache file (and its WAL files) to `<name>.damaged-<time>`; returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            part.rename(aside.with_name(aside.name + suffix))
+    return aside

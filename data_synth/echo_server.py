@@ -37,8 +37,20 @@ def reply_text(messages: list[dict]) -> str:
 
 
 class EchoServer:
-    def __init__(self, latency: float, fail_rate: float, hang_s: float, log: str | None, seed: int):
+    def __init__(
+        self,
+        latency: float,
+        fail_rate: float,
+        hang_s: float,
+        log: str | None,
+        seed: int,
+        retry_after_s: float = 0.0,
+    ):
         self.latency, self.fail_rate, self.hang_s = latency, fail_rate, hang_s
+        # > 0: every request is first answered 429 with `Retry-After: retry_after_s` (a busy
+        # hosted API), and only its retry is served
+        self.retry_after_s = retry_after_s
+        self.throttled: set[str] = set()
         self.rng = random.Random(seed)
         self.log = open(log, "a", buffering=1) if log else None  # noqa: SIM115 - lives as long as the server
         self.served = 0
@@ -56,9 +68,12 @@ class EchoServer:
                 body = await reader.readexactly(length) if length else b""
                 status, payload = await self.route(method, path, body)
                 data = json.dumps(payload).encode()
+                extra = b""
+                if status == 429:
+                    extra = b"Retry-After: %d\r\n" % round(self.retry_after_s)
                 writer.write(
-                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                    % (status, len(data), data)
+                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                    % (status, extra, len(data), data)
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -75,6 +90,11 @@ class EchoServer:
             return 404, {"error": {"message": f"no route {method} {path}"}}
         request = json.loads(body)
         await asyncio.sleep(self.latency)
+        if self.retry_after_s > 0:
+            key = json.dumps(request["messages"], sort_keys=True)
+            if key not in self.throttled:
+                self.throttled.add(key)
+                return 429, {"error": {"message": "rate limited", "type": "rate_limit"}}
         roll = self.rng.random()
         if roll < self.fail_rate / 2:
             return 503, {"error": {"message": "injected failure", "type": "server_error"}}
@@ -138,6 +158,7 @@ def running(
     log: str | None = None,
     seed: int = 0,
     port: int | None = None,
+    retry_after_s: float = 0.0,
 ) -> Iterator[str]:
     """An echo server in a separate process for the duration of a `with`; yields its base URL.
     `port` (default: a free one) lets a test stop a teacher and bring it back at the same URL."""
@@ -158,6 +179,8 @@ def running(
         str(hang_s),
         "--seed",
         str(seed),
+        "--retry-after-s",
+        str(retry_after_s),
     ]
     process = subprocess.Popen([*cmd, *(["--log", log] if log else [])], env=env)
     try:
@@ -186,6 +209,12 @@ def main() -> None:
     )
     parser.add_argument("--log", default=None, help="append one JSON line per answered completion")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--retry-after-s",
+        type=float,
+        default=0.0,
+        help="answer each request 429 first, with Retry-After: this many seconds",
+    )
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
@@ -196,6 +225,7 @@ def main() -> None:
                 hang_s=args.hang_s,
                 log=args.log,
                 seed=args.seed,
+                retry_after_s=args.retry_after_s,
             )
         )
 

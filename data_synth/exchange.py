@@ -26,6 +26,19 @@ class Reply:
     text: str | None  # None: the request failed for good (after retries)
     retries: int = 0
     error: str | None = None  # why it failed: "HTTP 503", "APITimeoutError", ...
+    truncated: bool = False  # the teacher stopped at max_tokens, not at the end of its answer
+
+    @property
+    def unusable(self) -> str | None:
+        """Why this reply cannot be kept as the request's final answer (it is then not cached,
+        and the next run asks again: a teacher fixed meanwhile answers in full), or None."""
+        if self.text is None:
+            return self.error or "unknown error"
+        if self.truncated:
+            return "truncated at max_tokens"
+        if not self.text.strip():
+            return "empty reply"
+        return None
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ def synthesize(
     log(f"{len(seeds)} seeds after dedup and decontamination ({dict(tally.dropped)} dropped)")
 
     runtime = Runtime(seed, trust_remote_code, allow_pickle, resolve)
-    cache, verdicts = Cache(Path(cache_path)), {}
+    cache, verdicts = Cache(Path(cache_path), log), {}
     first = [r for p in seeds for r in _first_round(p, config, seed)]
     bar = tqdm(
         total=len(first),
@@ -444,12 +444,15 @@ def _ask(
         async for request, reply in teachers.stream(config.teacher, todo, runtime):
             tally.sent += 1
             tally.retries += reply.retries
-            if reply.text is None:  # failed for good: not cached, so the next run asks again
-                tally.failed[reply.error or "unknown error"] += 1
+            problem = reply.unusable
+            if problem:  # failed, cut short or empty: not cached, so the next run asks again
+                tally.failed[problem] += 1
+                text = None
             else:
-                cache.put(request.key, request.task, request.messages, reply.text, reply.retries)
-            replies[request.key] = reply.text
-            judge(request, reply.text)
+                text = reply.text
+                cache.put(request.key, request.task, request.messages, text, reply.retries)
+            replies[request.key] = text
+            judge(request, text)
             bar.update(1)
             bar.set_postfix(
                 kept=tally.verified,

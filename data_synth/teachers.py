@@ -192,21 +192,50 @@ async def _openai_one(spec: OpenAITeacher, clients: list, index: int, request: R
                 cast_to=bytes,
                 body={"model": spec.model, "messages": request.messages, **request.sampling},
             )
-            text = json.loads(raw)["choices"][0]["message"].get("content")
-            return Reply(text or "", retries=retries)
+            choice = json.loads(raw)["choices"][0]
+            text = choice["message"].get("content") or ""
+            return Reply(text, retries=retries, truncated=choice.get("finish_reason") == "length")
         except APIConnectionError as err:  # includes timeouts
-            error = f"{type(err).__name__}"
+            error, asked_wait = f"{type(err).__name__}", None
         except APIStatusError as err:
             if err.status_code not in (408, 409, 429) and err.status_code < 500:
                 # our request is bad: retrying will not help
                 return Reply(None, retries=retries, error=f"HTTP {err.status_code}")
-            error = f"HTTP {err.status_code}"
+            error, asked_wait = f"HTTP {err.status_code}", retry_after(err.response)
         if retries >= spec.max_retries:
             return Reply(None, retries=retries, error=error)
-        # exponential backoff with jitter, so a fleet hit by the same 429 does not retry in lockstep
+        # exponential backoff with jitter, so a fleet hit by the same 429 does not retry in
+        # lockstep; a server that says when to come back (Retry-After) is taken at its word
         delay = min(spec.backoff_max_s, spec.backoff_s * 2**retries)
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay *= random.uniform(0.5, 1.0)
+        if asked_wait is not None:
+            delay = max(delay, min(asked_wait, MAX_RETRY_AFTER_S))
+        await asyncio.sleep(delay)
         retries += 1
+
+
+MAX_RETRY_AFTER_S = 600.0  # a server asking for longer is down, not busy: retry then anyway
+
+
+def retry_after(response) -> float | None:
+    """Seconds a 429 or 503 response asks the client to wait: `Retry-After` (seconds or an HTTP
+    date) or OpenAI's `retry-after-ms`; None when it does not say."""
+    import email.utils
+    import time
+
+    headers = getattr(response, "headers", None) or {}
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        if value.strip().isdigit():
+            return float(value)
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- vllm
@@ -243,7 +272,8 @@ async def _vllm(
             llm.chat, [r.messages for r in batch], params, use_tqdm=False
         )
         for request, output in zip(batch, outputs, strict=True):
-            yield request, Reply(output.outputs[0].text)
+            first = output.outputs[0]
+            yield request, Reply(first.text, truncated=first.finish_reason == "length")
 
 
 # --------------------------------------------------------------------------- transformers
@@ -295,7 +325,14 @@ async def _transformers(
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        # a row that never produced eos within max_tokens was cut short (padding follows eos)
+        ended = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+        cut = [
+            not e and len(row) >= sampling["max_tokens"]
+            for e, row in zip(ended, new_tokens, strict=True)
+        ]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return list(zip(texts, cut, strict=True))
 
     # batch only requests with the same sampling settings: generate() takes one set per call
     by_sampling: dict[str, list[Request]] = {}
@@ -304,5 +341,6 @@ async def _transformers(
     for group in by_sampling.values():
         for start in range(0, len(group), spec.batch_size):
             batch = group[start : start + spec.batch_size]
-            for request, text in zip(batch, await asyncio.to_thread(generate, batch), strict=True):
-                yield request, Reply(text)
+            answers = await asyncio.to_thread(generate, batch)
+            for request, (text, cut) in zip(batch, answers, strict=True):
+                yield request, Reply(text, truncated=cut)

@@ -102,16 +102,18 @@ def run_synth(tmp_path, monkeypatch, make_reply) -> dict:
 
 
 @pytest.mark.parametrize(
-    "reply, reason",
+    "reply, reason, error",
     [
-        ("", "empty"),
-        ("So the total is some number.", "no_boxed_answer"),
-        ("So \\boxed{999}.", "wrong_answer"),
-        ("Cut off: \\boxed{12", "no_boxed_answer"),
-        (None, "request_failed"),
+        ("", "request_failed", "empty reply"),  # nothing to keep: not cached, asked again
+        ("So the total is some number.", "no_boxed_answer", None),
+        ("So \\boxed{999}.", "wrong_answer", None),
+        ("Cut off: \\boxed{12", "no_boxed_answer", None),
+        (None, "request_failed", "HTTP 500"),
     ],
 )
-def test_malformed_teacher_output_is_dropped_and_counted(tmp_path, monkeypatch, reply, reason):
+def test_malformed_teacher_output_is_dropped_and_counted(
+    tmp_path, monkeypatch, reply, reason, error
+):
     """Nothing usable: every reply dropped by reason, and the stage fails rather than hand an
     empty data set to sft (the tally is kept beside the request cache)."""
     with pytest.raises(StageFailed, match=r"stages\.synth\.teacher: ") as failed:
@@ -120,9 +122,9 @@ def test_malformed_teacher_output_is_dropped_and_counted(tmp_path, monkeypatch, 
     # 5 rephrased answers dropped in round one; 5 rephrased questions dropped in round one
     # (empty, failed) or, being usable text, sent to round two and their solves dropped there
     assert stats["kept"] == 0 and stats["dropped"] == {reason: 10}
-    if reply is None:  # failed requests: counted by error, more than the allowed share
-        assert stats["request_errors"] == {"HTTP 500": 10}
-        assert "10 of 10 teacher requests failed (HTTP 500 x10)" in str(failed.value)
+    if error:  # failed requests: counted by error, more than the allowed share
+        assert stats["request_errors"] == {error: 10}
+        assert f"10 of 10 teacher requests failed ({error} x10)" in str(failed.value)
     else:
         assert f"no record survived verification ({reason} x10)" in str(failed.value)
     assert not (tmp_path / "runs" / "synth").exists()  # no output that counts as done

@@ -70,3 +70,24 @@ def test_synth_killed_mid_run_resumes_without_redoing_or_losing_a_request(tmp_pa
     assert stats["cache_hits"] == len(before)
     assert stats["requests_sent"] == total - len(before)
     assert cached_keys(cache_file) >= before and len(cached_keys(cache_file)) == total
+
+
+def test_a_damaged_request_cache_is_set_aside_and_rebuilt(tmp_path):
+    """A cache file cut short or overwritten is kept under another name, and the run starts a
+    new one instead of ending in a sqlite traceback."""
+    from data_synth.cache import Cache
+
+    path = tmp_path / "requests.sqlite"
+    cache = Cache(path)
+    cache.put("k", "solve", [], "answer", 0)
+    cache.close()
+    path.write_bytes(b"not a database at all" * 100)
+    said = []
+    again = Cache(path, said.append)
+    assert len(again) == 0 and "is damaged" in said[0]
+    aside = [
+        p
+        for p in tmp_path.iterdir()
+        if ".damaged-" in p.name and not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"not a database")
