@@ -316,7 +316,8 @@ def _stream(source: Source, fmt: str, ctx, where: str, seed: int, tokenizer):
     if problem:
         raise ctx.fail(f"{where}{problem[0]}", problem[1])
     # Named by what it holds: under accelerate the main process writes it first
-    # (training.prepare) and the other ranks find it instead of reading the stream again.
+    # (upstack.train.inputs.prepare) and the other ranks find it instead of reading the stream
+    # again.
     identity = json.dumps([source.model_dump(mode="json"), seed, fmt], sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     out = ctx.work_dir / "streamed" / f"{where.replace('.', '_')}-{digest}.jsonl"
