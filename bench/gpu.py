@@ -248,7 +248,7 @@ def train_worker(job: dict) -> dict:
     import transformers.trainer
     import trl
 
-    from upstack.train.training import flash_attention
+    from upstack.train.settings import flash_attention
 
     cuda = torch.cuda.is_available()
     clock = step_clock()

@@ -16,7 +16,7 @@ from upstack.core.recipe import load_recipe
 from upstack.core.runner import context, run
 from upstack.models import layermap
 from upstack.stages import cpt
-from upstack.train import training
+from upstack.train.loop import train_and_save
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,7 +86,7 @@ def test_training_only_new_layers_leaves_the_rest_bit_identical(grown, tmp_path)
     new = [2, 5, 8, 11]
     assert layermap.select(layermap.read_layer_map(recipe.out_dir / "up_expand"), "new") == new
 
-    metrics = training.train_and_save(trainer, spec, ctx)
+    metrics = train_and_save(trainer, spec, ctx)
 
     # the optimizer holds state for exactly the parameters of the new layers, counted
     model = trainer.model
@@ -171,7 +171,7 @@ def test_lora_adapts_only_the_listed_layers(grown, tmp_path):
     lora = [name for name, _ in trainer.model.named_parameters() if "lora_" in name]
     assert len(lora) == 2 * 7 * 2
 
-    metrics = training.train_and_save(trainer, spec, ctx)
+    metrics = train_and_save(trainer, spec, ctx)
     assert metrics["trained"]["layers"] == [1, 4] and metrics["trained"]["lm_head"] is True
     before, after = tensors(recipe.out_dir / "up_dus"), tensors(ctx.out_dir)
     assert before.keys() == after.keys()

@@ -195,7 +195,7 @@ def _show(recipe, as_json: bool) -> None:
         return
     print(yaml.safe_dump(data, sort_keys=False), end="")
     if effective:
-        from upstack.train.training import on_gpu
+        from upstack.train.settings import on_gpu
 
         device = "GPU" if on_gpu() else "CPU"
         print(

@@ -45,14 +45,14 @@ def run(spec: Spec, ctx) -> dict:
 
     from upstack.models import layer_analysis
     from upstack.models.checkpoints import load_model
-    from upstack.train import training
     from upstack.train.data import build_mixture
+    from upstack.train.inputs import load_tokenizer
 
     path = ctx.ref("model").location
     model = load_model(path, ctx.recipe, lambda message: ctx.fail("model", message)).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    tokenizer = training.load_tokenizer(path, ctx)
+    tokenizer = load_tokenizer(path, ctx)
     rows, _ = build_mixture(spec.datasets, "text", ctx)
     # row by row: a large corpus is read only as far as the sample needs
     sequences = packed(tokenizer, (row["text"] for row in rows), spec.samples, spec.max_length)

@@ -7,11 +7,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from upstack.core.settings import Strict, error_at
-from upstack.train.training import TrainingSpec
-from upstack.train.training import output_shape as output_shape  # the model's shape, kept
-from upstack.train.training import (
-    preflight as preflight,  # data sources checked before anything runs
-)
+from upstack.train.hooks import output_shape as output_shape  # the model's shape, kept
+from upstack.train.hooks import preflight as preflight  # model, data, train_layers checked first
+from upstack.train.spec import TrainingSpec
 
 # The stage contract (upstack.core.contract)
 OUTPUT = "model"  # a checkpoint
@@ -94,10 +92,12 @@ def build(spec: Spec, ctx) -> tuple[Any, dict | None]:
     from trl import SFTConfig, SFTTrainer
 
     from upstack.core.tables import markdown_table
-    from upstack.train import training
+    from upstack.train.inputs import prepare
+    from upstack.train.model import model_parts
+    from upstack.train.settings import trainer_config, trainer_settings
 
-    inputs = training.prepare(spec, ctx, mixture=spec.mixture)
-    settings = training.trainer_settings(spec, stage_defaults, inputs)
+    inputs = prepare(spec, ctx, mixture=spec.mixture)
+    settings = trainer_settings(spec, stage_defaults, inputs)
     if inputs.mixture:
         columns = list(next(iter(inputs.mixture.values())))
         rows = [[name, *info.values()] for name, info in inputs.mixture.items()]
@@ -110,10 +110,10 @@ def build(spec: Spec, ctx) -> tuple[Any, dict | None]:
                 "eval_steps": settings["logging_steps"],
             }
     trainer = SFTTrainer(
-        args=training.trainer_config(SFTConfig, settings, ctx),
+        args=trainer_config(SFTConfig, settings, ctx),
         train_dataset=inputs.train,
         eval_dataset=inputs.held_out,
-        **training.model_parts(spec, ctx, inputs),
+        **model_parts(spec, ctx, inputs),
     )
     return trainer, inputs.mixture
 
@@ -124,14 +124,14 @@ def card_tags(spec: Spec) -> list[str]:
 
 def effective_settings(spec: Spec) -> dict[str, Any]:
     """What this stage passes to TRL on this machine (`upstack show`)."""
-    from upstack.train import training
+    from upstack.train.settings import trainer_settings
 
-    return training.trainer_settings(spec, stage_defaults)
+    return trainer_settings(spec, stage_defaults)
 
 
 def run(spec: Spec, ctx) -> dict:
-    from upstack.train import training
+    from upstack.train.loop import train_and_save
 
     trainer, mixture = build(spec, ctx)
-    metrics = training.train_and_save(trainer, spec, ctx)
+    metrics = train_and_save(trainer, spec, ctx)
     return {**metrics, "mixture": mixture} if mixture else metrics

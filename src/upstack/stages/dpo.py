@@ -6,11 +6,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from upstack.train.training import TrainingSpec
-from upstack.train.training import output_shape as output_shape  # the model's shape, kept
-from upstack.train.training import (
-    preflight as preflight,  # data sources checked before anything runs
-)
+from upstack.train.hooks import output_shape as output_shape  # the model's shape, kept
+from upstack.train.hooks import preflight as preflight  # model, data, train_layers checked first
+from upstack.train.spec import TrainingSpec
 
 # The stage contract (upstack.core.contract)
 OUTPUT = "model"  # a checkpoint
@@ -40,16 +38,18 @@ def build_trainer(spec: Spec, ctx):
     are computed once up front, so no second model stays in memory either way."""
     from trl import DPOConfig, DPOTrainer
 
-    from upstack.train import training
+    from upstack.train.inputs import prepare
+    from upstack.train.model import model_parts
+    from upstack.train.settings import trainer_config, trainer_settings
 
-    inputs = training.prepare(spec, ctx, spec.chat_template)
-    settings = training.trainer_settings(spec, stage_defaults, inputs)
+    inputs = prepare(spec, ctx, spec.chat_template)
+    settings = trainer_settings(spec, stage_defaults, inputs)
     return DPOTrainer(
         ref_model=None,
-        args=training.trainer_config(DPOConfig, settings, ctx),
+        args=trainer_config(DPOConfig, settings, ctx),
         train_dataset=inputs.train,
         eval_dataset=inputs.held_out,
-        **training.model_parts(spec, ctx, inputs),
+        **model_parts(spec, ctx, inputs),
     )
 
 
@@ -59,12 +59,12 @@ def card_tags(spec: Spec) -> list[str]:
 
 def effective_settings(spec: Spec) -> dict[str, Any]:
     """What this stage passes to TRL on this machine (`upstack show`)."""
-    from upstack.train import training
+    from upstack.train.settings import trainer_settings
 
-    return training.trainer_settings(spec, stage_defaults)
+    return trainer_settings(spec, stage_defaults)
 
 
 def run(spec: Spec, ctx) -> dict:
-    from upstack.train import training
+    from upstack.train.loop import train_and_save
 
-    return training.train_and_save(build_trainer(spec, ctx), spec, ctx)
+    return train_and_save(build_trainer(spec, ctx), spec, ctx)

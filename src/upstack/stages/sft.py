@@ -6,11 +6,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from upstack.train.training import TrainingSpec
-from upstack.train.training import output_shape as output_shape  # the model's shape, kept
-from upstack.train.training import (
-    preflight as preflight,  # data sources checked before anything runs
-)
+from upstack.train.hooks import output_shape as output_shape  # the model's shape, kept
+from upstack.train.hooks import preflight as preflight  # model, data, train_layers checked first
+from upstack.train.spec import TrainingSpec
 
 # The stage contract (upstack.core.contract)
 OUTPUT = "model"  # a checkpoint
@@ -37,9 +35,11 @@ def build_trainer(spec: Spec, ctx):
     """The SFTTrainer, data tokenized and masked, before any step: what `run` trains and tests inspect."""
     from trl import SFTConfig, SFTTrainer
 
-    from upstack.train import training
+    from upstack.train.inputs import prepare
+    from upstack.train.model import model_parts
+    from upstack.train.settings import trainer_config, trainer_settings
 
-    inputs = training.prepare(spec, ctx, spec.chat_template)
+    inputs = prepare(spec, ctx, spec.chat_template)
     train, held_out = inputs.train, inputs.held_out
     if inputs.marks_turns:
         # the template's {% generation %} marks say which tokens are the assistant's
@@ -48,12 +48,12 @@ def build_trainer(spec: Spec, ctx):
         # No marks: loss on the last (assistant) turn only, as a prompt/completion pair.
         train, held_out = (_as_completion(d) if d is not None else None for d in (train, held_out))
         loss_mask = {"completion_only_loss": True}
-    settings = {**training.trainer_settings(spec, stage_defaults, inputs), **loss_mask}
+    settings = {**trainer_settings(spec, stage_defaults, inputs), **loss_mask}
     return SFTTrainer(
-        args=training.trainer_config(SFTConfig, settings, ctx),
+        args=trainer_config(SFTConfig, settings, ctx),
         train_dataset=train,
         eval_dataset=held_out,
-        **training.model_parts(spec, ctx, inputs),
+        **model_parts(spec, ctx, inputs),
     )
 
 
@@ -63,15 +63,15 @@ def card_tags(spec: Spec) -> list[str]:
 
 def effective_settings(spec: Spec) -> dict[str, Any]:
     """What this stage passes to TRL on this machine (`upstack show`)."""
-    from upstack.train import training
+    from upstack.train.settings import trainer_settings
 
-    return training.trainer_settings(spec, stage_defaults)
+    return trainer_settings(spec, stage_defaults)
 
 
 def run(spec: Spec, ctx) -> dict:
-    from upstack.train import training
+    from upstack.train.loop import train_and_save
 
-    return training.train_and_save(build_trainer(spec, ctx), spec, ctx)
+    return train_and_save(build_trainer(spec, ctx), spec, ctx)
 
 
 def _as_completion(dataset):

@@ -175,14 +175,10 @@ def build_mixture(
 
     train_parts, eval_parts = [], []
     for i, source in enumerate(sources):
-        where = f"{key}.{i}"  # the source's key path, for errors
-        rows = _selected(source, fmt, ctx, where, ctx.seed + i, tokenizer)
-        train_parts.append(_prepare(source, rows, fmt, ctx, where))
-        if source.eval_split:
-            rows = _filtered(
-                source, _load(source, source.eval_split, fmt, ctx, where), fmt, ctx, where
-            )
-            eval_parts.append(_prepare(source, rows, fmt, ctx, where))
+        rows, held = source_rows(source, fmt, ctx, f"{key}.{i}", ctx.seed + i, tokenizer)
+        train_parts.append(rows)
+        if held is not None:
+            eval_parts.append(held)
 
     train = concatenate_datasets(train_parts).shuffle(seed=ctx.seed)
     if eval_parts:
@@ -191,6 +187,22 @@ def build_mixture(
         split = train.train_test_split(test_size=eval_fraction, seed=ctx.seed)
         return split["train"], split["test"]
     return train, None
+
+
+def source_rows(source: Source, fmt: str, ctx, where: str, seed: int | None = None, tokenizer=None):
+    """(train rows, held-out rows or None) of one source, in the format's columns. With a `seed`
+    the train rows are the source's selection (weight, max_samples, max_tokens, streaming: see
+    below); without one, all its rows, filtered. The held-out rows are its `eval_split`'s, if
+    it names one. `where` is the source's key path, for errors."""
+    if seed is None:
+        rows = _filtered(source, _load(source, source.split, fmt, ctx, where), fmt, ctx, where)
+    else:
+        rows = _selected(source, fmt, ctx, where, seed, tokenizer)
+    train = _prepare(source, rows, fmt, ctx, where)
+    if not source.eval_split:
+        return train, None
+    held = _filtered(source, _load(source, source.eval_split, fmt, ctx, where), fmt, ctx, where)
+    return train, _prepare(source, held, fmt, ctx, where)
 
 
 # --------------------------------------------------------------------------- row selection
@@ -304,7 +316,8 @@ def _stream(source: Source, fmt: str, ctx, where: str, seed: int, tokenizer):
     if problem:
         raise ctx.fail(f"{where}{problem[0]}", problem[1])
     # Named by what it holds: under accelerate the main process writes it first
-    # (training.prepare) and the other ranks find it instead of reading the stream again.
+    # (upstack.train.inputs.prepare) and the other ranks find it instead of reading the stream
+    # again.
     identity = json.dumps([source.model_dump(mode="json"), seed, fmt], sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     out = ctx.work_dir / "streamed" / f"{where.replace('.', '_')}-{digest}.jsonl"
@@ -393,19 +406,13 @@ def build_weighted_mixture(sources: list[Source], mixture, tokenizer, ctx, eval_
 
     names, parts, held_out = [], [], {}
     for i, source in enumerate(sources):
-        where = f"datasets.{i}"
         name = source_name(source, i)
         if name in names:
             name = f"{name}_{i}"
-        rows = _filtered(
-            source, _load(source, source.split, "text", ctx, where), "text", ctx, where
-        )
-        rows = _prepare(source, rows, "text", ctx, where)
-        if source.eval_split:
-            held = _filtered(
-                source, _load(source, source.eval_split, "text", ctx, where), "text", ctx, where
-            )
-            held_out[name] = _prepare(source, held, "text", ctx, where)
+        # every row of the source: the mixture's shares decide how many train
+        rows, held = source_rows(source, "text", ctx, f"datasets.{i}")
+        if held is not None:
+            held_out[name] = held
         elif eval_fraction > 0 and len(rows) > 1:
             split = rows.train_test_split(test_size=eval_fraction, seed=ctx.seed)
             rows, held_out[name] = split["train"], split["test"]

@@ -1,0 +1,38 @@
+"""The stage-contract hooks (upstack.core.contract) cpt, sft and dpo share; each stage module
+re-exports them by name."""
+
+from __future__ import annotations
+
+from upstack.train.data import check_sources
+from upstack.train.spec import TrainingSpec
+
+
+def preflight(spec: TrainingSpec, ctx) -> None:
+    """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
+    every data source is where it says and has the columns the stage needs, `train_layers`
+    names layers the model has."""
+    from upstack.models.checkpoints import check_model
+
+    check_model(ctx)
+    check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
+    check_train_layers(spec, ctx)
+
+
+def check_train_layers(spec: TrainingSpec, ctx) -> None:
+    """Before anything runs: `train_layers` names layers the model will have. The layer count
+    comes from the recipe (upstack.models.shapes) and a keyword's layers from the layer map the upscale
+    ancestor recorded, or will record (planned from the recipe); where neither is known offline
+    (a Hub model, a seam an analysis places in this run) the check waits for the stage's start."""
+    from upstack.models import layermap
+    from upstack.models.shapes import planned_shape
+
+    if spec.train_layers == "all":
+        return
+    ref = ctx.ref("model")
+    shape = planned_shape(ctx.recipe, ref, ctx.pending) or {}
+    layermap.train_layers(spec.train_layers, ctx, shape.get("num_hidden_layers"))
+
+
+def output_shape(spec: TrainingSpec, input_shape):
+    """Training keeps its model's shape."""
+    return input_shape("model")
