@@ -148,7 +148,7 @@ class ArithSeeds(Strict):
     source: Literal["arith"] = "arith"
     split: Literal["train", "synth", "eval"] = "train"
     count: int = Field(300, ge=1)
-    seed: int | None = Field(None, description="default: the caller's seed")
+    seed: int | None = Field(None, ge=0, description="default: the caller's seed")
 
 
 class ListopsSeeds(Strict):
@@ -159,7 +159,7 @@ class ListopsSeeds(Strict):
     source: Literal["listops"] = "listops"
     split: Literal["train", "synth", "eval"] = "train"
     count: int = Field(300, ge=1)
-    seed: int | None = Field(None, description="default: the caller's seed")
+    seed: int | None = Field(None, ge=0, description="default: the caller's seed")
 
 
 SeedSource = Annotated[

@@ -79,7 +79,7 @@ class VllmTeacher(Strict):
     )
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(None, ge=1, description="default: the model's")
     dtype: str = "auto"
     batch_size: int = Field(
         1024, ge=1, description="requests per llm.chat call; the cache commits between calls"

@@ -210,8 +210,7 @@ def _config_facts() -> dict[str, Any]:
     root = node(MergeConfiguration)
     methods = {
         method.spec.name: {
-            p.name: {"scope": p.scope.value, "required": p.required}
-            for p in method.spec.parameters
+            p.name: {"scope": p.scope.value, "required": p.required} for p in method.spec.parameters
         }
         for method in registry.registered_methods()
     }

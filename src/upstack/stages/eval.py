@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
@@ -22,6 +22,7 @@ LAYER_MAP = "none"
 LAUNCHABLE = False
 
 REPORT = "report.md"
+NonNegative = Annotated[int, Field(ge=0)]
 
 
 class MathEval(Strict):
@@ -53,11 +54,11 @@ class LmEval(Strict):
     """lm-evaluation-harness (`pip install upstack[lm-eval]`); its tasks download from the Hub."""
 
     tasks: list[str] = Field(min_length=1, description="e.g. arc_challenge, hellaswag, mmlu, gsm8k")
-    num_fewshot: int | dict[str, int] | None = Field(
+    num_fewshot: NonNegative | dict[str, NonNegative] | None = Field(
         None, description="shots for every task, or per task ({arc_challenge: 25, hellaswag: 10})"
     )
     limit: int | None = Field(None, ge=1, description="examples per task, for a quick look")
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     include_path: str | None = Field(None, description="a dir of your own task YAMLs")
 
 

@@ -46,7 +46,7 @@ class Architecture(Strict):
     num_attention_heads: int = Field(4, ge=1)
     num_key_value_heads: int = Field(4, ge=1)
     max_position_embeddings: int = Field(512, ge=16)
-    rope_theta: float = 10000.0
+    rope_theta: float = Field(10000.0, gt=0, description="rotary embedding base")
     tie_word_embeddings: bool = False  # untied, like Mistral/Llama-2: upscale copies lm_head apart
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from upstack.core.errors import looks_like_secret
 from upstack.core.settings import StageSpec, Strict, error_at, names
 from upstack.models.layermap import SELECTORS
 from upstack.train.data import Source
-from upstack.train.trl_fields import trainer_fields, wrong_type
+from upstack.train.trl_fields import domain_problem, trainer_fields, wrong_type
 
 # Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
 OWNED = {
@@ -28,6 +28,7 @@ OWNED = {
     "completion_only_loss": "sft masks to the completion when the template cannot mark turns",
     "chat_template_path": "use the stage's `chat_template`",
     "model_init_kwargs": "the stage loads the model (see `adapter` for 4-bit)",
+    "local_rank": "the launcher (accelerate launch) sets it for each process",
 }
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -148,4 +149,7 @@ def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, 
         if expected:
             shown = "a value that looks like a secret" if looks_like_secret(value) else repr(value)
             raise error_at((key,), f"expected {expected} (trl.{config_name}), got {shown}")
+        problem = domain_problem(key, value)
+        if problem:
+            raise error_at((key,), problem)
     return settings

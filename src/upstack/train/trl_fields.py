@@ -4,6 +4,7 @@ asks here."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -23,6 +24,90 @@ def trainer_fields(config_name: str) -> dict[str, str]:
         return {f.name: str(f.type) for f in dataclasses.fields(config) if f.init}
 
     return library_facts("trl", config_name, fields)
+
+
+# Where each numeric field of TRL's SFTConfig and DPOConfig (and the TrainingArguments under them)
+# means something: (lowest value, whether it is allowed, highest value or None, allowed sentinel
+# values). A value outside is refused at load, not met as a ZeroDivisionError (logging_steps: 0),
+# an empty loop (learning_rate: 0) or a silent no-op hours later. tests/test_variants.py checks
+# that every numeric field of the installed TRL is listed here.
+POSITIVE = (0, False, None, ())
+NON_NEGATIVE = (0, True, None, ())
+FRACTION = (0, True, 1, ())  # [0, 1]
+DOMAINS: dict[str, tuple[float, bool, float | None, tuple]] = {
+    # optimization
+    "learning_rate": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": (0, True, 0.999999, ()),
+    "adam_beta2": (0, True, 0.999999, ()),
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": NON_NEGATIVE,  # 0 turns clipping off
+    "warmup_steps": NON_NEGATIVE,  # below 1: a fraction of the steps
+    "label_smoothing_factor": (0, True, 0.999999, ()),
+    "neftune_noise_alpha": POSITIVE,
+    "router_aux_loss_coef": NON_NEGATIVE,
+    # how much and how often
+    "per_device_train_batch_size": POSITIVE,
+    "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "eval_accumulation_steps": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "max_steps": (1, True, None, (-1,)),  # -1: train num_train_epochs instead
+    "logging_steps": POSITIVE,  # below 1: a fraction of the steps
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "eval_delay": NON_NEGATIVE,
+    "save_total_limit": (1, True, None, ()),
+    "torch_empty_cache_steps": POSITIVE,
+    "max_length": POSITIVE,
+    "pad_to_multiple_of": POSITIVE,
+    "precompute_ref_batch_size": POSITIVE,
+    # processes and data loading
+    "dataloader_num_workers": NON_NEGATIVE,
+    "dataloader_prefetch_factor": POSITIVE,
+    "dataset_num_proc": POSITIVE,
+    "ddp_timeout": POSITIVE,
+    "ddp_bucket_cap_mb": POSITIVE,
+    "local_rank": (-1, True, None, ()),  # the launcher's
+    "seed": (0, True, 2**32 - 1, ()),
+    "data_seed": (0, True, 2**32 - 1, ()),
+    # DPO
+    "beta": POSITIVE,
+    "label_smoothing": (0, True, 0.5, ()),  # cDPO: the share of flipped labels, below a half
+    "ref_model_mixup_alpha": FRACTION,
+    "ref_model_sync_steps": POSITIVE,
+    "discopop_tau": POSITIVE,
+    "f_alpha_divergence_coef": FRACTION,
+    "ld_alpha": FRACTION,
+}
+
+
+def domain_problem(field: str, value: Any) -> str | None:
+    """Why a number is outside what field `field` means, or None. A numeric field this table
+    does not know (a newer TRL) keeps to the sign of its declared default."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value):
+        return f"not a finite number (got {value!r})"
+    low, inclusive, high, sentinels = DOMAINS.get(field, NON_NEGATIVE)
+    if value in sentinels:
+        return None
+    below = value < low or (value == low and not inclusive)
+    if below or (high is not None and value > high):
+        sign = ">=" if inclusive else ">"
+        wanted = f"{sign} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        also = f" (or {', '.join(map(str, sentinels))})" if sentinels else ""
+        return f"must be {wanted}{also}, got {value!r}"
+    return None
+
+
+def numeric_fields(config_name: str) -> list[str]:
+    """The fields of a TRL config whose annotation names int or float."""
+    return [
+        name
+        for name, annotation in trainer_fields(config_name).items()
+        if {"int", "float"} & {_base_name(m) for m in _union_members(annotation)}
+    ]
 
 
 # The types a TRL field annotation names, as YAML gives them; anything else (an enum, a config
