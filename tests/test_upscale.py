@@ -440,7 +440,7 @@ def test_a_mergekit_without_the_wrapped_function_is_a_clear_error(monkeypatch):
     that says what to install, and only when the model has per-layer lists to fix."""
     import mergekit.merge
 
-    from upstack.stages.upscale import _output_config_lists
+    from upstack.growth.passthrough import _output_config_lists
 
     monkeypatch.delattr(mergekit.merge, "_model_out_config")
     with _output_config_lists({}):
