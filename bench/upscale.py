@@ -119,6 +119,8 @@ def others(
     source: Path, work: Path, config: Path, out_bytes: int, layer_map: list[int], shard_size: str
 ) -> dict:
     """The contenders besides upstack: name -> (command, its output dir)."""
+    from upstack.models.checkpoints import parse_size
+
     return {
         "mergekit CLI": (
             [
@@ -313,12 +315,6 @@ def _naive(source: str, out: str, layer_map: str, shard_size: str) -> None:
 
 def clean(out_dir: Path) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def parse_size(text: str) -> int:
-    from upstack.stages.upscale import parse_size as stage_parse_size
-
-    return stage_parse_size(text)
 
 
 # --------------------------------------------------------------------------- report

@@ -308,6 +308,13 @@ LOAD_TIME_MISTAKES = {
         "only for method stack, not dus",
     ),
     "neither_m_nor_s": ("method: dus", "", "needs exactly one of drop_layers"),
+    # no `method:` is dus: its errors name the stage's keys, not the union member's
+    "neither_without_method": ("shard_size: 1GB", "", "needs exactly one of drop_layers"),
+    "unknown_method": (
+        "method: grow\n    drop_layers: 2",
+        "method",
+        "Input should be 'dus', 'stack', 'expand', 'layers' or 'moe' (got 'grow')",
+    ),
     "stack_of_one": ("method: stack\n    copies: 1", "copies", "greater than or equal to 2"),
     "bad_shard_size": (
         "drop_layers: 2\n    shard_size: lots",
@@ -435,12 +442,25 @@ def test_a_source_stage_without_output_and_an_override_are_named(tmp_path, tiny_
     assert not (tmp_path / "runs").exists()
 
 
+def test_every_growth_method_has_its_settings_and_its_familys_hooks():
+    """The stage hands each hook to the family of the spec's method: every family has them all."""
+    from upstack import growth
+    from upstack.core.contract import HOOKS
+    from upstack.stages import upscale
+
+    hooks = [hook for hook in HOOKS if hasattr(upscale, hook)]
+    assert {"preflight", "run", "check_at_load", "output_shape", "card_tags"} <= set(hooks)
+    for method, family in growth.FAMILIES.items():
+        assert growth.SETTINGS[method].model_fields["method"].default == method
+        assert [hook for hook in hooks if not callable(getattr(family, hook, None))] == [], method
+
+
 def test_a_mergekit_without_the_wrapped_function_is_a_clear_error(monkeypatch):
     """upscale wraps one private mergekit function; a release without it fails in one line
     that says what to install, and only when the model has per-layer lists to fix."""
     import mergekit.merge
 
-    from upstack.stages.upscale import _output_config_lists
+    from upstack.growth.passthrough import _output_config_lists
 
     monkeypatch.delattr(mergekit.merge, "_model_out_config")
     with _output_config_lists({}):
