@@ -54,6 +54,8 @@ def key_path(loc: tuple, raw: Any) -> tuple:
             node = node[key]
         elif isinstance(node, dict) and rest and (rest[0] in node or key in node.values()):
             continue  # a union member's name (`kind: openai` picked it) between two keys
+        elif isinstance(node, list) and isinstance(key, str):
+            continue  # a union member's name (`list[Expert]`) before a list's index
         elif node is not None and not isinstance(node, dict | list):
             break  # below a plain value: only union members' names
         else:

@@ -512,8 +512,11 @@ def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where,
     """pydantic's first error as one line: the key path as `--set` writes it (no union tags),
     "did you mean" for an unknown key, the offending value unless it looks like a secret."""
     errors = err.errors()
-    # an unknown key beside a missing one is most likely its typo: name the typo
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    # an unknown key beside a missing one is most likely its typo: name the typo. Else the error
+    # that reaches deepest into what the user wrote: a union (`experts: 2` or a list of experts)
+    # reports each member's complaint, and the one about the value given is the one that helps
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), None)
+    first = first or max(errors, key=lambda e: _depth(e["loc"], raw))
     loc = key_path(first["loc"], raw)
     key = str(KeyPath((*prefix, *loc)))
     kind = first["type"]
@@ -535,6 +538,21 @@ def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where,
         key = str(KeyPath(shown))
         suffix += f" (in sweep variant {prefix[1]})"
     return f"{where(shown)}: {key}: {message}{suffix}"
+
+
+def _depth(loc: tuple, raw: Any) -> int:
+    """How many keys of `loc` exist in the raw settings, in order (union tags skipped)."""
+    depth, node = 0, raw
+    for key in loc:
+        if isinstance(node, dict) and key in node:
+            node, depth = node[key], depth + 1
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+            node, depth = node[key], depth + 1
+        elif isinstance(node, dict | list):
+            continue  # a union member's name between two keys
+        else:
+            break
+    return depth
 
 
 def _fields_at(model: type, loc: tuple) -> list[str]:
