@@ -544,9 +544,9 @@ def _depth(loc: tuple, raw: Any) -> int:
     """How many keys of `loc` exist in the raw settings, in order (union tags skipped)."""
     depth, node = 0, raw
     for key in loc:
-        if isinstance(node, dict) and key in node:
-            node, depth = node[key], depth + 1
-        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+        if (isinstance(node, dict) and key in node) or (
+            isinstance(node, list) and isinstance(key, int) and key < len(node)
+        ):
             node, depth = node[key], depth + 1
         elif isinstance(node, dict | list):
             continue  # a union member's name between two keys
