@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
@@ -186,62 +187,109 @@ def load_recipe(
     `deep=False` skips checks that import heavy libraries (a merge against mergekit's registry):
     for commands that only read state, like `upstack status`.
     """
-    path = Path(path)
+    written = _read(Path(path), list(overrides))
+    _check_top_level(written)
+    stages_raw, plans = _expand_sweeps(written)
+    kinds = _kinds(stages_raw)
+    stages = _validate_stages(written, stages_raw, plans, deep)
+    try:
+        recipe = Recipe.model_validate({**written.raw, "stages": {}})
+    except ValidationError as err:
+        raise UserError(_describe(err, (), written.raw, Recipe, written.where)) from None
+    recipe.stages = stages
+    recipe.source = str(written.path)
+    recipe.overrides = written.overrides
+    recipe.sweeps = plans
+    _resolve_references(recipe, kinds, written)
+    _check_sweep_metrics(recipe)
+    if deep:
+        # checks that need the other stages: a merge's parameters on its models' architecture
+        for name, spec in stages.items():
+            registry.kind(spec.kind).check_at_load(spec, recipe, name)
+    recipe.order()  # raises on a cycle
+    return recipe
+
+
+@dataclass
+class _Written:
+    """A recipe as written: its data (overrides applied), and where each key of it is."""
+
+    path: Path
+    root: yaml.Node | None
+    raw: dict
+    overrides: list[str]
+
+    def where(self, loc) -> str:
+        """`FILE:LINE` of key path `loc`, or the `--set` that gave it."""
+        return _locate(self.root, str(self.path), self.overrides, KeyPath.of(loc))
+
+    def error(self, loc, message: str) -> UserError:
+        loc = KeyPath.of(loc)
+        return UserError(f"{self.where(loc)}: {loc}: {message}")
+
+
+def _read(path: Path, overrides: list[str]) -> _Written:
+    """The recipe's data: UTF-8, YAML of bounded size, a mapping, `--set` applied, every number
+    finite (a NaN or infinite setting is never what anyone meant: .nan, .inf, 1e999, anywhere,
+    upstack's keys, TRL's, mergekit's, a sweep's grid)."""
     text = read_text(path)
     root = parse_yaml(text, str(path))
     raw = construct(text, str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping with at least `name` and `stages`")
-
     for item in overrides:
         key_path, value = _parse_override(item)
         _set_path(raw, key_path, value, item)
-
-    def where(loc: tuple[str | int, ...]) -> str:
-        return _locate(root, str(path), overrides, loc)
-
-    # A number YAML reads as NaN or infinity (.nan, .inf, 1e999) is no setting anyone means,
-    # wherever it is: upstack's keys, TRL's, mergekit's, a sweep's grid.
+    written = _Written(path, root, raw, overrides)
     for loc, value in _leaves(raw):
         if not _finite(value):
-            shown = KeyPath(loc)
-            raise UserError(f"{where(shown)}: {shown}: not a finite number (got {value!r})")
+            raise written.error(loc, f"not a finite number (got {value!r})")
+    return written
 
-    # the top level first: `stage:` for `stages:` is a typo, not a missing `stages`
+
+def _check_top_level(written: _Written) -> None:
+    """Known top-level keys (the top level first: `stage:` for `stages:` is a typo, not a
+    missing `stages`), a mapping of stages, stage names that are names."""
     top_level = [k for k, f in Recipe.model_fields.items() if not f.exclude]
-    for key in raw:
+    for key in written.raw:
         if key not in top_level:
-            hint = did_you_mean(str(key), top_level)
-            raise UserError(f"{where((key,))}: {key}: unknown key{hint}")
-    stages_raw = raw.get("stages")
+            raise written.error((key,), f"unknown key{did_you_mean(str(key), top_level)}")
+    stages_raw = written.raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
-        raise UserError(
-            f"{where(('stages',))}: stages: a mapping of stage name -> settings is required"
-        )
+        raise written.error(("stages",), "a mapping of stage name -> settings is required")
     for name in stages_raw:
         if not isinstance(name, str) or not STAGE_NAME.match(name):
-            raise UserError(
-                f"{where(('stages', name))}: stages.{name}: a stage name is letters, digits, _ "
-                "and - (it names the stage's directory under output_dir, so nothing else may be "
-                "in it: no /, no .., no spaces)"
+            raise written.error(
+                ("stages", name),
+                "a stage name is letters, digits, _ and - (it names the stage's directory under "
+                "output_dir, so nothing else may be in it: no /, no .., no spaces)",
             )
 
+
+def _expand_sweeps(written: _Written) -> tuple[dict[str, Any], dict[str, SweepPlan]]:
+    """The stages with every sweep's variants added. A variant becomes a stage of its own before
+    anything is validated, so each is checked, resolved and cached like any stage; its mistakes
+    are placed where they are written."""
+    stages_raw = written.raw["stages"]
     kinds = _kinds(stages_raw)
-    # A sweep's variants become stages of their own before anything is validated, so each is
-    # checked, resolved and cached like any stage; their mistakes are placed where they are written.
     sweeps: dict[str, Sweep] = {}
     for name, body in stages_raw.items():
         if isinstance(body, dict) and body.get("sweep") is not None and _sweepable(kinds[name]):
             try:
                 sweeps[name] = Sweep.model_validate(body["sweep"])
             except ValidationError as err:
-                raise UserError(
-                    _describe(err, ("stages", name, "sweep"), body["sweep"], Sweep, where)
-                ) from None
+                loc = ("stages", name, "sweep")
+                raise UserError(_describe(err, loc, body["sweep"], Sweep, written.where)) from None
     try:
-        stages_raw, plans = expand(stages_raw, sweeps, kinds)
+        return expand(stages_raw, sweeps, kinds)
     except SweepProblem as err:
-        raise UserError(f"{where(err.loc)}: {KeyPath.of(err.loc)}: {err}") from None
+        raise written.error(err.loc, str(err)) from None
+
+
+def _validate_stages(
+    written: _Written, stages_raw: dict[str, Any], plans: dict[str, SweepPlan], deep: bool
+) -> dict[str, StageSpec]:
+    """Each stage's settings, validated by its kind's settings model."""
     kinds = _kinds(stages_raw)
 
     def place(loc: tuple) -> tuple:
@@ -251,17 +299,13 @@ def load_recipe(
     for name, body in stages_raw.items():
         body = {} if body is None else body
         if not isinstance(body, dict):
-            raise UserError(
-                f"{where(('stages', name))}: stages.{name}: must be a mapping of settings"
-            )
+            raise written.error(("stages", name), "must be a mapping of settings")
         kind = body.get("kind", name)
         if not isinstance(kind, str) or not registry.known(kind):
-            loc = KeyPath(("stages", name, "kind") if "kind" in body else ("stages", name))
+            loc = ("stages", name, "kind") if "kind" in body else ("stages", name)
             known = ", ".join(registry.STAGE_MODULES)
             hint = did_you_mean(str(kind), registry.STAGE_MODULES)
-            raise UserError(
-                f"{where(loc)}: {loc}: unknown stage kind '{kind}'{hint} (known: {known})"
-            )
+            raise written.error(loc, f"unknown stage kind '{kind}'{hint} (known: {known})")
         stage_kind = registry.kind(kind)
         try:
             stages[name] = stage_kind.validate(
@@ -270,39 +314,26 @@ def load_recipe(
         except ValidationError as err:
             spec_class = stage_kind.spec_class(body)
             raise UserError(
-                _describe(err, ("stages", name), body, spec_class, where, place)
+                _describe(err, ("stages", name), body, spec_class, written.where, place)
             ) from None
+    return stages
 
-    try:
-        recipe = Recipe.model_validate({**raw, "stages": {}})
-    except ValidationError as err:
-        raise UserError(_describe(err, (), raw, Recipe, where)) from None
-    recipe.stages = stages
-    recipe.source = str(path)
-    recipe.overrides = list(overrides)
-    recipe.sweeps = plans
 
-    for name, spec in stages.items():
+def _resolve_references(recipe: Recipe, kinds: dict[str, str], written: _Written) -> None:
+    """Every name a stage's settings hold, resolved once (upstack.core.refs); `after:` names
+    stages."""
+    for name, spec in recipe.stages.items():
         refs = []
         for found in declared(spec):
             try:
-                refs.append(resolve(found, kinds, recipe.out_dir, sweeps=plans))
+                refs.append(resolve(found, kinds, recipe.out_dir, sweeps=recipe.sweeps))
             except ValueError as err:
                 raise recipe.error(("stages", name, *found.key), str(err)) from None
         recipe.references[name] = refs
         for i, dep in enumerate(spec.after):
-            if dep not in stages:
-                raise UserError(
-                    f"{where(('stages', name, 'after', i))}: stages.{name}.after.{i}: "
-                    f"no stage '{dep}'{did_you_mean(dep, list(stages))}"
-                )
-    _check_sweep_metrics(recipe)
-    if deep:
-        # checks that need the other stages: a merge's parameters on its models' architecture
-        for name, spec in stages.items():
-            registry.kind(spec.kind).check_at_load(spec, recipe, name)
-    recipe.order()  # raises on a cycle
-    return recipe
+            if dep not in recipe.stages:
+                hint = did_you_mean(dep, list(recipe.stages))
+                raise written.error(("stages", name, "after", i), f"no stage '{dep}'{hint}")
 
 
 def _kinds(stages_raw: dict) -> dict[str, str]:

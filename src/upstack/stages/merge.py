@@ -13,7 +13,7 @@ from upstack.core.keys import KeyPath
 from upstack.core.refs import Declared
 from upstack.core.settings import StageSpec, error_at
 from upstack.core.sweeps import Sweep
-from upstack.models import merging
+from upstack.models import mergekit_facts, merging
 from upstack.models.checkpoints import count_parameters
 
 # The stage contract (upstack.core.contract)
@@ -75,7 +75,7 @@ class Spec(StageSpec):
             return self  # the pick merges nothing: each variant is checked as a merge of its own
         # what mergekit's cached facts refuse needs no mergekit: a typo is refused in a second
         ours = [name for name in Spec.model_fields if name != "kind"]
-        problem = merging.quick_problem(self.mergekit, ours)
+        problem = mergekit_facts.quick_problem(self.mergekit, ours)
         if problem:
             raise error_at(*problem)
         # a config mergekit accepted before is not re-checked: importing mergekit costs ~5-9 s
