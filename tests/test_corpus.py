@@ -75,8 +75,8 @@ def truncated_model(tmp: Path, model: Path) -> None:
 def lock_held(tmp: Path, model: Path) -> None:
     import fcntl
 
-    (tmp / "out").mkdir()
-    handle = (tmp / "out" / ".lock").open("a+")
+    (tmp / "out" / ".upstack").mkdir(parents=True)
+    handle = (tmp / "out" / ".upstack" / "lock").open("a+")
     fcntl.flock(handle, fcntl.LOCK_EX)
     handle.write("4242")
     handle.flush()
@@ -715,6 +715,92 @@ CASES = [
         "another upstack run is using this output dir (pid 4242)",
         setup=lock_held,
     ),
+    # ---------------------------------------------------------------- paths: upstack writes
+    # only under output_dir, and replaces only what it wrote there for this recipe
+    Case(
+        "paths",
+        "stage-name-climbs-out",
+        "name: c\noutput_dir: {out}\nstages:\n  ../../shared-base: {kind: init}\n",
+        "stages.../../shared-base: a stage name is letters, digits, _ and -",
+        line=4,
+    ),
+    Case(
+        "paths",
+        "stage-name-absolute",
+        "name: c\noutput_dir: {out}\nstages:\n  /tmp/base: {kind: init}\n",
+        "a stage name is letters, digits, _ and -",
+        line=4,
+    ),
+    Case(
+        "paths",
+        "stage-name-nested",
+        "name: c\noutput_dir: {out}\nstages:\n  base/wide: {kind: init}\n",
+        "a stage name is letters, digits, _ and -",
+        line=4,
+    ),
+    Case(
+        "paths",
+        "output-dir-root",
+        "name: c\noutput_dir: /\nstages: {init: {}}\n",
+        "output_dir: / is the file system's root",
+        line=2,
+    ),
+    Case(
+        "paths",
+        "output-dir-home",
+        'name: c\noutput_dir: "~"\nstages: {init: {}}\n',
+        "output_dir: ~ is your home directory",
+        line=2,
+    ),
+    Case(
+        "paths",
+        "a-users-dir-where-a-stage-goes",
+        "name: c\noutput_dir: {out}\nstages:\n  init: {}\n  eval: {models: [init], loss: null}\n",
+        "stages.eval: {out}/eval exists and upstack did not write it, and running the stage "
+        "would replace it",
+        line=5,
+        setup=lambda tmp, model: (
+            (tmp / "out" / "eval").mkdir(parents=True),
+            (tmp / "out" / "eval" / "problems.jsonl").write_text("{}\n"),
+        ),
+    ),
+    Case(
+        "paths",
+        "another-recipes-output-dir",
+        "name: c\noutput_dir: {out}\nstages: {init: {}}\n",
+        "output_dir: {out} holds the runs of recipe 'other'",
+        line=2,
+        setup=lambda tmp, model: (
+            (tmp / "out" / ".upstack").mkdir(parents=True),
+            (tmp / "out" / ".upstack" / "recipe.json").write_text('{"recipe": "other"}'),
+        ),
+    ),
+    Case(
+        "paths",
+        "another-recipes-stage",
+        "name: c\noutput_dir: {out}\nstages: {init: {}}\n",
+        "stages.init: {out}/init is stage 'init' of recipe 'other'",
+        line=3,
+        setup=lambda tmp, model: (
+            (tmp / "out" / "init").mkdir(parents=True),
+            (tmp / "out" / "init" / "upstack.json").write_text('{"recipe": "other"}'),
+        ),
+    ),
+    Case(
+        "paths",
+        "input-inside-a-stage-dir",
+        sft(datasets="[{path: {out}/sft/data.jsonl}]"),
+        "stages.sft.datasets.0.path: {out}/sft/data.jsonl is inside {out}/sft, stage 'sft''s "
+        "output, which a run replaces",
+        line=6,
+    ),
+    Case(
+        "paths",
+        "a-stage-output-by-path",
+        "name: c\noutput_dir: {out}\nstages:\n  init: {}\n  up: {kind: upscale, model: {out}/init, drop_layers: 1}\n",
+        "stages.up.model: {out}/init is the output of stage 'init': name the stage (init)",
+        line=5,
+    ),
     # ---------------------------------------------------------------- --set
     Case(
         "set",
@@ -1328,6 +1414,7 @@ def test_the_corpus_is_large_and_covers_every_category():
         "data",
         "models",
         "output",
+        "paths",
         "set",
         "push",
         "teacher",

@@ -46,7 +46,8 @@ def test_sft_with_two_processes_writes_one_output(tmp_path, tiny_model):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = tmp_path / "runs"
-    assert sorted(p.name for p in runs.iterdir()) == [".lock", ".work", "sft"]  # no temp dirs left
+    assert sorted(p.name for p in runs.iterdir()) == [".upstack", "sft"]
+    assert not list((runs / ".upstack" / "tmp").iterdir())  # no temp dirs left
     assert len(list(runs.rglob("upstack.json"))) == 1
     out = runs / "sft"
     assert not (out / ".metrics.json").exists() and len(list(out.glob("*.safetensors"))) == 1

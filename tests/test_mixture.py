@@ -126,10 +126,10 @@ def test_cpt_mixture_records_shares_curves_and_the_fit_reads_them(tmp_path, one_
     )
     assert fit.returncode == 0, fit.stderr
     assert "best shares for 100 steps" in fit.stdout
-    written = json.loads((tmp_path / "runs" / "mixture-fit" / "fit.json").read_text())
+    written = json.loads((tmp_path / "runs" / "mixture-fit.json").read_text())
     assert set(written["best_shares"]) == {"arith", "listops", "noise"}
     assert sum(written["best_shares"].values()) == pytest.approx(1, abs=1e-3)
-    assert (tmp_path / "runs" / "mixture-fit" / "fit.png").stat().st_size > 10_000
+    assert (tmp_path / "runs" / "mixture-fit.png").stat().st_size > 10_000
 
     one = run_cli("mixture", "fit", str(path), "cpt", cwd=tmp_path)
     assert one.returncode == 2 and one.stderr.strip().splitlines() == [

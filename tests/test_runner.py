@@ -141,9 +141,9 @@ def test_killed_stage_leaves_nothing_that_counts_as_finished(chain):
         start_new_session=True,
     )
     deadline = time.time() + 120
-    while not list(out.glob(".tmp-a-*")) and time.time() < deadline:
+    while not list((out / ".upstack" / "tmp").glob("a-*")) and time.time() < deadline:
         time.sleep(0.05)
-    assert list(out.glob(".tmp-a-*")), "the stage never started"
+    assert list((out / ".upstack" / "tmp").glob("a-*")), "the stage never started"
     os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: the temp dir exists, the manifest does not
     proc.wait()
 
@@ -152,7 +152,9 @@ def test_killed_stage_leaves_nothing_that_counts_as_finished(chain):
     assert _states(recipe)["a"] == "missing"
     assert runner.run(recipe, ["a"]) == ["a"]
     assert (out / "a" / "upstack.json").exists()
-    assert not list(out.glob(".tmp-*"))  # the killed run's leftovers were cleaned up
+    assert not list(
+        (out / ".upstack" / "tmp").glob("*")
+    )  # the killed run's leftovers were cleaned up
 
 
 def test_a_failed_stage_is_reported_failed_and_leaves_no_output(chain, monkeypatch):
@@ -173,7 +175,7 @@ def test_a_failed_stage_is_reported_failed_and_leaves_no_output(chain, monkeypat
     trace = recipe.run_dir.work("a") / "traceback.txt"
     assert str(trace) in str(caught.value) and "in broken" in trace.read_text()
     assert _states(recipe)["a"] == "failed"
-    assert not (out / "a").exists() and not list(out.glob(".tmp-*"))
+    assert not (out / "a").exists() and not list((out / ".upstack" / "tmp").glob("*"))
 
 
 def test_a_model_with_nan_weights_is_not_done(chain, monkeypatch):
@@ -219,10 +221,10 @@ def test_ctrl_c_in_a_stage_marks_it_interrupted(chain, monkeypatch):
 
 def test_a_second_concurrent_run_is_refused(chain):
     path, out = chain
-    out.mkdir(parents=True)
+    (out / ".upstack").mkdir(parents=True)
     import fcntl
 
-    with (out / ".lock").open("a+") as held:
+    with (out / ".upstack" / "lock").open("a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("12345")
         held.flush()

@@ -84,7 +84,7 @@ def test_sft_trains_and_saves_a_plain_checkpoint(tmp_path, tiny_model):
     _generates(out)
     assert (out / "loss.png").stat().st_size > 1000
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # no pickles
-    assert not (tmp_path / "runs" / ".work" / "sft" / "checkpoints").exists()
+    assert not (tmp_path / "runs" / ".upstack" / "work" / "sft" / "checkpoints").exists()
 
 
 def _ctx(tmp_path, recipe, name):
@@ -197,7 +197,7 @@ def test_killed_sft_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_mod
     settings = _sft(tiny_model, steps=steps)
     settings["trainer"].update(save_steps=4, save_total_limit=3)
     path = recipe_from_stages(tmp_path, {"sft": settings})
-    checkpoints = tmp_path / "runs" / ".work" / "sft" / "checkpoints"
+    checkpoints = tmp_path / "runs" / ".upstack" / "work" / "sft" / "checkpoints"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),

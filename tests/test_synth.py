@@ -118,7 +118,9 @@ def test_malformed_teacher_output_is_dropped_and_counted(
     empty data set to sft (the tally is kept beside the request cache)."""
     with pytest.raises(StageFailed, match=r"stages\.synth\.teacher: ") as failed:
         run_synth(tmp_path, monkeypatch, lambda request: reply)
-    stats = json.loads((tmp_path / "runs" / ".work" / "synth" / "failed_requests.json").read_text())
+    stats = json.loads(
+        (tmp_path / "runs" / ".upstack" / "work" / "synth" / "failed_requests.json").read_text()
+    )
     # 5 rephrased answers dropped in round one; 5 rephrased questions dropped in round one
     # (empty, failed) or, being usable text, sent to round two and their solves dropped there
     assert stats["kept"] == 0 and stats["dropped"] == {reason: 10}

@@ -46,7 +46,7 @@ def test_synth_killed_mid_run_resumes_without_redoing_or_losing_a_request(tmp_pa
 
     # the same recipe, slowed down, killed with SIGKILL once some replies are committed
     path = write_recipe(tmp_path, RECIPE.format(out=tmp_path / "runs", delay=0.01), "slow.yaml")
-    cache_file = tmp_path / "runs" / ".work" / "synth" / "requests.sqlite"
+    cache_file = tmp_path / "runs" / ".upstack" / "work" / "synth" / "requests.sqlite"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     process = subprocess.Popen(
         [sys.executable, "-m", "upstack", "run", str(path), "synth"],

@@ -201,7 +201,7 @@ def test_synth_against_transformers_serve(tmp_path, tiny_model):
         server.terminate()
         server.wait(10)
         log.close()
-    failed = tmp_path / "runs" / ".work" / "synth" / "failed_requests.json"
+    failed = tmp_path / "runs" / ".upstack" / "work" / "synth" / "failed_requests.json"
     stats = json.loads(failed.read_text())
     assert stats["requests"] >= 8 and stats["requests_sent"] == stats["requests"]
     assert stats["request_errors"] == {"truncated at max_tokens": stats["requests_sent"]}

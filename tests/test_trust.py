@@ -38,7 +38,7 @@ def test_synth_with_the_teacher_down_fails_and_a_rerun_sends_only_what_failed(tm
     port = echo_server.free_port()
     url = f"http://127.0.0.1:{port}/v1"
     path = write_recipe(tmp_path, TEACHER.format(out=tmp_path / "runs", url=url))
-    work = tmp_path / "runs" / ".work" / "synth"
+    work = tmp_path / "runs" / ".upstack" / "work" / "synth"
 
     # 1. nothing listens at the teacher's URL for the whole run
     result = run_cli("run", str(path), cwd=tmp_path)
@@ -181,8 +181,8 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_keeps_nothing(tmp_path, mon
     assert last.startswith("error: ") and "stages.init: disk full while writing" in last
     assert "model.safetensors: free space under" in last
     runs = tmp_path / "runs"
-    assert not (runs / "init").exists() and not list(runs.glob(".tmp-*"))
-    assert (runs / ".work" / "init" / "failed.json").exists()
+    assert not (runs / "init").exists() and not list((runs / ".upstack" / "tmp").glob("*"))
+    assert (runs / ".upstack" / "work" / "init" / "failed.json").exists()
 
 
 def test_help_does_not_list_the_internal_worker_command():
@@ -196,7 +196,7 @@ def test_a_locked_output_dir_is_refused_before_the_heavy_imports(tmp_path):
     import fcntl
 
     out = tmp_path / "runs"
-    out.mkdir()
+    (out / ".upstack").mkdir(parents=True)
     path = write_recipe(
         tmp_path,
         f"name: l\noutput_dir: {out}\nstages:\n  init: {{}}\n  merge:\n    merge_method: linear\n"
@@ -207,7 +207,7 @@ def test_a_locked_output_dir_is_refused_before_the_heavy_imports(tmp_path):
         f"code = cli.main(['run', {str(path)!r}]); "
         "print(code, 'torch' in sys.modules, 'mergekit' in sys.modules)"
     )
-    with (out / ".lock").open("a+") as held:
+    with (out / ".upstack" / "lock").open("a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("777")
         held.flush()

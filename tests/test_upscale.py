@@ -395,7 +395,7 @@ def test_hub_sources_must_be_listable_and_safetensors(listing, message, tmp_path
         run(load_recipe(recipe), [])
     assert f"{recipe}:4: stages.up.model: " in str(caught.value)
     # checked when the stage starts (a dry run stays offline): only the runner's own bookkeeping
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".lock", ".work"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".upstack"]
 
 
 def test_a_pickled_checkpoint_is_refused(tmp_path, tiny_model):

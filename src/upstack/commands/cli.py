@@ -213,10 +213,17 @@ def _mixture_fit(recipe, args: argparse.Namespace) -> None:
     from upstack.train.mixture import fit_stages, plot_fit
 
     result = fit_stages(recipe, args.stages, args.steps)
-    out = recipe.out_dir / "mixture-fit"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fit.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_fit(result, out / "fit.png")
+    run_dir = recipe.run_dir
+    plot = run_dir.internal / "mixture-fit.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_fit(result, plot)
+    written, written_plot = run_dir.write_files(
+        {
+            "mixture-fit.json": (json.dumps(result, indent=2) + "\n").encode(),
+            "mixture-fit.png": plot.read_bytes(),
+        }
+    )
+    plot.unlink()
     rows = [
         [
             name,
@@ -233,7 +240,7 @@ def _mixture_fit(recipe, args: argparse.Namespace) -> None:
     headers = ["source", "alpha", "beta", "K=A*B", "M=C*B", "rmse(log)", "best share", "loss"]
     print(f"L(s, r) = (K / s^alpha + M) / r^beta, best shares for {result['steps']} steps:")
     print(markdown_table(headers, rows))
-    print(f"wrote {out / 'fit.json'} and {out / 'fit.png'}")
+    print(f"wrote {written} and {written_plot}")
 
 
 def _import_merge(args: argparse.Namespace) -> int:

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import shutil
-
 from upstack.core import runner
+from upstack.core.errors import UserError
 from upstack.core.recipe import Recipe
 from upstack.core.results import PLOT, read_results, results_table
 from upstack.core.sweeps import PLOT as SWEEP_PLOT
@@ -20,7 +19,11 @@ def report(recipe: Recipe) -> str:
         "## Stages",
         markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)),
     ]
-    recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = recipe.run_dir
+    problem = run_dir.check_owner(recipe.name)
+    if problem:
+        raise UserError(f"{recipe.source}: output_dir: {problem}")
+    files: dict[str, bytes] = {}  # written together, or none of them
     evals = recipe.stages_with(output="results")
     for name in evals:
         stage_dir = recipe.out_dir / name
@@ -40,14 +43,14 @@ def report(recipe: Recipe) -> str:
         ]
         if (stage_dir / PLOT).is_file():
             plot_name = f"eval-{name}.png"
-            shutil.copy(stage_dir / PLOT, recipe.out_dir / plot_name)
+            files[plot_name] = (stage_dir / PLOT).read_bytes()
             sections.append(f"![{name}]({plot_name})")
     if not evals:
         sections.append("No eval stage in this recipe: add one (kind: eval) to compare the models.")
     for name in recipe.sweeps:
-        sections += _sweep_section(recipe, name, state_of[name])
+        sections += _sweep_section(recipe, name, state_of[name], files)
     text = "\n\n".join(sections) + "\n"
-    (recipe.out_dir / "report.md").write_text(text)
+    run_dir.write_files({**files, "report.md": text.encode()})
     return text
 
 
@@ -131,7 +134,7 @@ def _ancestor(recipe: Recipe, stage: str) -> str | None:
         return None
 
 
-def _sweep_section(recipe: Recipe, name: str, state: str) -> list[str]:
+def _sweep_section(recipe: Recipe, name: str, state: str, files: dict[str, bytes]) -> list[str]:
     """A sweep's variants as a table (their grid values and scores), its plot, and the best."""
     plan = recipe.sweeps[name]
     title = f"## Sweep `{name}` (scored by `{plan.scored_by}`, {plan.goal} {plan.metric})"
@@ -161,7 +164,7 @@ def _sweep_section(recipe: Recipe, name: str, state: str) -> list[str]:
     ]
     if (recipe.out_dir / name / SWEEP_PLOT).is_file():
         plot_name = f"sweep-{name}.png"
-        shutil.copy(recipe.out_dir / name / SWEEP_PLOT, recipe.out_dir / plot_name)
+        files[plot_name] = (recipe.out_dir / name / SWEEP_PLOT).read_bytes()
         parts.append(f"![{name}]({plot_name})")
     return parts
 
@@ -206,7 +209,8 @@ def summary(recipe: Recipe) -> str:
     if not evals:
         lines.append("no eval stage: add one (kind: eval) to compare the models")
     lines.append(f"report: {recipe.out_dir / 'report.md'} (`upstack report {recipe.source}`)")
-    plots = sorted(recipe.out_dir.glob("*.png"))  # the report's copies of eval and sweep plots
+    # the report's copies of eval and sweep plots (not whatever else is in the dir)
+    plots = [p for p in recipe.run_dir.written_files() if p.suffix == ".png"]
     if plots:
         lines.append("plots: " + ", ".join(str(p) for p in plots))
     if any(recipe.out_dir.glob("*/loss.png")):

@@ -67,7 +67,9 @@ class Recipe(Strict):
     description: str = ""
     # numpy (datasets' shuffles) takes seeds below 2**32
     seed: int = Field(42, ge=0, lt=2**32)
-    output_dir: str | None = Field(None, description="default: runs/<name>")
+    output_dir: str | None = Field(
+        None, description="where the stages write (~ expanded); default: runs/<name>"
+    )
     trust_remote_code: bool = Field(
         False, description="let transformers run code shipped with a model"
     )
@@ -89,12 +91,26 @@ class Recipe(Strict):
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
+        return Path(self.output_dir or f"runs/{self.name}").expanduser()
 
     @property
     def run_dir(self) -> RunDir:
         """Every path of a run: stage dirs, work dirs, temp dirs, manifests, the lock."""
         return RunDir(self.out_dir)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_dir_of_its_own(cls, value: str | None) -> str | None:
+        """Stages are directories right under output_dir, and upstack keeps a `.upstack/` there:
+        the file system's root or a home directory is no place for them."""
+        if value is None:
+            return value
+        path = Path(value).expanduser().resolve()
+        if path == Path(path.anchor):
+            raise ValueError(f"{value} is the file system's root: give the runs a directory")
+        if path == Path.home().resolve():
+            raise ValueError(f"{value} is your home directory: give the runs a directory")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, defaults filled in, as plain data."""
@@ -330,6 +346,7 @@ def _resolve_references(recipe: Recipe, kinds: dict[str, str], written: _Written
             except ValueError as err:
                 raise recipe.error(("stages", name, *found.key), str(err)) from None
         recipe.references[name] = refs
+        _check_inputs_outside_outputs(recipe, name, refs)
         for i, dep in enumerate(spec.after):
             if dep not in recipe.stages:
                 hint = did_you_mean(dep, list(recipe.stages))
@@ -357,6 +374,32 @@ def _source_loc(plans: dict[str, SweepPlan], loc) -> KeyPath:
             if any(v.name == loc[1] for v in plan.variants):
                 return KeyPath(plan.source_loc(loc[1], loc[2:]))
     return loc
+
+
+def _check_inputs_outside_outputs(recipe: Recipe, stage: str, refs: list[Reference]) -> None:
+    """A local file or dir a stage reads must not lie where a run writes: inside a stage's
+    directory (replaced when that stage reruns) or upstack's own `.upstack/`."""
+    run_dir = recipe.run_dir
+    written = {name: run_dir.stage(name) for name in recipe.stages}
+    written[".upstack"] = run_dir.internal
+    for ref in refs:
+        if ref.origin != "path":
+            continue
+        path = Path(ref.location).resolve()
+        for owner, place in written.items():
+            if path == place.resolve() and owner != ".upstack":
+                raise recipe.error(
+                    ("stages", stage, *ref.loc),
+                    f"{ref.text} is the output of stage '{owner}': name the stage ({owner}), so "
+                    "the run knows to build it first",
+                )
+            if path == place.resolve() or place.resolve() in path.parents:
+                what = "upstack's own files" if owner == ".upstack" else f"stage '{owner}''s output"
+                raise recipe.error(
+                    ("stages", stage, *ref.loc),
+                    f"{ref.text} is inside {place}, {what}, which a run replaces: keep inputs "
+                    "outside the stage directories of output_dir",
+                )
 
 
 def _check_sweep_metrics(recipe: Recipe) -> None:

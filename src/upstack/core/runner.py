@@ -75,6 +75,7 @@ def run(
 ) -> list[str]:
     check_output_dir(recipe)
     steps = plan(recipe, targets, force)
+    check_ownership(recipe, steps)
     if any(_wants_launcher(recipe, recipe.stages[name]) for name in steps):
         check_launch_env()
     preflight(recipe, steps)
@@ -91,6 +92,8 @@ def run(
 
     make_output_dir(recipe)
     with recipe.run_dir.lock():
+        check_ownership(recipe, steps)  # again, now that no other run can change it
+        recipe.run_dir.claim(recipe.name)
         recipe.run_dir.clear_leftovers()  # from a run that was killed
         hashes = stage_hashes(recipe)
         for i, name in enumerate(steps, 1):
@@ -118,13 +121,27 @@ def check_output_dir(recipe: Recipe) -> None:
         raise UserError(f"{locate(recipe, 'output_dir')}: output_dir ({out}): {problem}")
 
 
+def check_ownership(recipe: Recipe, steps: list[str]) -> None:
+    """Before anything is written: the output dir is this recipe's (or no one's), and no stage
+    about to run would replace a directory upstack did not write for this recipe (a user's
+    `eval/` beside `output_dir: .`, another recipe's stage of the same name)."""
+    problem = recipe.run_dir.check_owner(recipe.name)
+    if problem:
+        raise UserError(f"{locate(recipe, 'output_dir')}: output_dir: {problem}")
+    for name, why in recipe.run_dir.not_ours(recipe.name, steps):
+        raise UserError(
+            f"{locate(recipe, 'stages', name)}: stages.{name}: {why}, and running the stage "
+            "would replace it: move it, rename the stage, or set output_dir elsewhere"
+        )
+
+
 def make_output_dir(recipe: Recipe) -> None:
     """Create the output dir and write in it once: what os.access cannot tell (a read-only
     mount, root on a network share) fails here, before the first stage."""
     out = recipe.out_dir
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        recipe.run_dir.internal.mkdir(parents=True, exist_ok=True)
+        probe = recipe.run_dir.internal / f"write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:

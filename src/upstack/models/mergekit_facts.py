@@ -18,7 +18,6 @@ Loc = tuple  # a key path inside a stage's settings: ("slices", 0, "parameters",
 Problem = tuple[Loc, str]  # (key path, message): what a validator turns into one error line
 
 
-
 def config_facts() -> dict[str, Any]:
     """What the load-time checks need to know of mergekit, cached per mergekit version so a
     mistake is refused without importing it (mergekit pulls in torch and peft: ~5-9 s):

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,7 +135,7 @@ def push_stage(
 
     # The stage's files and the card go up as one commit from a folder of hard links (no copy of
     # the weights); upload_folder hashes, chunks and batches big files and resumes when rerun.
-    staging = Path(staging or tempfile.mkdtemp(prefix=".push-", dir=recipe.out_dir))
+    staging = Path(staging or recipe.run_dir.internal / "push")
     folder = staging / repo_type / stage
     shutil.rmtree(folder, ignore_errors=True)
     for name in files:
