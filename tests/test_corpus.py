@@ -516,6 +516,33 @@ CASES = [
     # ---------------------------------------------------------------- data files
     Case(
         "data",
+        "no-assistant-turn",
+        sft(),
+        "stages.sft.datasets.0: none of its 2 rows teaches anything: no assistant turn with text",
+        line=6,
+        setup=jsonl(
+            "data.jsonl",
+            '{"messages": [{"role": "user", "content": "1+1?"}]}',
+            '{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " "}]}',
+        ),
+        runtime=True,
+    ),
+    Case(
+        "data",
+        "identical-pairs",
+        "name: c\noutput_dir: {out}\nstages:\n  dpo:\n    model: {model}\n"
+        "    datasets: [{path: pairs.jsonl}]\n    " + FAST + "\n",
+        "stages.dpo.datasets.0: none of its 2 rows teaches anything: chosen equal to rejected",
+        line=6,
+        setup=jsonl(
+            "pairs.jsonl",
+            '{"prompt": "1+1?", "chosen": "It is 2.", "rejected": "It is 2."}',
+            '{"prompt": "2+2?", "chosen": "4", "rejected": " 4 "}',
+        ),
+        runtime=True,
+    ),
+    Case(
+        "data",
         "missing-file",
         sft(datasets="[{path: typo.jsonl}]"),
         "stages.sft.datasets.0.path: typo.jsonl: no such file or dataset dir",
@@ -714,6 +741,14 @@ CASES = [
         "name: c\noutput_dir: {out}\nstages: {init: {}}\n",
         "another upstack run is using this output dir (pid 4242)",
         setup=lock_held,
+    ),
+    Case(
+        "cycles",
+        "through-moe-models",
+        "name: c\nstages:\n  a: {kind: upscale, model: b, method: moe, experts: 2}\n"
+        "  b: {kind: upscale, model: a, method: moe, experts: 2}\n",
+        "stages.a: dependency cycle a -> b -> a",
+        line=3,
     ),
     # ---------------------------------------------------------------- paths: upstack writes
     # only under output_dir, and replaces only what it wrote there for this recipe

@@ -217,12 +217,12 @@ def load_recipe(
     recipe.overrides = written.overrides
     recipe.sweeps = plans
     _resolve_references(recipe, kinds, written)
+    recipe.order()  # raises on a cycle, before anything walks the graph (planned shapes)
     _check_sweep_metrics(recipe)
     if deep:
         # checks that need the other stages: a merge's parameters on its models' architecture
         for name, spec in stages.items():
             registry.kind(spec.kind).check_at_load(spec, recipe, name)
-    recipe.order()  # raises on a cycle
     return recipe
 
 

@@ -198,11 +198,46 @@ def source_rows(source: Source, fmt: str, ctx, where: str, seed: int | None = No
         rows = _filtered(source, _load(source, source.split, fmt, ctx, where), fmt, ctx, where)
     else:
         rows = _selected(source, fmt, ctx, where, seed, tokenizer)
-    train = _prepare(source, rows, fmt, ctx, where)
+    train = teachable(_prepare(source, rows, fmt, ctx, where), fmt, ctx, where)
     if not source.eval_split:
         return train, None
     held = _filtered(source, _load(source, source.eval_split, fmt, ctx, where), fmt, ctx, where)
-    return train, _prepare(source, held, fmt, ctx, where)
+    return train, teachable(_prepare(source, held, fmt, ctx, where), fmt, ctx, where)
+
+
+# What makes a row teach nothing, by format: a loss over no token, or a preference between two
+# equal answers (DPO's loss stays at ln 2 and its gradient is zero).
+UNTEACHABLE = {
+    "text": "empty text",
+    "sft": "no assistant turn with text",
+    "preference": "chosen equal to rejected",
+}
+
+
+def teachable(rows, fmt: str, ctx, where: str):
+    """The rows that can teach something; the others dropped and counted. A source none of whose
+    rows can is refused: training on it would run for hours and change nothing."""
+
+    def keeps(row: dict) -> bool:
+        if fmt == "text":
+            return bool(str(row["text"]).strip())
+        if fmt == "sft":
+            return any(
+                m["role"] == "assistant" and str(m["content"]).strip() for m in row["messages"]
+            )
+        return _said(row["chosen"]) != _said(row["rejected"])
+
+    kept = rows.filter(keeps)
+    dropped = len(rows) - len(kept)
+    if dropped and not len(kept):
+        raise ctx.fail(where, f"none of its {len(rows)} rows teaches anything: {UNTEACHABLE[fmt]}")
+    if dropped:
+        ctx.log(f"{where}: dropped {dropped} of {len(rows)} rows ({UNTEACHABLE[fmt]})")
+    return kept
+
+
+def _said(messages: list[dict]) -> list[str]:
+    return [" ".join(str(m["content"]).split()) for m in messages]
 
 
 # --------------------------------------------------------------------------- row selection
