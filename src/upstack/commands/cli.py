@@ -274,16 +274,17 @@ def _push(recipe, args: argparse.Namespace) -> None:
 def _run_worker(recipe, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from upstack.core import logs, runner
+    from upstack.core import logs, runner, signals
     from upstack.core.context import is_main_process
     from upstack.core.rundir import WORKER_ERROR, WORKER_METRICS
 
     logs.to_stage_log(Path(args.work_dir))  # each rank's library records, in the stage's log
     hashes = runner.stage_hashes(recipe)
     try:
-        metrics = runner.execute_stage(
-            recipe, args.stage, Path(args.out_dir), Path(args.work_dir), hashes[args.stage]
-        )
+        with signals.handling(recipe.launch.grace_seconds):
+            metrics = runner.execute_stage(
+                recipe, args.stage, Path(args.out_dir), Path(args.work_dir), hashes[args.stage]
+            )
     except UserError as err:
         if is_main_process():  # the launcher prints it as the stage's one line
             error = {"message": str(err), "exit_code": err.exit_code}

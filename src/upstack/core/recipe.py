@@ -35,6 +35,19 @@ class Launch(Strict):
     extra_args: list[str] = Field(
         default_factory=list, description="passed to accelerate launch as is"
     )
+    # How much work a kill may cost, whatever the trainer's save_steps: a training stage also
+    # saves a checkpoint every this many minutes (not part of any stage's hash: it changes no
+    # result, only what a rerun can resume from).
+    checkpoint_minutes: float = Field(
+        30.0, gt=0, description="training stages checkpoint at least this often"
+    )
+    grace_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="after SIGTERM or Ctrl-C, how long a training stage may take to save a "
+        "checkpoint and stop (Slurm's KillWait and Kubernetes' terminationGracePeriodSeconds "
+        "should allow it)",
+    )
 
     @field_validator("accelerate_config")
     @classmethod

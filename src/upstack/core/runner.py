@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from upstack.core import logs, outputs, registry
+from upstack.core import logs, outputs, registry, signals
 from upstack.core.context import StageContext
 from upstack.core.errors import Interrupted, StageFailed, UserError
 from upstack.core.hashing import stage_hashes
@@ -191,10 +192,11 @@ def _run_stage(recipe: Recipe, name: str, hashes: dict[str, str]) -> None:
     t0 = time.perf_counter()
     logs.to_stage_log(work)
     try:
-        if _wants_launcher(recipe, spec):
-            metrics = _launch(recipe, name, tmp, work)
-        else:
-            metrics = execute_stage(recipe, name, tmp, work, hashes[name])
+        with signals.handling(recipe.launch.grace_seconds):
+            if _wants_launcher(recipe, spec):
+                metrics = _launch(recipe, name, tmp, work)
+            else:
+                metrics = execute_stage(recipe, name, tmp, work, hashes[name])
         # what the stage wrote must be what its kind promises before it counts as done
         problem = outputs.problem(registry.kind(spec.kind).output, tmp)
         if problem:
@@ -307,7 +309,19 @@ def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
     ]
     for item in recipe.overrides:
         cmd += ["--set", item]
-    result = subprocess.run(cmd, check=False)
+    # A stop request is passed on to the workers, which save a checkpoint and stop (each runs
+    # under signals.handling); this process waits for them within the grace period.
+    with signals.accepting():
+        process = subprocess.Popen(cmd)
+        forwarded = None
+        while process.poll() is None:
+            if signals.requested() and forwarded is None:
+                forwarded = signals.requested()
+                process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+    if forwarded:
+        raise Interrupted(f"stages.{name}: {forwarded}")
+    result = process
     if result.returncode != 0:
         # a worker's one-line error, if it left one (cli._run_worker), else the exit code
         try:

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from upstack.core import signals
 from upstack.core.context import is_main_process
+from upstack.core.errors import Interrupted
 from upstack.train.save import eval_sources, save
 from upstack.train.settings import CHECKPOINTS, changed_fields, on_gpu
 from upstack.train.spec import TrainingSpec
@@ -46,7 +48,16 @@ def train(trainer, ctx) -> dict[str, Any]:
             "num_input_tokens_seen", 0
         )
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with signals.accepting():  # SIGTERM, Ctrl-C: a checkpoint at the end of the step, then stop
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if signals.requested():
+        step = trainer.state.global_step
+        raise ctx.fail(
+            "",
+            f"stopped on {signals.requested()} at step {step}, its checkpoint saved: rerun to "
+            "resume from it",
+            error=Interrupted,
+        )
     seconds = time.perf_counter() - start
     evaluated = trainer.evaluate() if trainer.eval_dataset is not None else {}
     eval_loss, by_source = held_out_losses(evaluated, eval_sources(trainer))
@@ -125,6 +136,8 @@ def resume_checkpoint(ctx) -> Path | None:
 
     The Trainer writes trainer_state.json last, after weights, optimizer and RNG state; a
     checkpoint dir without a readable one for its own step was cut off mid-save and is skipped.
+    One whose files are damaged (a disk that filled, a copy cut short) is set aside, never
+    deleted, and the one before it is used: every rerun would fail on it the same way.
     """
     root = ctx.work_dir / CHECKPOINTS
     stamp = root / "config_hash"
@@ -144,9 +157,35 @@ def resume_checkpoint(ctx) -> Path | None:
         except (OSError, json.JSONDecodeError):
             ctx.log(f"skipping {checkpoint.name}: incomplete (no readable trainer_state.json)")
             continue
-        if state.get("global_step") == step_of(checkpoint):
+        if state.get("global_step") != step_of(checkpoint):
+            ctx.log(f"skipping {checkpoint.name}: its trainer_state.json is for another step")
+            continue
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
             return checkpoint
-        ctx.log(f"skipping {checkpoint.name}: its trainer_state.json is for another step")
+        aside = checkpoint.with_name(f"{checkpoint.name}.damaged")
+        if is_main_process():
+            shutil.rmtree(aside, ignore_errors=True)
+            checkpoint.rename(aside)
+        ctx.log(f"skipping {checkpoint.name}: {problem}; set aside as {aside.name}")
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint's files cannot be resumed from, or None: a safetensors file whose header
+    does not cover it, or a torch.save file (optimizer, scheduler, RNG state: zip archives)
+    without its closing directory, which a file cut short lacks."""
+    import zipfile
+
+    from upstack.models.checkpoints import safetensors_problem
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors":
+            problem = safetensors_problem(path)
+            if problem:
+                return f"{path.name} is damaged"
+        elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            return f"{path.name} is cut short or damaged (not a complete torch.save archive)"
     return None
 
 
@@ -159,7 +198,7 @@ def callbacks(model, ctx) -> list:
     from upstack.core.cpu import budget_threads
     from upstack.train import routing
 
-    found = [nan_guard(ctx)]
+    found = [nan_guard(ctx), stop_and_save(ctx.recipe.launch.checkpoint_minutes * 60)]
     if routing.is_moe(model.config):  # how the routers spread the tokens, for the manifest
         found.append(routing.router_load(model))
     if not on_gpu() and budget_threads():
@@ -167,6 +206,45 @@ def callbacks(model, ctx) -> list:
 
         found.append(thread_budget())  # share the CPU with whatever else runs beside
     return found
+
+
+def stop_and_save(every_s: float):
+    """A TrainerCallback that saves a checkpoint at least every `every_s` seconds, whatever
+    save_steps says (a kill costs at most that much work), and at the end of the step in which a
+    stop was requested (SIGTERM, Ctrl-C: upstack.core.signals), then stops the loop. Under
+    several processes the request is agreed on by all of them, since saving is collective."""
+    from transformers import TrainerCallback
+
+    class StopAndSave(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if _anyone(signals.requested() is not None):
+                control.should_save = True
+                control.should_training_stop = True
+            elif time.monotonic() - self.last >= every_s:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+    return StopAndSave()
+
+
+def _anyone(flag: bool) -> bool:
+    """`flag` or'ed over every process of a distributed run (just `flag` in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    import torch
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def nan_guard(ctx):
