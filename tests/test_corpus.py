@@ -647,6 +647,133 @@ CASES = [
     ),
     Case(
         "models",
+        "config-cut-short",
+        sft(model="{tmp}/cut"),
+        "stages.sft.model: {tmp}/cut/config.json is not readable JSON",
+        line=5,
+        setup=lambda t, m: (
+            GOOD_CHAT(t, m),
+            model_copy(
+                "cut",
+                ("model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+                {"config.json": b'{"architectures": ["LlamaForCausalLM"], "hidden_'},
+            )(t, m),
+        ),
+    ),
+    Case(
+        "models",
+        "no-tokenizer",
+        sft(model="{tmp}/notok"),
+        "stages.sft.model: {tmp}/notok has no tokenizer (tokenizer.json, tokenizer.model, ...)",
+        line=5,
+        setup=lambda t, m: (
+            GOOD_CHAT(t, m),
+            model_copy("notok", ("config.json", "model.safetensors"))(t, m),
+        ),
+    ),
+    Case(
+        "models",
+        "no-chat-template",
+        sft(model="{tmp}/plain"),
+        "stages.sft: model {tmp}/plain has no chat template; set `chat_template:`",
+        line=4,
+        setup=lambda t, m: (
+            GOOD_CHAT(t, m),
+            model_copy("plain", ("config.json", "model.safetensors", "tokenizer.json"))(t, m),
+        ),
+    ),
+    Case(
+        "data",
+        "eval-problems-other-columns",
+        "name: c\noutput_dir: {out}\nstages:\n  eval:\n    models: [{model}]\n"
+        "    math: {problems: {source: jsonl, path: probs.jsonl}}\n    loss: null\n",
+        "stages.eval.math.problems",
+        line=6,
+        setup=jsonl("probs.jsonl", '{"q": "1+1?", "a": "2"}'),
+    ),
+    Case(
+        "data",
+        "lm-eval-task-typo",
+        "name: c\noutput_dir: {out}\nstages:\n  eval:\n    models: [{model}]\n    math: null\n"
+        "    loss: null\n    lm_eval: {tasks: [arc_easyy]}\n",
+        "stages.eval.lm_eval.tasks: lm-eval has no task arc_easyy (did you mean arc_easy?)",
+        line=8,
+    ),
+    Case(
+        "ranges",
+        "logging-steps-zero",
+        sft(extra="").replace(FAST, "trainer: {max_steps: 1, logging_steps: 0}"),
+        "stages.sft.trainer.logging_steps: must be > 0, got 0",
+        line=7,
+    ),
+    Case(
+        "ranges",
+        "batch-size-zero",
+        sft().replace(FAST, "trainer: {per_device_train_batch_size: 0}"),
+        "stages.sft.trainer.per_device_train_batch_size: must be > 0, got 0",
+        line=7,
+    ),
+    Case(
+        "ranges",
+        "accumulation-zero",
+        sft().replace(FAST, "trainer: {gradient_accumulation_steps: 0}"),
+        "stages.sft.trainer.gradient_accumulation_steps: must be > 0, got 0",
+        line=7,
+    ),
+    Case(
+        "ranges",
+        "learning-rate-overflow",
+        sft().replace(FAST, "trainer: {learning_rate: 1e999}"),
+        "stages.sft.trainer.learning_rate: not a finite number (got '1e999')",
+        line=7,
+    ),
+    Case(
+        "ranges",
+        "merge-weight-nan",
+        "name: c\nstages:\n  init: {}\n  merge:\n    merge_method: linear\n"
+        "    models: [{model: init, parameters: {weight: .nan}}]\n",
+        "stages.merge.models.0.parameters.weight: not a finite number (got nan)",
+        line=6,
+    ),
+    Case(
+        "yaml",
+        "alias-bomb",
+        "name: c\nstages: {init: {}}\nx: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        + "".join(
+            f"x{i}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(6)
+        ),
+        "its aliases (*name) expand it to over 100,000 values",
+    ),
+    Case(
+        "yaml",
+        "python-tag",
+        "name: c\nstages: !!python/object:os.system {init: {}}\n",
+        "recipe.yaml:2: not plain YAML data",
+    ),
+    Case(
+        "sweep",
+        "a-grid-too-large",
+        "name: c\nstages:\n  init: {}\n  soup:\n    kind: merge\n    merge_method: linear\n"
+        "    models: [{model: init, parameters: {weight: 1.0}}]\n"
+        "    sweep: {grid: [{key: models.0.parameters.weight, values: ["
+        + ", ".join(["0.5"] * 100)
+        + "]}, {key: dtype, values: ["
+        + ", ".join(["float32"] * 100)
+        + "]}]}\n  eval: {after: [soup]}\n",
+        "stages.soup.sweep.grid: 100 x 100 = 10,000 variants",
+        line=8,
+    ),
+    Case(
+        "models",
+        "lora-target-absent",
+        sft(extra="    adapter: {target_modules: [query, value]}\n"),
+        "stages.sft.adapter.target_modules: query, value: no module of LlamaForCausalLM is named so",
+        line=8,
+        setup=GOOD_CHAT,
+        runtime=True,
+    ),
+    Case(
+        "models",
         "no-config",
         sft(model="{tmp}/noconfig"),
         "has no config.json: not a transformers model dir",

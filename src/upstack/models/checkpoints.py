@@ -41,6 +41,12 @@ def model_dir_problem(path: Path, allow_pickle: bool = False) -> str | None:
         return f"{path} is a file, not a model dir"
     if not (path / "config.json").is_file():
         return f"{path} has no config.json: not a transformers model dir"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"{path}/config.json is not readable JSON ({err}): it may be cut short"
+    if not isinstance(config, dict) or not config.get("model_type"):
+        return f"{path}/config.json names no model_type: transformers cannot tell what it is"
     shards = sorted(path.glob("*.safetensors"))
     for shard in shards:
         problem = safetensors_problem(shard)
@@ -121,12 +127,45 @@ def model_problem(ref, recipe, pending: bool = False) -> str | None:
     return model_dir_problem(Path(ref.location), recipe.allow_pickle)
 
 
-def check_model(ctx, key: str = "model") -> None:
-    """A stage's preflight: the model at `key` can be loaded, else its one-line error."""
+def check_model(ctx, key: str = "model", tokenizer: bool = False) -> None:
+    """A stage's preflight: the model at `key` can be loaded (and, for a stage that tokenizes,
+    has a tokenizer), else its one-line error."""
     ref = ctx.ref(key)
     problem = model_problem(ref, ctx.recipe, ctx.is_pending(ref))
+    if problem is None and tokenizer and ref.origin != "hub" and not ctx.is_pending(ref):
+        problem = tokenizer_problem(Path(ref.location))
     if problem:
         raise ctx.fail(key, problem)
+
+
+# What a saved tokenizer consists of: one of these holds its vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def tokenizer_problem(path: Path) -> str | None:
+    """Why the model dir has no tokenizer transformers can load, or None."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return (
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the base "
+            "model's tokenizer files beside the weights"
+        )
+    return None
+
+
+def chat_template_problem(path: Path) -> str | None:
+    """Why conversations cannot be rendered with the model dir's tokenizer, or None: it has no
+    chat template (tokenizer_config.json's `chat_template`, chat_template.jinja or .json)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return None
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if config.get("chat_template"):
+        return None
+    return (
+        f"model {path} has no chat template; set `chat_template:` (a Jinja string or a .jinja file)"
+    )
 
 
 def load_model(location: str, recipe, fail, **kwargs):

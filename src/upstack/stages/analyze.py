@@ -36,7 +36,7 @@ class Spec(StageSpec):
 
 def preflight(spec: Spec, ctx) -> None:
     """Before anything runs: the model is a checkpoint upstack can load, the text is there."""
-    check_model(ctx)
+    check_model(ctx, tokenizer=True)
     check_sources(spec.datasets, ctx, "text")
 
 

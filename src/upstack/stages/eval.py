@@ -113,15 +113,27 @@ def _makes_model(kind: str | None) -> bool:
 def preflight(spec: Spec, ctx) -> None:
     """Before anything runs: every model is a checkpoint upstack can load (or a Hub model it can
     reach), and the local files the measures read exist."""
+    from data_synth import DataSynthError
+    from data_synth.seeds import JsonlSeeds, load_problems
     from upstack.models.checkpoints import check_model
 
     for ref in ctx.refs():
         if ctx.is_pending(ref):
             continue
         if ref.thing == "model":
-            check_model(ctx, ref.key)
+            check_model(ctx, ref.key, tokenizer=True)
         elif ref.origin in ("path", "stage") and not Path(ref.location).exists():
             raise ctx.fail(ref.key, f"{ref.text}: no such file")
+    problems = spec.math.problems if spec.math else None
+    if isinstance(problems, JsonlSeeds) and not ctx.is_pending(ctx.ref("math.problems.path")):
+        try:  # its columns and every line, now rather than after the stages before it ran
+            load_problems(problems, ctx.seed, ctx.location)
+        except DataSynthError as err:
+            raise ctx.fail(f"math.problems.{err.setting or 'path'}", str(err)) from None
+    if spec.lm_eval:
+        unknown = unknown_tasks(spec.lm_eval)
+        if unknown:
+            raise ctx.fail("lm_eval.tasks", unknown)
 
 
 def run(spec: Spec, ctx) -> dict:
@@ -342,6 +354,35 @@ def mean_loss(model, tokenizer, texts: list[str], settings: LossEval) -> float:
 
 
 # --------------------------------------------------------------------------- lm-eval-harness
+
+
+def unknown_tasks(settings: LmEval) -> str | None:
+    """What is wrong with the tasks asked of lm-eval, from its own registry: indexing its ~15k
+    task files takes ~20 s, so the built-in names are kept per lm-eval version (check_cache),
+    and a recipe's own task dir is indexed alone."""
+    from upstack.core.check_cache import library_facts
+
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        return "lm-eval is not installed: pip install 'upstack[lm-eval]'"
+    known = set(library_facts("lm_eval", "tasks", lambda: sorted(TaskManager().all_tasks)))
+    if settings.include_path:
+        own = TaskManager(include_path=settings.include_path, include_defaults=False)
+        known |= set(own.all_tasks)
+    missing = [task for task in settings.tasks if task not in known]
+    if not missing:
+        return None
+    import difflib
+
+    hints = [
+        f"{task} (did you mean {close[0]}?)" if close else task
+        for task in missing
+        for close in [difflib.get_close_matches(task, sorted(known), n=1)]
+    ]
+    return f"lm-eval has no task {', '.join(hints)}" + (
+        f" (nor {settings.include_path})" if settings.include_path else ""
+    )
 
 
 def lm_eval_scores(path: str, settings: LmEval, ctx) -> dict[str, float]:

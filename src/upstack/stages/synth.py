@@ -40,7 +40,7 @@ def preflight(spec: Spec, ctx) -> None:
         raise ctx.fail("teacher.kind", VLLM_MISSING)
     for ref in ctx.refs():
         if ref.thing == "model":  # a local teacher's weights
-            check_model(ctx, ref.key)
+            check_model(ctx, ref.key, tokenizer=True)
     if (
         isinstance(teacher, OpenAITeacher)
         and teacher.api_key_env

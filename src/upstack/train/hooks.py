@@ -3,6 +3,8 @@ re-exports them by name."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from upstack.train.data import check_sources
 from upstack.train.spec import TrainingSpec
 
@@ -11,9 +13,15 @@ def preflight(spec: TrainingSpec, ctx) -> None:
     """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
     every data source is where it says and has the columns the stage needs, `train_layers`
     names layers the model has."""
-    from upstack.models.checkpoints import check_model
+    from upstack.models.checkpoints import chat_template_problem, check_model
 
-    check_model(ctx)
+    check_model(ctx, tokenizer=True)
+    ref = ctx.ref("model")
+    local = ref.origin != "hub" and not ctx.is_pending(ref)
+    if local and spec.DATA_FORMAT != "text" and getattr(spec, "chat_template", None) is None:
+        problem = chat_template_problem(Path(ref.location))  # conversations need one
+        if problem:
+            raise ctx.fail("", problem)
     check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
     check_train_layers(spec, ctx)
 

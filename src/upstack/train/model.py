@@ -51,6 +51,18 @@ def adapter_targets(spec: TrainingSpec, ctx, model, parts) -> list[str] | str:
     from upstack.train import trainable
 
     targets = spec.adapter.target_modules
+    if isinstance(targets, list):  # each name must be a module of this model: peft would say so
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        absent = [t for t in targets if t not in names and not any(n.endswith(t) for n in names)]
+        if absent:
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+            )
+            raise ctx.fail(
+                "adapter.target_modules",
+                f"{', '.join(absent)}: no module of {type(model).__name__} is named so (its "
+                f"Linear modules: {', '.join(linear)}; or all-linear)",
+            )
     if spec.train_layers == "all":
         return targets
     targets = trainable.lora_targets(model, parts, targets)
@@ -115,3 +127,9 @@ def lora_config(
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear)  # bitsandbytes' Linear4bit is one too
