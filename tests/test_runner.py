@@ -93,6 +93,13 @@ def test_a_changed_generator_makes_stages_on_generated_data_stale_and_no_others(
     assert hashing.reads_generated([JsonlSeeds(path="p.jsonl"), ScriptedTeacher()])
     teacher = OpenAITeacher(model="m", base_urls=["http://localhost:1/v1"])
     assert not hashing.reads_generated([Source(hub="HuggingFaceTB/smollm-corpus"), teacher])
+    # a held-out loss on the default rows (the arith eval split) reads generated text; on a
+    # file of the user's, not
+    from upstack.stages.eval import LossEval
+
+    assert hashing.reads_generated(LossEval()) and not hashing.reads_generated(
+        LossEval(path="mine.jsonl")
+    )
 
 
 def test_the_generator_fingerprint_covers_the_generators_only(tmp_path, monkeypatch):

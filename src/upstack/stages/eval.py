@@ -49,6 +49,11 @@ class LossEval(Strict):
     max_length: int = Field(512, ge=8, description="tokens per row; longer rows are cut")
     batch_size: int = Field(16, ge=1)
 
+    @property
+    def GENERATED(self) -> bool:  # noqa: N802 (the mark upstack.core.hashing reads)
+        """Without a path the rows are the arith generator's eval split."""
+        return self.path is None
+
 
 class LmEval(Strict):
     """lm-evaluation-harness (`pip install upstack[lm-eval]`); its tasks download from the Hub."""
