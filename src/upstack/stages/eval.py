@@ -50,7 +50,7 @@ class LossEval(Strict):
     batch_size: int = Field(16, ge=1)
 
     @property
-    def GENERATED(self) -> bool:  # noqa: N802 (the mark upstack.core.hashing reads)
+    def GENERATED(self) -> bool:
         """Without a path the rows are the arith generator's eval split."""
         return self.path is None
 
