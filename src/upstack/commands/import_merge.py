@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 from upstack.core.errors import UserError
-from upstack.core.recipe import load_recipe, parse_yaml, read_text
+from upstack.core.recipe import load_recipe
 from upstack.core.settings import STAGE_NAME
+from upstack.core.yamltext import parse_yaml, read_text
 
 # Lines that frame a YAML document rather than belong to it: `%YAML 1.2`, `---`, `...`
 DOCUMENT_MARKS = re.compile(r"^(%.*|---\s*(#.*)?|\.\.\.\s*(#.*)?)$")
