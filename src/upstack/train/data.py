@@ -14,14 +14,17 @@ from pydantic import Field, model_validator
 from data_synth.errors import DataSynthError
 from data_synth.files import FILE_BUILDERS, load_local, peek_columns
 from upstack.core.settings import Strict, names
+from upstack.train import formats
 
-# What each training format needs, after `columns` renames. `sft` also takes `prompt`/`completion`
-# (and an optional `system`), converted to conversations so one chat template applies to all.
+# The columns each training format gives the trainer. Sources may be in any of the formats
+# upstack.train.formats reads (ShareGPT, Alpaca, prompt/completion, TRL's preference formats),
+# converted to these so one chat template renders all.
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "sft": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
 }
+ROW = "__row__"  # a source row's position, kept until its conversion so an error can name it
 
 
 class Exclude(Strict):
@@ -337,7 +340,7 @@ def _stream(source: Source, fmt: str, ctx, where: str, seed: int, tokenizer):
                 if position >= total or kept >= len(chosen):
                     return
                 continue
-            yield row
+            yield {**row, ROW: position}
             kept += 1
             if source.max_tokens is not None:
                 spent += len(tokenizer(row[text], add_special_tokens=False)["input_ids"])
@@ -498,8 +501,10 @@ def _load(source: Source, split: str, fmt: str, ctx, where: str):
     if source.hub is not None:
         try:
             # datasets no longer runs loading scripts: Hub data is files (parquet/json), no code
-            return datasets.load_dataset(
-                source.hub, source.config, data_dir=source.data_dir, split=split
+            return _numbered(
+                datasets.load_dataset(
+                    source.hub, source.config, data_dir=source.data_dir, split=split
+                )
             )
         except (FileNotFoundError, ValueError) as err:
             raise ctx.fail(
@@ -511,7 +516,7 @@ def _load(source: Source, split: str, fmt: str, ctx, where: str):
         path = ctx.stage_dir(source.stage) / source.split / f"{name}.jsonl"
         if not path.is_file():
             raise ctx.fail(where, f"stage '{source.stage}' wrote no {path}")
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        return _numbered(datasets.load_dataset("json", data_files=str(path), split="train"))
     path = Path(source.path).expanduser()
     if path.is_file() and split != "train":
         # an eval_split on one file would evaluate on the training rows
@@ -519,9 +524,16 @@ def _load(source: Source, split: str, fmt: str, ctx, where: str):
             f"{where}.split", f"a single file has only the split 'train' (got '{split}')"
         )
     try:
-        return load_local(path, split)
+        return _numbered(load_local(path, split))
     except DataSynthError as err:
         raise ctx.fail(f"{where}.path", str(err)) from None
+
+
+def _numbered(rows):
+    """The rows with their positions in the source, for errors that name a row."""
+    import numpy as np
+
+    return rows.add_column(ROW, np.arange(len(rows)))
 
 
 def _generated_rows(task: str, count: int, split: str, fmt: str, ctx, where: str) -> list[dict]:
@@ -584,13 +596,25 @@ def column_problem(source: Source, present: list[str], fmt: str) -> tuple[str, s
         if column not in present:
             return f".columns.{column}", f"no column '{column}' {has}"
     after = {c for c in present if c not in source.columns} | set(source.columns.values())
-    needed = FORMATS[fmt]
-    if fmt == "sft" and "messages" not in after and "prompt" in after:
-        needed = ("prompt", "completion")
+    if fmt == "text":
+        needed, accepted = ("text",), ""
+    elif fmt == "sft":
+        if formats.sft_format(after):
+            return None
+        # the format its columns half name, else the first one
+        needed = next(
+            (n for n in (("prompt", "completion"), ("instruction", "output")) if n[0] in after),
+            ("messages",),
+        )
+        accepted = f" (formats: {'; '.join(formats.SFT_FORMATS)})"
+    else:
+        if formats.preference_format(after):
+            return None
+        needed, accepted = ("chosen", "rejected"), f" (formats: {'; '.join(formats.PREFERENCE_FORMATS)})"
     missing = [c for c in needed if c not in after]
     if missing:
         return "", (
-            f"missing column '{missing[0]}' for {fmt} data {has}; "
+            f"missing column '{missing[0]}' for {fmt} data {has}{accepted}; "
             f"map one with `columns: {{<source column>: {missing[0]}}}`"
         )
     return None
@@ -598,7 +622,7 @@ def column_problem(source: Source, present: list[str], fmt: str) -> tuple[str, s
 
 def _filtered(source: Source, rows, fmt: str, ctx, where: str):
     """The rows with the columns the format needs, less those the exclude rules drop."""
-    problem = column_problem(source, list(rows.column_names), fmt)
+    problem = column_problem(source, [c for c in rows.column_names if c != ROW], fmt)
     if problem:
         raise ctx.fail(f"{where}{problem[0]}", problem[1])
     for rule in source.exclude:
@@ -607,13 +631,50 @@ def _filtered(source: Source, rows, fmt: str, ctx, where: str):
 
 
 def _prepare(source: Source, rows, fmt: str, ctx, where: str):
-    """Selected rows in the format's columns: renamed, as conversations or preference pairs."""
+    """Selected rows in the format's columns: renamed, then read by their format into
+    conversations or conversational preference pairs (upstack.train.formats). A row no format
+    takes is refused with its row number; nothing becomes the string of a structure."""
     rows = _rename(rows, source.columns)
+    if fmt == "text":
+        bad = next((i for i, text in enumerate(rows["text"]) if not isinstance(text, str)), None)
+        if bad is not None:
+            raise ctx.fail(where, f"{_origin(source)} row {_row_of(rows, bad)}: text is not text")
+        return rows.select_columns(["text"])
     if fmt == "sft":
-        rows = _to_conversations(rows)
-    elif fmt == "preference":
-        rows = _to_preference(rows)
-    return rows.select_columns(list(FORMATS[fmt]))
+        kind = formats.sft_format(set(rows.column_names))
+
+        def convert(row: dict) -> dict:
+            return {"messages": formats.to_messages(row, kind)}
+    else:
+
+        def convert(row: dict) -> dict:
+            return formats.to_preference(row)
+
+    def checked(row: dict, index: int) -> dict:
+        try:
+            return convert(row)
+        except formats.RowError as err:
+            accepted = formats.SFT_FORMATS if fmt == "sft" else formats.PREFERENCE_FORMATS
+            raise ctx.fail(
+                where,
+                f"{_origin(source)} row {row.get(ROW, index) + 1}: {err} "
+                f"(formats: {'; '.join(accepted)})",
+            ) from None
+
+    return rows.map(checked, with_indices=True, remove_columns=rows.column_names)
+
+
+def _origin(source: Source) -> str:
+    """What a source is, for a message about one of its rows."""
+    if source.path is not None:
+        return str(source.path)
+    if source.hub is not None:
+        return source.hub
+    return f"stage {source.stage}" if source.stage is not None else "generated data"
+
+
+def _row_of(rows, index: int) -> int:
+    return rows[index][ROW] + 1 if ROW in rows.column_names else index + 1
 
 
 def _rename(rows, columns: dict[str, str]):
@@ -633,49 +694,3 @@ def _rename(rows, columns: dict[str, str]):
 
     drop = [c for c in rows.column_names if c in columns or c in joined]
     return rows.map(rename, remove_columns=drop)
-
-
-def _to_conversations(rows):
-    """prompt/completion (and system) rows become `messages`, so one chat template renders all."""
-    if "messages" in rows.column_names:
-        return rows
-
-    def convert(row: dict) -> dict:
-        system = row.get("system")
-        messages = [{"role": "system", "content": system}] if system else []
-        return {
-            "messages": [
-                *messages,
-                {"role": "user", "content": str(row["prompt"])},
-                {"role": "assistant", "content": str(row["completion"])},
-            ]
-        }
-
-    return rows.map(convert, remove_columns=rows.column_names)
-
-
-def _to_preference(rows):
-    """Conversational prompt/chosen/rejected, whether a source gives strings or message lists
-    (UltraFeedback's chosen/rejected repeat the prompt turn: only the replies are kept)."""
-
-    def as_prompt(value: Any) -> list[dict]:
-        return list(value) if isinstance(value, list) else [{"role": "user", "content": str(value)}]
-
-    def as_reply(value: Any) -> list[dict]:
-        if not isinstance(value, list):
-            return [{"role": "assistant", "content": str(value)}]
-        last_turn = max((i for i, m in enumerate(value) if m["role"] != "assistant"), default=-1)
-        return [{"role": m["role"], "content": m["content"]} for m in value[last_turn + 1 :]]
-
-    def convert(row: dict) -> dict:
-        system = row.get("system")
-        prompt = as_prompt(row["prompt"])
-        if system and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system}, *prompt]
-        return {
-            "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
-            "chosen": as_reply(row["chosen"]),
-            "rejected": as_reply(row["rejected"]),
-        }
-
-    return rows.map(convert, remove_columns=rows.column_names)
