@@ -774,6 +774,32 @@ CASES = [
     ),
     Case(
         "models",
+        "chat-template-unknown-name",
+        sft(extra="    chat_template: llama-3\n"),
+        "stages.sft.chat_template: 'llama-3' is no chat template upstack knows (names: chatml, "
+        "llama3, zephyr",
+        line=8,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "models",
+        "chat-template-file-missing",
+        sft(extra="    chat_template: templates/mine.jinja\n"),
+        "stages.sft.chat_template: templates/mine.jinja: no such template file",
+        line=8,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "models",
+        "chat-template-of-another-family",
+        sft(extra="    chat_template: llama3\n"),
+        "stages.sft.chat_template: the llama3 template writes <|eot_id|>, <|start_header_id|>, "
+        "<|end_header_id|>, which the tokenizer of {model} does not have as tokens",
+        line=8,
+        setup=GOOD_CHAT,
+    ),
+    Case(
+        "models",
         "no-config",
         sft(model="{tmp}/noconfig"),
         "has no config.json: not a transformers model dir",

@@ -97,28 +97,33 @@ def _ctx(tmp_path, recipe, name):
     )
 
 
-@pytest.mark.parametrize("template", ["marks", "plain"])
+@pytest.mark.parametrize("template", ["marks", "plain", "chatml"])
 def test_sft_loss_covers_exactly_the_assistant_tokens(tmp_path, tiny_model, template):
+    """Every assistant turn is trained, and nothing else: with the template's {% generation %}
+    marks, with a template that has none (zephyr's, SmolLM2's: the turns are found by
+    rendering), and with a template named in the recipe."""
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": CHAT}) + "\n")
     settings = _sft(tiny_model, datasets=[{"path": str(data)}])
-    if template == "plain":  # no {% generation %} marks: the loss falls back to the last turn
-        # given as a file, the other way `chat_template:` takes one
-        plain = tmp_path / "plain.jinja"
-        plain.write_text(
+    if template == "plain":
+        # given as a file, relative to the recipe: the other way `chat_template:` takes one
+        (tmp_path / "plain.jinja").write_text(
             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
         )
-        settings["chat_template"] = str(plain)
+        settings["chat_template"] = "plain.jinja"
+    elif template == "chatml":
+        settings["chat_template"] = "chatml"
     recipe = load_recipe(recipe_from_stages(tmp_path, {"sft": settings}))
     trainer = sft.build_trainer(recipe.stages["sft"], _ctx(tmp_path, recipe, "sft"))
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     decode = trainer.processing_class.decode
-    if template == "marks":
-        expected = "3 + 2 = 5. \\boxed{5}<|im_end|>5 - 1 = 4. \\boxed{4}<|im_end|>"
+    first, second = "3 + 2 = 5. \\boxed{5}<|im_end|>", "5 - 1 = 4. \\boxed{4}<|im_end|>"
+    if template == "plain":  # all the template renders for a turn: its newline too
+        expected = f"{first}\n{second}\n"
     else:
-        expected = "5 - 1 = 4. \\boxed{4}<|im_end|>\n"  # all the template renders after the prompt
+        expected = first + second
     assert decode(ids[labels != -100]) == expected
     assert "Ana has" in decode(ids)  # the prompt is there, just not in the loss
 

@@ -346,9 +346,8 @@ def _validate_stages(
             raise written.error(loc, f"unknown stage kind '{kind}'{hint} (known: {known})")
         stage_kind = registry.kind(kind)
         try:
-            stages[name] = stage_kind.validate(
-                {**body, "kind": kind}, context={"deep": deep, "stages": kinds}
-            )
+            context = {"deep": deep, "stages": kinds, "recipe_dir": written.path.parent}
+            stages[name] = stage_kind.validate({**body, "kind": kind}, context=context)
         except ValidationError as err:
             spec_class = stage_kind.spec_class(body)
             raise UserError(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
-
 from upstack.train.hooks import output_shape as output_shape  # the model's shape, kept
 from upstack.train.hooks import preflight as preflight  # model, data, train_layers checked first
-from upstack.train.spec import TrainingSpec
+from upstack.train.spec import ChatSpec
 
 # The stage contract (upstack.core.contract)
 OUTPUT = "model"  # a checkpoint
@@ -16,14 +14,11 @@ LAYER_MAP = "keeps"  # its model has its input's layers one for one
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
 
 
-class Spec(TrainingSpec):
+class Spec(ChatSpec):
     TRAINER_CONFIG: ClassVar[str] = "DPOConfig"  # beta, loss_type, learning_rate, ...
     DATA_FORMAT: ClassVar[str] = "preference"  # prompt/chosen/rejected
 
     kind: Literal["dpo"] = "dpo"
-    chat_template: str | None = Field(
-        None, description="Jinja template (inline or a file); default: the tokenizer's"
-    )
 
 
 def stage_defaults(flash_attention: bool) -> dict[str, Any]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
-
 from upstack.train.hooks import output_shape as output_shape  # the model's shape, kept
 from upstack.train.hooks import preflight as preflight  # model, data, train_layers checked first
-from upstack.train.spec import TrainingSpec
+from upstack.train.spec import ChatSpec
 
 # The stage contract (upstack.core.contract)
 OUTPUT = "model"  # a checkpoint
@@ -16,13 +14,10 @@ LAYER_MAP = "keeps"  # its model has its input's layers one for one
 LAUNCHABLE = True  # runs under `accelerate launch` when the recipe's launch block asks
 
 
-class Spec(TrainingSpec):
+class Spec(ChatSpec):
     DATA_FORMAT: ClassVar[str] = "sft"  # messages, or prompt/completion
 
     kind: Literal["sft"] = "sft"
-    chat_template: str | None = Field(
-        None, description="Jinja template (inline or a file); default: the tokenizer's"
-    )
 
 
 def stage_defaults(flash_attention: bool) -> dict[str, Any]:
@@ -45,9 +40,13 @@ def build_trainer(spec: Spec, ctx):
         # the template's {% generation %} marks say which tokens are the assistant's
         loss_mask = {"assistant_only_loss": True}
     else:
-        # No marks: loss on the last (assistant) turn only, as a prompt/completion pair.
-        train, held_out = (_as_completion(d) if d is not None else None for d in (train, held_out))
-        loss_mask = {"completion_only_loss": True}
+        # No marks (zephyr's, SmolLM2's templates): every assistant turn found by rendering,
+        # tokenized here with its mask (TRL builds the labels from it)
+        train, held_out = (
+            tokenized(d, inputs.tokenizer, ctx) if d is not None else None
+            for d in (train, held_out)
+        )
+        loss_mask = {}
     settings = {**trainer_settings(spec, stage_defaults, inputs), **loss_mask}
     return SFTTrainer(
         args=trainer_config(SFTConfig, settings, ctx),
@@ -74,8 +73,19 @@ def run(spec: Spec, ctx) -> dict:
     return train_and_save(build_trainer(spec, ctx), spec, ctx)
 
 
-def _as_completion(dataset):
-    def split(row: dict) -> dict:
-        return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+def tokenized(dataset, tokenizer, ctx):
+    """Conversations as input_ids with assistant_masks, by rendering (upstack.train.templates)."""
+    from upstack.train import templates
 
-    return dataset.map(split, remove_columns=["messages"])
+    def encode(row: dict) -> dict:
+        try:
+            return templates.masked(tokenizer, row["messages"])
+        except templates.PrefixError as err:
+            raise ctx.fail(
+                "chat_template",
+                f"the chat template renders the beginning of a conversation differently from "
+                f"the whole ({err}), so its assistant turns cannot be found: give a template "
+                "with {% generation %} marks (chat_template: a name or a file)",
+            ) from None
+
+    return dataset.map(encode, remove_columns=dataset.column_names)

@@ -610,7 +610,10 @@ def column_problem(source: Source, present: list[str], fmt: str) -> tuple[str, s
     else:
         if formats.preference_format(after):
             return None
-        needed, accepted = ("chosen", "rejected"), f" (formats: {'; '.join(formats.PREFERENCE_FORMATS)})"
+        needed, accepted = (
+            ("chosen", "rejected"),
+            f" (formats: {'; '.join(formats.PREFERENCE_FORMATS)})",
+        )
     missing = [c for c in needed if c not in after]
     if missing:
         return "", (

@@ -119,7 +119,11 @@ def to_preference(row: dict) -> dict[str, list[dict[str, str]]]:
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
         if not reply:
             raise RowError(f"{name} has no reply after its prompt")
-    return {"prompt": with_system(prompt, row.get("system")), "chosen": chosen, "rejected": rejected}
+    return {
+        "prompt": with_system(prompt, row.get("system")),
+        "chosen": chosen,
+        "rejected": rejected,
+    }
 
 
 def _replies(turns: list[dict], prompt: list[dict]) -> list[dict]:
@@ -168,7 +172,9 @@ def as_text(value: Any, key: str) -> str:
         kinds = {p.get("type") for p in value}
         if kinds <= {"text"}:
             return "".join(str(p.get("text", "")) for p in value)
-        raise RowError(f"{key} has {', '.join(sorted(map(str, kinds - {'text'})))} parts: text only")
+        raise RowError(
+            f"{key} has {', '.join(sorted(map(str, kinds - {'text'})))} parts: text only"
+        )
     raise RowError(f"{key} is {_kind(value)}: expected text")
 
 

@@ -18,12 +18,37 @@ def preflight(spec: TrainingSpec, ctx) -> None:
     check_model(ctx, tokenizer=True)
     ref = ctx.ref("model")
     local = ref.origin != "hub" and not ctx.is_pending(ref)
-    if local and spec.DATA_FORMAT != "text" and getattr(spec, "chat_template", None) is None:
+    template = getattr(spec, "chat_template", None)
+    if local and spec.DATA_FORMAT != "text" and template is None:
         problem = chat_template_problem(Path(ref.location))  # conversations need one
         if problem:
             raise ctx.fail("", problem)
+    if local and template is not None:
+        missing = missing_markers(template, Path(ref.location))
+        if missing:
+            raise ctx.fail(
+                "chat_template",
+                f"the {template} template writes {', '.join(missing)}, which the tokenizer of "
+                f"{ref.text} does not have as tokens: use the model's own template, or a "
+                "template of its family",
+            )
     check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
     check_train_layers(spec, ctx)
+
+
+def missing_markers(template: str, model_dir: Path) -> list[str]:
+    """A named template's turn markers absent from a local model's tokenizer.json (read with
+    `tokenizers`, no transformers import); none known without that file."""
+    from upstack.train import templates
+
+    markers = templates.NAMED.get(template, ())
+    file = model_dir / "tokenizer.json"
+    if not markers or not file.is_file():
+        return []
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(file))
+    return [token for token in markers if vocab.token_to_id(token) is None]
 
 
 def check_train_layers(spec: TrainingSpec, ctx) -> None:

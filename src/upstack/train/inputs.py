@@ -53,17 +53,30 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
 
 def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
     """The model's tokenizer (upstack.models.checkpoints' loading policy), with `chat_template`
-    (inline Jinja or a file) in place of its own, and a pad token."""
+    (a name, a file relative to the recipe, or inline Jinja) in place of its own, and a pad
+    token. A named template's turn markers must be tokens of the tokenizer; its end of turn
+    becomes the tokenizer's eos, so generation stops where an assistant turn ends."""
     from upstack.models.checkpoints import load_tokenizer as load
+    from upstack.train import templates
 
     tokenizer = load(model_path, ctx.recipe, lambda message: ctx.fail("model", message))
     if chat_template:
-        if "{%" not in chat_template and "{{" not in chat_template:
-            path = Path(chat_template)
-            if not path.is_file():
-                raise ctx.fail("chat_template", f"{path}: file not found")
-            chat_template = path.read_text()
-        tokenizer.chat_template = chat_template
+        recipe_dir = Path(ctx.recipe.source).parent
+        problem = templates.problem(chat_template, recipe_dir)
+        if problem:
+            raise ctx.fail("chat_template", problem)
+        missing = templates.missing_tokens(chat_template, tokenizer)
+        if missing:
+            raise ctx.fail(
+                "chat_template",
+                f"the {chat_template} template writes {', '.join(missing)}, which the tokenizer "
+                f"of {model_path} does not have as tokens: use the model's own template, or a "
+                "template of its family",
+            )
+        tokenizer.chat_template = templates.text(chat_template, recipe_dir)
+        end = templates.end_of_turn(chat_template)
+        if end:
+            tokenizer.eos_token = end
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs one; labels mask it anyway
     return tokenizer

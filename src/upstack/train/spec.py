@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from upstack.core.errors import looks_like_secret
 from upstack.core.settings import StageSpec, Strict, error_at, names
@@ -153,3 +154,27 @@ def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, 
         if problem:
             raise error_at((key,), problem)
     return settings
+
+
+class ChatSpec(TrainingSpec):
+    """A training stage on conversations (sft, dpo): they are rendered with a chat template."""
+
+    chat_template: str | None = Field(
+        None,
+        description="a name (chatml, llama3, zephyr, mistral, gemma, phi3: with the marks that "
+        "train every assistant turn), a .jinja file (relative to the recipe) or a Jinja string; "
+        "default: the tokenizer's",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Found at load, not when the stage starts after the stages before it ran."""
+        from upstack.train import templates
+
+        recipe_dir = (info.context or {}).get("recipe_dir")
+        if value is not None and recipe_dir is not None:
+            problem = templates.problem(value, Path(recipe_dir))
+            if problem:
+                raise ValueError(problem)
+        return value
