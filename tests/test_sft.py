@@ -120,10 +120,8 @@ def test_sft_loss_covers_exactly_the_assistant_tokens(tmp_path, tiny_model, temp
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     decode = trainer.processing_class.decode
     first, second = "3 + 2 = 5. \\boxed{5}<|im_end|>", "5 - 1 = 4. \\boxed{4}<|im_end|>"
-    if template == "plain":  # all the template renders for a turn: its newline too
-        expected = f"{first}\n{second}\n"
-    else:
-        expected = first + second
+    # without marks, a turn is all the template renders for it: its newline too
+    expected = f"{first}\n{second}\n" if template == "plain" else first + second
     assert decode(ids[labels != -100]) == expected
     assert "Ana has" in decode(ids)  # the prompt is there, just not in the loss
 
