@@ -76,6 +76,9 @@ def test_sft_trains_and_saves_a_plain_checkpoint(tmp_path, tiny_model):
     out = tmp_path / "runs" / "sft"
     metrics = json.loads((out / "upstack.json").read_text())["metrics"]
     assert metrics["steps"] == 12 and metrics["resumed_from_step"] == 0
+    mask = metrics["loss_mask"]  # the answers, not the questions: a share of each example
+    assert mask["mask"] == "assistant turns" and mask["examples_counted"] > 0
+    assert 0 < mask["loss_tokens_per_example"] < mask["tokens_per_example"]
     first, last = _first_last(metrics["loss_curve"])
     assert last < first - 0.3, metrics["loss_curve"]
     before, after = _weights(tiny_model), _weights(out)

@@ -70,7 +70,28 @@ def effective_settings(spec: Spec) -> dict[str, Any]:
 def run(spec: Spec, ctx) -> dict:
     from upstack.train.loop import train_and_save
 
-    return train_and_save(build_trainer(spec, ctx), spec, ctx)
+    trainer = build_trainer(spec, ctx)
+    trained = loss_tokens(trainer.train_dataset)
+    ctx.log(
+        f"loss on {trained['loss_tokens_per_example']:.1f} of "
+        f"{trained['tokens_per_example']:.1f} tokens per example ({trained['mask']})"
+    )
+    return {**train_and_save(trainer, spec, ctx), "loss_mask": trained}
+
+
+def loss_tokens(dataset, sample: int = 1000) -> dict:
+    """How many tokens of an example the loss covers (labels not -100), against its length, on
+    up to `sample` examples: what the mask does, in the manifest."""
+    rows = dataset.select(range(min(sample, len(dataset))))
+    labels = rows["labels"] if "labels" in rows.column_names else rows["input_ids"]
+    trained = [sum(1 for label in row if label != -100) for row in labels]
+    lengths = [len(row) for row in rows["input_ids"]]
+    return {
+        "mask": "assistant turns" if "labels" in rows.column_names else "every token",
+        "loss_tokens_per_example": round(sum(trained) / max(len(trained), 1), 2),
+        "tokens_per_example": round(sum(lengths) / max(len(lengths), 1), 2),
+        "examples_counted": len(trained),
+    }
 
 
 def tokenized(dataset, tokenizer, ctx):
