@@ -166,8 +166,9 @@ def test_lora_output_equals_base_plus_merged_adapter(tmp_path, tiny_model):
     assert not any("lora" in k for k in _weights(out))
 
 
-def test_qlora_trains_4bit_on_cpu_and_saves_full_weights(tmp_path, tiny_model):
-    adapter = {"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0}
+@pytest.mark.parametrize("kind", ["qlora", "lora-8bit"])
+def test_quantized_lora_trains_on_cpu_and_saves_full_weights(tmp_path, tiny_model, kind):
+    adapter = {"type": kind, "r": 8, "alpha": 16, "dropout": 0.0}
     recipe = load_recipe(
         recipe_from_stages(tmp_path, {"sft": _sft(tiny_model, steps=10, adapter=adapter)})
     )

@@ -25,7 +25,7 @@ def stage_hashes(recipe) -> dict[str, str]:
     hashes: dict[str, str] = {}
     for name in recipe.order():
         spec = recipe.stages[name]
-        settings = registry.kind(spec.kind).settings(spec)
+        settings = without_added_defaults(spec, registry.kind(spec.kind).settings(spec))
         settings.pop("after", None)  # ordering, not data: it changes no output
         payload = {
             "kind": spec.kind,
@@ -38,6 +38,28 @@ def stage_hashes(recipe) -> dict[str, str]:
         blob = json.dumps(payload, sort_keys=True).encode()
         hashes[name] = hashlib.sha256(blob).hexdigest()[:16]
     return hashes
+
+
+def without_added_defaults(model: BaseModel, data: dict) -> dict:
+    """`data` (the model's settings as plain data) less every setting marked `added` that is at
+    its default, at any depth (upstack.core.settings.added)."""
+    out = dict(data)
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        value = getattr(model, name)
+        default = info.get_default(call_default_factory=True)
+        if extra.get("added") and value == default:
+            out.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(out.get(name), dict):
+            out[name] = without_added_defaults(value, out[name])
+        elif isinstance(value, list) and isinstance(out.get(name), list):
+            out[name] = [
+                without_added_defaults(v, d)
+                if isinstance(v, BaseModel) and isinstance(d, dict)
+                else d
+                for v, d in zip(value, out[name], strict=False)
+            ]
+    return out
 
 
 def reads_generated(settings: Any) -> bool:

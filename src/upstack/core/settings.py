@@ -17,7 +17,16 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from data_synth.config import Strict, names, used_for
 from upstack.core.keys import KeyPath
 
-__all__ = ["STAGE_NAME", "StageSpec", "Strict", "did_you_mean", "error_at", "names", "used_for"]
+__all__ = [
+    "STAGE_NAME",
+    "StageSpec",
+    "Strict",
+    "added",
+    "did_you_mean",
+    "error_at",
+    "names",
+    "used_for",
+]
 
 # A stage's name is its directory under output_dir and a key `--set stages.<name>.x` reaches:
 # nothing that could leave that directory (/, ..), nothing a shell or a key path splits on.
@@ -45,6 +54,13 @@ class StageSpec(Strict):
             if name not in stages:
                 raise error_at((i,), f"no stage '{name}'{did_you_mean(name, list(stages))}")
         return after
+
+
+def added(**extra) -> dict:
+    """`json_schema_extra` of a setting added after stages were hashed with the settings before
+    it: it enters a stage's hash only when set away from its default (upstack.core.hashing), so
+    adding it makes no finished stage stale."""
+    return {"added": True, **extra}
 
 
 def error_at(loc: Iterable[str | int] | str, message: str) -> ValidationError:

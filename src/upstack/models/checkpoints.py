@@ -182,11 +182,11 @@ def load_model(location: str, recipe, fail, **kwargs):
     return from_pretrained(AutoModelForCausalLM, location, fail, **{**policy, **kwargs})
 
 
-def load_tokenizer(location: str, recipe, fail):
+def load_tokenizer(location: str, recipe, fail, **kwargs):
     from transformers import AutoTokenizer
 
     return from_pretrained(
-        AutoTokenizer, location, fail, trust_remote_code=recipe.trust_remote_code
+        AutoTokenizer, location, fail, trust_remote_code=recipe.trust_remote_code, **kwargs
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from upstack.core.settings import Strict, error_at
+from upstack.train.hooks import check_at_load as check_at_load  # a revision only on the Hub
 from upstack.train.hooks import output_shape as output_shape  # the model's shape, kept
 from upstack.train.hooks import preflight as preflight  # model, data, train_layers checked first
 from upstack.train.spec import TrainingSpec

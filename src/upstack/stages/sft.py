@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+from upstack.train.hooks import check_at_load as check_at_load  # a revision only on the Hub
 from upstack.train.hooks import output_shape as output_shape  # the model's shape, kept
 from upstack.train.hooks import preflight as preflight  # model, data, train_layers checked first
 from upstack.train.spec import ChatSpec

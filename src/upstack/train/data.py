@@ -83,8 +83,12 @@ class Source(Strict):
     hub: str | None = Field(
         None, description="Hub dataset id, org/name", json_schema_extra=names("data", "hub")
     )
-    config: str | None = Field(None, description="Hub dataset config name")
-    data_dir: str | None = None
+    config: str | None = Field(
+        None, description="a configuration of a Hub data set (or of a local clone of one)"
+    )
+    data_dir: str | None = Field(
+        None, description="a subdirectory of a Hub data set (or of a local clone of one)"
+    )
     path: str | None = Field(
         None,
         description="local jsonl/json/parquet/txt/csv file or dataset dir",
@@ -148,6 +152,13 @@ def check_sources(sources: list[Source], ctx, fmt: str, key: str = "datasets") -
                 raise ctx.fail(
                     f"{key}.{i}.path", f"{path}: expected one of {', '.join(FILE_BUILDERS)}"
                 )
+            for setting in ("config", "data_dir"):
+                if path.is_file() and getattr(source, setting) is not None:
+                    raise ctx.fail(
+                        f"{key}.{i}.{setting}",
+                        f"{path} is one file: {setting} picks part of a data set repository "
+                        "(a Hub id, or a directory holding a clone of one)",
+                    )
             try:
                 present = peek_columns(path)
             except DataSynthError as err:
@@ -523,6 +534,17 @@ def _load(source: Source, split: str, fmt: str, ctx, where: str):
         raise ctx.fail(
             f"{where}.split", f"a single file has only the split 'train' (got '{split}')"
         )
+    if source.config is not None or source.data_dir is not None:
+        # a local clone of a Hub data set repository: its configurations, read by datasets
+        try:
+            return _numbered(
+                datasets.load_dataset(
+                    str(path), source.config, data_dir=source.data_dir, split=split
+                )
+            )
+        except (FileNotFoundError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0]
+            raise ctx.fail(f"{where}.config", f"cannot load {path} ({reason})") from None
     try:
         return _numbered(load_local(path, split))
     except DataSynthError as err:

@@ -66,6 +66,19 @@ def check_train_layers(spec: TrainingSpec, ctx) -> None:
     layermap.train_layers(spec.train_layers, ctx, shape.get("num_hidden_layers"))
 
 
+def check_at_load(spec: TrainingSpec, recipe, name: str) -> None:
+    """A revision names a version of a Hub model: on a stage or a local dir it would do nothing."""
+    if spec.revision is None:
+        return
+    ref = next(r for r in recipe.refs(name) if r.key == "model")
+    if ref.origin != "hub":
+        raise recipe.error(
+            ("stages", name, "revision"),
+            f"a revision is a Hub model's branch, tag or commit; model {ref.text} is a "
+            f"{'stage' if ref.origin == 'stage' else 'local dir'}",
+        )
+
+
 def output_shape(spec: TrainingSpec, input_shape):
     """Training keeps its model's shape."""
     return input_shape("model")

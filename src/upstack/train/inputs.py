@@ -35,7 +35,9 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
 
     fmt = spec.DATA_FORMAT
     model_path = ctx.ref("model").location
-    tokenizer = load_tokenizer(model_path, ctx, chat_template)
+    tokenizer = load_tokenizer(model_path, ctx, chat_template, spec.revision)
+    if spec.add_special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(spec.add_special_tokens)})
     marks_turns = fmt != "text" and require_chat_template(tokenizer, ctx, model_path)
     # Under accelerate, rank 0 reads (and streams) the data first; the other ranks then find
     # what it wrote (streamed selections, datasets' caches) instead of all reading the corpus.
@@ -51,7 +53,9 @@ def prepare(spec: TrainingSpec, ctx, chat_template: str | None = None, mixture=N
     return Inputs(model_path, tokenizer, train_rows, held_out, marks_turns)
 
 
-def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
+def load_tokenizer(
+    model_path: str, ctx, chat_template: str | None = None, revision: str | None = None
+):
     """The model's tokenizer (upstack.models.checkpoints' loading policy), with `chat_template`
     (a name, a file relative to the recipe, or inline Jinja) in place of its own, and a pad
     token. A named template's turn markers must be tokens of the tokenizer; its end of turn
@@ -59,7 +63,8 @@ def load_tokenizer(model_path: str, ctx, chat_template: str | None = None):
     from upstack.models.checkpoints import load_tokenizer as load
     from upstack.train import templates
 
-    tokenizer = load(model_path, ctx.recipe, lambda message: ctx.fail("model", message))
+    fail = lambda message: ctx.fail("model", message)  # noqa: E731
+    tokenizer = load(model_path, ctx.recipe, fail, **({"revision": revision} if revision else {}))
     if chat_template:
         recipe_dir = Path(ctx.recipe.source).parent
         problem = templates.problem(chat_template, recipe_dir)

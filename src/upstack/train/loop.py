@@ -34,7 +34,7 @@ def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
     layers = trainer.model.config.num_hidden_layers
     trained = trainable.resolve(spec, ctx, layers).record(spec.train_layers)
     trained.update(trainable.counted(trainer), adapter=spec.adapter.type if spec.adapter else None)
-    save(trainer, trainer.processing_class, ctx.ref("model").location, spec.adapter, ctx)
+    save(trainer, trainer.processing_class, spec, ctx)
     return {**metrics, "trained": trained, "trainer_settings": changed_fields(trainer.args)}
 
 

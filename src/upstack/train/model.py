@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from upstack.train.inputs import Inputs
-from upstack.train.settings import flash_attention
+from upstack.train.settings import loading
 from upstack.train.spec import Adapter, TrainingSpec
 
 
@@ -15,7 +15,11 @@ def model_parts(spec: TrainingSpec, ctx, inputs: Inputs) -> dict[str, Any]:
     frozen, its adapter config (limited to the trained layers), the guards."""
     from upstack.train import loop, trainable
 
-    model = load_model(inputs.model_path, spec.adapter, ctx)
+    model = load_model(inputs.model_path, spec, ctx)
+    if len(inputs.tokenizer) > model.get_input_embeddings().num_embeddings:
+        # added special tokens: rows for them, each the mean of the others to start (trained:
+        # the settings require it)
+        model.resize_token_embeddings(len(inputs.tokenizer), mean_resizing=True)
     parts = trainable_parts(spec, ctx, model)
     peft_config = None
     if spec.adapter is None:
@@ -83,16 +87,22 @@ def adapter_targets(spec: TrainingSpec, ctx, model, parts) -> list[str] | str:
     return targets
 
 
-def load_model(model_path: str, adapter: Adapter | None, ctx):
-    """The model to train; for QLoRA its Linear layers in 4-bit NF4 (bitsandbytes, CPU or GPU)."""
+def load_model(model_path: str, spec: TrainingSpec, ctx):
+    """The model to train; for QLoRA its Linear layers in 4-bit NF4, for lora-8bit in int8
+    (bitsandbytes)."""
+    adapter = spec.adapter
     import torch
     from transformers import BitsAndBytesConfig
 
     from upstack.models import checkpoints
 
-    kwargs: dict[str, Any] = {}
-    if flash_attention():
-        kwargs["attn_implementation"] = "flash_attention_2"  # what padding-free batches need
+    kwargs: dict[str, Any] = loading(spec)
+    if adapter is not None and adapter.type == "lora-8bit":
+        from accelerate import PartialState
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        on_gpu = torch.cuda.is_available()
+        kwargs["device_map"] = {"": PartialState().local_process_index if on_gpu else "cpu"}
     if adapter is not None and adapter.type == "qlora":
         from accelerate import PartialState
 

@@ -7,14 +7,15 @@ import shutil
 from pathlib import Path
 
 from upstack.train.settings import CHECKPOINTS
-from upstack.train.spec import Adapter
+from upstack.train.spec import TrainingSpec
 
 
-def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> None:
+def save(trainer, tokenizer, spec: TrainingSpec, ctx) -> None:
     """A plain HF checkpoint at the stage dir's root (adapters merged), plus loss.png.
 
     Every rank calls this (saving a sharded model is collective); only rank 0 writes files.
     """
+    adapter = spec.adapter
     if adapter is None:
         trainer.save_model(str(ctx.out_dir))
     else:
@@ -23,7 +24,7 @@ def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> N
     if not trainer.accelerator.is_main_process:
         return
     if adapter is not None:
-        merge_adapter(model_path, ctx.out_dir / "adapter", ctx.out_dir, ctx)
+        merge_adapter(spec, tokenizer, ctx.out_dir / "adapter", ctx.out_dir, ctx)
     for pickled in ctx.out_dir.rglob("training_args.bin"):
         pickled.unlink()  # a pickle; the manifest holds the settings as JSON
     finish_checkpoint(ctx.out_dir, tokenizer)
@@ -38,13 +39,19 @@ def save(trainer, tokenizer, model_path: str, adapter: Adapter | None, ctx) -> N
     shutil.rmtree(ctx.work_dir / "streamed", ignore_errors=True)
 
 
-def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, ctx) -> None:
-    """Base reloaded in full precision (never the 4-bit copy) + adapter, merged into plain weights."""
+def merge_adapter(spec: TrainingSpec, tokenizer, adapter_dir: Path, out_dir: Path, ctx) -> None:
+    """Base reloaded in full precision (never the 4-bit or int8 copy) + adapter, merged into plain
+    weights; with the rows of added tokens, which the adapter trained in full."""
     from peft import PeftModel
 
     from upstack.models.checkpoints import load_model
+    from upstack.train.settings import loading
 
-    base = load_model(base_path, ctx.recipe, lambda message: ctx.fail("model", message))
+    base_path = ctx.ref("model").location
+    fail = lambda message: ctx.fail("model", message)  # noqa: E731
+    base = load_model(base_path, ctx.recipe, fail, **loading(spec))
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
 

@@ -107,3 +107,17 @@ def changed_fields(config) -> dict[str, Any]:
         if values[field.name] != getattr(default, "value", default):  # enums compare by value
             changed[field.name] = values[field.name]
     return changed
+
+
+def loading(spec: TrainingSpec) -> dict[str, Any]:
+    """from_pretrained's arguments the stage's settings give: revision, dtype, attention."""
+    kwargs: dict[str, Any] = {}
+    if spec.revision is not None:
+        kwargs["revision"] = spec.revision
+    if spec.dtype != "auto":
+        kwargs["dtype"] = spec.dtype
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    elif flash_attention():
+        kwargs["attn_implementation"] = "flash_attention_2"  # what padding-free batches need
+    return kwargs

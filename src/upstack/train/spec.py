@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from upstack.core.errors import looks_like_secret
-from upstack.core.settings import StageSpec, Strict, error_at, names
+from upstack.core.settings import StageSpec, Strict, added, error_at, names
 from upstack.models.layermap import SELECTORS
 from upstack.train.data import Source
 from upstack.train.trl_fields import domain_problem, trainer_fields, wrong_type
@@ -24,6 +24,10 @@ OWNED = {
     "push_to_hub": "the push stage uploads",
     "hub_model_id": "the push stage uploads",
     "hub_token": "the push stage uploads",
+    "hub_strategy": "the push stage uploads the finished stage; checkpoints are not pushed",
+    "hub_private_repo": "the push stage's `private` sets it",
+    "hub_always_push": "the push stage uploads",
+    "hub_revision": "the push stage uploads",
     "dataset_text_field": "cpt trains on the `text` column; rename with datasets[].columns",
     "assistant_only_loss": "sft masks to the assistant turns when the chat template marks them",
     "completion_only_loss": "sft masks to the completion when the template cannot mark turns",
@@ -32,6 +36,22 @@ OWNED = {
     "local_rank": "the launcher (accelerate launch) sets it for each process",
 }
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# Names users write (other suites' recipes, older TRL and transformers) -> the field that takes the
+# value now, and how. Read as that field at load, so the value wins over upstack's defaults for
+# it and `upstack show` shows it there; silently ignored it would not be (transformers reads
+# `gradient_checkpointing` only when `activation_checkpointing` is unset, which upstack sets).
+ALIASES: dict[str, tuple[str, str]] = {
+    "gradient_checkpointing": ("activation_checkpointing", "the same switch"),
+    "gradient_checkpointing_kwargs": ("activation_checkpointing_kwargs", "the same options"),
+    "warmup_ratio": ("warmup_steps", "transformers 5 reads a warmup_steps below 1 as a ratio"),
+    "max_seq_length": ("max_length", "TRL's name since 0.20"),
+    "evaluation_strategy": ("eval_strategy", "transformers' name since 4.46"),
+}
+# Fields other suites' recipes set that TRL no longer has, and what does their work now.
+GONE = {
+    "max_prompt_length": "TRL 1.x truncates prompt and completion together: set max_length",
+    "max_target_length": "TRL 1.x truncates prompt and completion together: set max_length",
+}
 
 
 class Adapter(Strict):
@@ -41,7 +61,9 @@ class Adapter(Strict):
     get a plain checkpoint; the adapter itself is kept in `adapter/`.
     """
 
-    type: Literal["lora", "qlora"] = "lora"
+    type: Literal["lora", "qlora", "lora-8bit"] = Field(
+        "lora", description="lora; qlora: on a 4-bit NF4 base; lora-8bit: on an int8 base"
+    )
     r: int = Field(16, ge=1, description="rank of the update matrices")
     alpha: int = Field(32, ge=1, description="scale alpha/r on the update; 2r is the usual choice")
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -86,11 +108,50 @@ class TrainingSpec(StageSpec):
     trainer: dict[str, Any] = Field(
         default_factory=dict, description="fields of the stage's TRL config (SFTConfig, DPOConfig)"
     )
+    # how the model is loaded (transformers' from_pretrained arguments users set in other suites)
+    revision: str | None = Field(
+        None,
+        description="a Hub model's branch, tag or commit",
+        json_schema_extra=added(),
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the dtype the weights load in (auto: as saved)",
+        json_schema_extra=added(),
+    )
+    attn_implementation: (
+        Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
+    ) = Field(
+        None,
+        description="default: flash_attention_2 on a GPU with flash-attn installed, else transformers'",
+        json_schema_extra=added(),
+    )
+    add_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="tokens added to the tokenizer as special tokens, their embeddings trained",
+        json_schema_extra=added(),
+    )
 
     @field_validator("trainer")
     @classmethod
     def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         return check_trainer_keys(value, cls.TRAINER_CONFIG)
+
+    @model_validator(mode="after")
+    def _new_tokens_are_trained(self) -> TrainingSpec:
+        """Added tokens start with made-up embeddings: only training them gives them meaning."""
+        if not self.add_special_tokens:
+            return self
+        full = self.train_layers == "all" and self.adapter is None
+        embeddings = self.train_embeddings if self.train_embeddings is not None else full
+        head = self.train_lm_head if self.train_lm_head is not None else full
+        if not (embeddings and head):
+            raise error_at(
+                ("add_special_tokens",),
+                "new tokens start with untrained embeddings: train them (train_embeddings: "
+                "true and train_lm_head: true)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _generated_data_fits(self) -> TrainingSpec:
@@ -129,13 +190,30 @@ class TrainingSpec(StageSpec):
         return value
 
 
+def _canonical(settings: dict[str, Any], fields: dict, config_name: str) -> dict[str, Any]:
+    """`trainer:` with every alias under the field that takes its value now (ALIASES)."""
+    out = {}
+    for key, value in settings.items():
+        if key in GONE and key not in fields:
+            raise error_at((key,), f"not a field of trl.{config_name} any more: {GONE[key]}")
+        if key in ALIASES:
+            field, how = ALIASES[key]
+            if field in settings:
+                raise error_at((key,), f"the same setting as `{field}` ({how}): give one of them")
+            if key == "warmup_ratio" and isinstance(value, int | float) and not 0 <= value < 1:
+                raise error_at((key,), f"a ratio is >= 0 and < 1, got {value!r}")
+            key = field
+        out[key] = value
+    return out
+
+
 def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, Any]:
     """Fail at recipe load, not an hour into a run: every key must be a field of the TRL config,
     and every value of a type that field takes."""
     if not settings:
         return settings
     fields = trainer_fields(config_name)
-    settings = dict(settings)
+    settings = _canonical(settings, fields, config_name)
     for key, value in settings.items():
         if key in OWNED:
             raise error_at((key,), f"set by the stage, not the recipe ({OWNED[key]})")
