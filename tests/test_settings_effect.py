@@ -122,3 +122,31 @@ def test_a_file_takes_no_config(tmp_path, tiny_model):
         UserError, match=r"datasets\.0\.config: .*d\.jsonl is one file: config picks"
     ):
         run(recipe, ["sft"], dry_run=True)
+
+
+def test_a_tracker_that_is_installed_logs_into_the_stage_dir(tmp_path, tiny_model):
+    """report_to works offline with a tracker that is installed (tensorboard), and its files land
+    in the stage dir, not in the working directory."""
+    stage = _stage(
+        tiny_model,
+        trainer={**FAST, "max_steps": 2, "logging_steps": 1, "report_to": ["tensorboard"]},
+    )
+    run(load_recipe(recipe_from_stages(tmp_path, {"sft": stage})), ["sft"])
+    events = list((tmp_path / "runs" / "sft" / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+
+
+@pytest.mark.parametrize(
+    "report_to, expected",
+    [
+        (["wandb"], "report_to: wandb is not installed here: pip install wandb"),
+        ("mlflow", "report_to: mlflow is not installed here: pip install mlflow"),
+        (["tensorbord"], "report_to: no tracker 'tensorbord' .*did you mean tensorboard"),
+    ],
+    ids=["wandb", "mlflow", "typo"],
+)
+def test_a_tracker_that_cannot_run_is_refused_at_load(tmp_path, tiny_model, report_to, expected):
+    """The handbook's default (report_to: [wandb]) without wandb installed died in the stage."""
+    stage = _stage(tiny_model, trainer={"report_to": report_to})
+    with pytest.raises(UserError, match=expected):
+        load_recipe(recipe_from_stages(tmp_path, {"sft": stage}))

@@ -78,10 +78,29 @@ def trainer_settings(
 
 def trainer_config(config_cls: type, settings: dict[str, Any], ctx):
     """The TRL config from `trainer_settings`, with the checkpoints in the stage's work dir."""
+    trackers_write_here(ctx)
     try:
         return config_cls(**settings, output_dir=str(ctx.work_dir / CHECKPOINTS), seed=ctx.seed)
     except (TypeError, ValueError) as err:
         raise ctx.fail("trainer", str(err).strip().splitlines()[0]) from None
+
+
+# Where trackers write their local files unless the user says (their variables), so upstack writes
+# nothing outside the output dir: tensorboard's events into the stage dir (kept with the model),
+# wandb's and mlflow's local runs into the stage's work dir.
+_SET_BY_UPSTACK: dict[str, str] = {}
+
+
+def trackers_write_here(ctx) -> None:
+    places = {
+        "TENSORBOARD_LOGGING_DIR": str(ctx.out_dir / "logs"),
+        "WANDB_DIR": str(ctx.work_dir),
+        "MLFLOW_TRACKING_URI": f"file:{ctx.work_dir / 'mlruns'}",
+        "TRACKIO_DIR": str(ctx.work_dir / "trackio"),
+    }
+    for variable, place in places.items():
+        if variable not in os.environ or os.environ[variable] == _SET_BY_UPSTACK.get(variable):
+            os.environ[variable] = _SET_BY_UPSTACK[variable] = place
 
 
 def changed_fields(config) -> dict[str, Any]:

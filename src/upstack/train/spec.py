@@ -14,7 +14,7 @@ from upstack.core.errors import looks_like_secret
 from upstack.core.settings import StageSpec, Strict, added, error_at, names
 from upstack.models.layermap import SELECTORS
 from upstack.train.data import Source
-from upstack.train.trl_fields import domain_problem, trainer_fields, wrong_type
+from upstack.train.trl_fields import domain_problem, trackers_problem, trainer_fields, wrong_type
 
 # Trainer fields a stage sets itself; a recipe that sets them gets told why instead.
 OWNED = {
@@ -229,6 +229,8 @@ def check_trainer_keys(settings: dict[str, Any], config_name: str) -> dict[str, 
             shown = "a value that looks like a secret" if looks_like_secret(value) else repr(value)
             raise error_at((key,), f"expected {expected} (trl.{config_name}), got {shown}")
         problem = domain_problem(key, value)
+        if key == "report_to":
+            problem = trackers_problem(value)
         if problem:
             raise error_at((key,), problem)
     return settings

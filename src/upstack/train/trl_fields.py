@@ -101,6 +101,44 @@ def domain_problem(field: str, value: Any) -> str | None:
     return None
 
 
+# `report_to` names -> the package each integration imports (transformers' integrations)
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "trackio": "trackio",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "swanlab": "swanlab",
+    "dvclive": "dvclive",
+    "neptune": "neptune",
+    "codecarbon": "codecarbon",
+    "azure_ml": "azureml",
+    "dagshub": "dagshub",
+    "flyte": "flytekit",
+}
+
+
+def trackers_problem(value: Any) -> str | None:
+    """Why `report_to` would fail when training starts, or None: a tracker transformers does not
+    know, or whose package is not installed here."""
+    import importlib.util
+
+    names = [value] if isinstance(value, str) else list(value or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in TRACKERS:
+            import difflib
+
+            close = difflib.get_close_matches(str(name), list(TRACKERS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            return f"no tracker '{name}' (known: {', '.join(TRACKERS)}, none, all){hint}"
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            return f"{name} is not installed here: pip install {TRACKERS[name]}"
+    return None
+
+
 def numeric_fields(config_name: str) -> list[str]:
     """The fields of a TRL config whose annotation names int or float."""
     return [
