@@ -94,11 +94,16 @@ def _parser() -> argparse.ArgumentParser:
         "import-merge",
         help="a mergekit YAML (from a model card) as a merge stage, comments kept",
         description="Print a mergekit YAML as a recipe's merge stage, or add it to a recipe "
-        "(--into): its lines and comments as they are, checked as the recipe loads. Replace its "
-        "model names by stage names afterwards, wherever a model goes.",
+        "(--into): its lines and comments as they are, checked as the recipe loads; a "
+        "mergekit-multi file becomes a stage per document. Replace its model names by stage "
+        "names afterwards, wherever a model goes: those that name nothing here are listed.",
     )
     imported.add_argument("config", help="the mergekit YAML, e.g. saved from a model card")
-    imported.add_argument("--stage", default="merge", help="the stage's name (default: merge)")
+    imported.add_argument(
+        "--stage",
+        help="the stage's name (default: merge); in a mergekit-multi file, the final merge's "
+        "(default: its name:)",
+    )
     imported.add_argument(
         "--into", metavar="RECIPE", help="add the stage at the end of this recipe's stages"
     )
@@ -246,11 +251,14 @@ def _mixture_fit(recipe, args: argparse.Namespace) -> None:
 def _import_merge(args: argparse.Namespace) -> int:
     from upstack.commands.import_merge import import_merge
 
-    block = import_merge(args.config, stage=args.stage, into=args.into)
+    imported = import_merge(args.config, stage=args.stage, into=args.into)
+    for note in imported.notes:  # names changed, names to replace
+        print(note, file=sys.stderr)
     if args.into:
-        print(f"added stage {args.stage} to {args.into}", file=sys.stderr)
+        stages = "stage" if len(imported.stages) == 1 else "stages"
+        print(f"added {stages} {', '.join(imported.stages)} to {args.into}", file=sys.stderr)
     else:
-        print(block, end="")
+        print(imported.block, end="")
     return 0
 
 

@@ -106,6 +106,9 @@ class Recipe(Strict):
     # Set by load_recipe, not by the YAML: where the recipe came from, so a subprocess
     # (accelerate launch) can load exactly the same recipe again; and each stage's references.
     source: str = Field("", exclude=True)
+    # The text loaded, when it was given rather than read from `source` (a recipe checked before
+    # it is written): errors found after loading are placed in it, not in the file.
+    source_text: str | None = Field(None, exclude=True)
     overrides: list[str] = Field(default_factory=list, exclude=True)
     references: dict[str, list[Reference]] = Field(default_factory=dict, exclude=True)
     # A stage with `sweep:` -> its plan: the variant stages load added, and the eval that scores them.
@@ -218,14 +221,19 @@ class Recipe(Strict):
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), deep: bool = True
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    deep: bool = True,
+    text: str | None = None,
 ) -> Recipe:
     """Read, override and validate a recipe. Every mistake becomes a one-line UserError.
 
     `deep=False` skips checks that import heavy libraries (a merge against mergekit's registry):
     for commands that only read state, like `upstack status`.
+    `text` is loaded instead of the file at `path`, which still names it in errors: a recipe
+    checked before it is written (`upstack import-merge --into`), with no file of its own.
     """
-    written = _read(Path(path), list(overrides))
+    written = _read(Path(path), list(overrides), text)
     _check_top_level(written)
     stages_raw, plans = _expand_sweeps(written)
     kinds = _kinds(stages_raw)
@@ -236,6 +244,7 @@ def load_recipe(
         raise UserError(_describe(err, (), written.raw, Recipe, written.where)) from None
     recipe.stages = stages
     recipe.source = str(written.path)
+    recipe.source_text = text
     recipe.overrides = written.overrides
     recipe.sweeps = plans
     _resolve_references(recipe, kinds, written)
@@ -266,11 +275,11 @@ class _Written:
         return UserError(f"{self.where(loc)}: {loc}: {message}")
 
 
-def _read(path: Path, overrides: list[str]) -> _Written:
-    """The recipe's data: UTF-8, YAML of bounded size, a mapping, `--set` applied, every number
-    finite (a NaN or infinite setting is never what anyone meant: .nan, .inf, 1e999, anywhere,
-    upstack's keys, TRL's, mergekit's, a sweep's grid)."""
-    text = read_text(path)
+def _read(path: Path, overrides: list[str], text: str | None = None) -> _Written:
+    """The recipe's data (`text`, else the file's): UTF-8, YAML of bounded size, a mapping,
+    `--set` applied, every number finite (a NaN or infinite setting is never what anyone meant:
+    .nan, .inf, 1e999, anywhere, upstack's keys, TRL's, mergekit's, a sweep's grid)."""
+    text = read_text(path) if text is None else text
     root = parse_yaml(text, str(path))
     raw = construct(text, str(path))
     if not isinstance(raw, dict):
@@ -456,7 +465,8 @@ def output_dir_of(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> Path
 def locate(recipe: Recipe, *loc: str | int) -> str:
     """`FILE:LINE` (or `--set ITEM`) of a recipe key, for errors found after loading (at run time)."""
     try:
-        root = yaml.compose(Path(recipe.source).read_text())
+        text = recipe.source_text
+        root = yaml.compose(Path(recipe.source).read_text() if text is None else text)
     except (OSError, yaml.YAMLError):
         root = None
     loc = recipe.source_loc(loc)

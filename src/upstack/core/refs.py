@@ -21,6 +21,9 @@ Origin = Literal["stage", "path", "hub"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # A name that says it is a local path even before it exists (a preflight then says it is missing).
 LOOKS_LOCAL = re.compile(r"^[./~]|\.(jsonl?|parquet|csv|txt|ya?ml|safetensors)$")
+# A path on a Windows machine, such as a model card's author's: a drive (`G:\models\x`, `C:/x`)
+# or a backslash anywhere (`\\host\x`, `models\x`).
+WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]|\\")
 DEFAULT_USE = {"model": "weights", "data": "train"}
 BEST = ".best"  # `<sweep>.best`: the variant of a sweep that its eval scored best
 
@@ -136,12 +139,16 @@ def resolve(
         return made("hub", text)
     if where == "local":
         return made("path", str(path))  # the stage's preflight says it is missing
-    shown = (
-        "the value (it looks like a secret: not shown)" if looks_like_secret(text) else f"'{text}'"
-    )
+    if looks_like_secret(text):
+        shown = "the value (it looks like a secret: not shown)"
+    elif WINDOWS_PATH.search(text):
+        shown = f"'{text}' is a Windows path, so it"
+    else:
+        shown = f"'{text}'"
+    # a near stage name is most likely what was meant; else the name is to be replaced
+    hint = _did_you_mean(text, stages) or ": replace it with one"
     raise ValueError(
-        f"{shown} is not a stage of this recipe, an existing path, or a Hub id (org/name)"
-        + _did_you_mean(text, stages)
+        f"{shown} is not a stage of this recipe, an existing path, or a Hub id (org/name){hint}"
     )
 
 

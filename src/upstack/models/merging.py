@@ -159,6 +159,58 @@ def _get(data: Any, loc: Loc) -> Any:
     return data
 
 
+# Keys model cards' configs carry that mergekit's MergeConfiguration has not (options of its
+# commands, mergekit-multi's document name), with what a recipe writes instead.
+NOT_CONFIG_KEYS = {
+    "name": "a mergekit-multi document's name: in a recipe the stage's own name (its key under "
+    "`stages:`) is what other stages name it by; remove this key",
+    "trust_remote_code": "a mergekit option: write `trust_remote_code: true` at the recipe's top "
+    "level instead",
+    "random_seed": "a mergekit option: the recipe's top-level `seed:` is mergekit's random seed",
+    "clone_tensors": "a mergekit option upstack sets itself when a slice repeats a layer; remove it",
+    "copy_tokenizer": "a mergekit option upstack always sets; remove it",
+    "lora_merge_cache": "a mergekit option upstack sets itself (.upstack/work/<stage>/); remove it",
+    "write_model_card": "a mergekit option: the push stage writes the model card; remove it",
+}
+
+
+def instead_problem(config: dict) -> Problem | None:
+    """A key of a raw mergekit config that mergekit does not take where it is written, and what
+    to write instead: a model's `revision:` beside it (mergekit reads `name@revision`), a
+    `layer_range` in `models:` (a slice's), an option of mergekit's commands. mergekit's models
+    ignore unknown keys; upstack refuses them, and here says what works."""
+    for key in config:
+        if key in NOT_CONFIG_KEYS:
+            return (key,), NOT_CONFIG_KEYS[key]
+    return _misplaced(config, ())
+
+
+def _misplaced(data: Any, loc: Loc) -> Problem | None:
+    if isinstance(data, list):
+        return next((p for i, item in enumerate(data) if (p := _misplaced(item, (*loc, i)))), None)
+    if not isinstance(data, dict):
+        return None
+    model, revision = data.get("model"), data.get("revision")
+    if "revision" in data and isinstance(model, str):
+        return (*loc, "revision"), (
+            f"mergekit reads a model's revision from its name: write `model: {model}@{revision}` "
+            "and drop this key"
+        )
+    if "revision" in data and isinstance(model, dict):
+        return (*loc, "revision"), (
+            f"mergekit reads a model's revision from its mapping: write `model: {{path: "
+            f"{model.get('path')}, revision: {revision}}}` and drop this key"
+        )
+    if "layer_range" in data and len(loc) >= 2 and loc[-2] == "models":
+        return (*loc, "layer_range"), (
+            "a layer range is a slice's: write `slices: [{sources: [{model: ..., layer_range: "
+            "[first, end]}, ...]}]` instead of `models:`"
+        )
+    # parameters hold values, not models: nothing there is misplaced in this sense
+    items = ((key, value) for key, value in data.items() if key != "parameters")
+    return next((p for key, value in items if (p := _misplaced(value, (*loc, key)))), None)
+
+
 def validation_problem(err: ValidationError, raw: Any) -> Problem:
     """pydantic's error that got deepest into `raw`, at its key path (union members' names,
     which pydantic puts in its paths, are not keys of the YAML and are dropped)."""

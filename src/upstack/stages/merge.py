@@ -73,9 +73,11 @@ class Spec(StageSpec):
             return self  # `upstack status`/`report`: importing mergekit (peft, torch) costs ~8 s
         if self.sweep is not None:
             return self  # the pick merges nothing: each variant is checked as a merge of its own
-        # what mergekit's cached facts refuse needs no mergekit: a typo is refused in a second
+        # what mergekit's cached facts refuse needs no mergekit: a typo is refused in a second;
+        # a key a model card carries that mergekit takes otherwise says how first
         ours = [name for name in Spec.model_fields if name != "kind"]
-        problem = mergekit_facts.quick_problem(self.mergekit, ours)
+        problem = merging.instead_problem(self.mergekit)
+        problem = problem or mergekit_facts.quick_problem(self.mergekit, ours)
         if problem:
             raise error_at(*problem)
         # a config mergekit accepted before is not re-checked: importing mergekit costs ~5-9 s
@@ -144,6 +146,17 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
                 f"'{ref.text}' after `+` is a LoRA adapter: a directory or Hub id holding "
                 "adapter_config.json, not a stage",
             )
+        # a local path that is not here (a model card's author's: /home/author/models/x) is
+        # refused now, not when the run reaches this stage
+        if ref.origin == "path" and not Path(ref.location).exists():
+            message = (
+                f"{ref.location} is not a LoRA adapter dir (no adapter_config.json): no such "
+                "directory here; replace it with an adapter dir or a Hub id (org/name)"
+                if ref.use == "adapter"
+                else f"{ref.location}: no such directory here: replace it with a stage of this "
+                "recipe, a model dir or a Hub id (org/name)"
+            )
+            raise recipe.error(("stages", name, *ref.loc), message)
     by_text = {ref.text: ref for ref in refs if ref.use != "adapter"}
     models = {text: merging.config_source(ref, recipe) for text, ref in by_text.items()}
     if check_cache.passed("merge.tensors", [spec.mergekit, models], CHECKED_WITH):
