@@ -150,3 +150,21 @@ def test_a_tracker_that_cannot_run_is_refused_at_load(tmp_path, tiny_model, repo
     stage = _stage(tiny_model, trainer={"report_to": report_to})
     with pytest.raises(UserError, match=expected):
         load_recipe(recipe_from_stages(tmp_path, {"sft": stage}))
+
+
+def test_the_handbooks_zephyr_recipe_reads_as_meant():
+    """recipes/zephyr-7b-beta.yaml keeps the handbook's names; each lands on the field TRL reads."""
+    from conftest import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "zephyr-7b-beta.yaml")
+    sft_trainer, dpo_trainer = recipe.stages["sft"].trainer, recipe.stages["dpo"].trainer
+    assert sft_trainer["activation_checkpointing"] is True and sft_trainer["max_length"] == 2048
+    assert sft_trainer["warmup_steps"] == 0.1 and sft_trainer["eval_strategy"] == "epoch"
+    assert sft_trainer["activation_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert dpo_trainer["beta"] == 0.01 and dpo_trainer["eval_strategy"] == "steps"
+    assert recipe.stages["sft"].chat_template == "zephyr"
+    assert loading(recipe.stages["sft"]) == {
+        "revision": "main",
+        "dtype": "bfloat16",
+        "attn_implementation": "flash_attention_2",
+    }

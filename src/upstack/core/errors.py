@@ -36,9 +36,10 @@ def looks_like_secret(value: object) -> bool:
     return isinstance(value, str) and bool(SECRET.match(value.strip()))
 
 
-# A setting whose value may be a secret, or the name of one (`api_key_env`): its value is never
-# echoed either. "tokenizer" is no token.
-SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)s?($|_)", re.I)
+# A setting that holds a secret (hub_token, api_key, password): its value is never echoed
+# either. The word ends the key: "tokenizer", max_new_tokens, include_num_input_tokens_seen and
+# api_key_env (the name of a variable, not the key) are no secrets.
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_?key)$", re.I)
 
 
 def is_secret_key(key: object) -> bool:
