@@ -168,3 +168,26 @@ def test_the_handbooks_zephyr_recipe_reads_as_meant():
         "dtype": "bfloat16",
         "attn_implementation": "flash_attention_2",
     }
+
+
+def test_config_picks_a_configuration_of_a_local_clone(tmp_path, tiny_model):
+    """A local clone of a multi-config Hub data set (its README's `configs:`): `config:` was
+    accepted and never passed to datasets."""
+    from upstack.core.context import StageContext
+    from upstack.train.data import Source, build_mixture
+
+    clone = tmp_path / "clone"
+    for config, answer in (("main", "4"), ("socratic", "Let us think. 4")):
+        (clone / config).mkdir(parents=True)
+        row = {"prompt": "What is 2 + 2?", "completion": answer}
+        (clone / config / "train.jsonl").write_text(json.dumps(row) + "\n")
+    (clone / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: main\n  data_files: [{split: train, path: main/train.jsonl}]\n"
+        "- config_name: socratic\n  data_files: [{split: train, path: socratic/train.jsonl}]\n"
+        "---\n"
+    )
+    recipe = load_recipe(recipe_from_stages(tmp_path, {"sft": _stage(tiny_model)}))
+    ctx = StageContext(recipe, "sft", tmp_path / "out", tmp_path / "work", "test")
+    train, _ = build_mixture([Source(path=str(clone), config="socratic")], "sft", ctx)
+    assert train[0]["messages"][-1] == {"role": "assistant", "content": "Let us think. 4"}
