@@ -10,13 +10,22 @@ from upstack.train.spec import TrainingSpec
 
 
 def preflight(spec: TrainingSpec, ctx) -> None:
-    """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
-    every data source is where it says and has the columns the stage needs, `train_layers`
-    names layers the model has."""
-    from upstack.models.checkpoints import chat_template_problem, check_model
+    """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load
+    and train (not a multimodal wrapper), every data source is where it says and has the columns
+    the stage needs, `train_layers` names layers the model has, the adapter's settings work on
+    it."""
+    from upstack.models.checkpoints import (
+        chat_template_problem,
+        check_model,
+        config_json,
+        wrapper_problem,
+    )
 
     check_model(ctx, tokenizer=True)
     ref = ctx.ref("model")
+    problem = wrapper_problem(config_json(ref))  # a stage never writes one: each refuses them
+    if problem:
+        raise ctx.fail("model", problem)
     local = ref.origin != "hub" and not ctx.is_pending(ref)
     if local and spec.DATA_FORMAT != "text" and getattr(spec, "chat_template", None) is None:
         problem = chat_template_problem(Path(ref.location))  # conversations need one
@@ -24,6 +33,7 @@ def preflight(spec: TrainingSpec, ctx) -> None:
             raise ctx.fail("", problem)
     check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
     check_train_layers(spec, ctx)
+    check_adapter(spec, ctx)
 
 
 def check_train_layers(spec: TrainingSpec, ctx) -> None:
@@ -39,6 +49,22 @@ def check_train_layers(spec: TrainingSpec, ctx) -> None:
     ref = ctx.ref("model")
     shape = planned_shape(ctx.recipe, ref, ctx.pending) or {}
     layermap.train_layers(spec.train_layers, ctx, shape.get("num_hidden_layers"))
+
+
+def check_adapter(spec: TrainingSpec, ctx) -> None:
+    """Before anything runs: the adapter's settings work on the model (a mixture of experts' is
+    known from the recipe's planned shape, or a local or cached config.json)."""
+    from upstack.models.checkpoints import config_json
+    from upstack.models.shapes import expert_count, planned_shape
+    from upstack.train.trainable import adapter_dropout_problem
+
+    if spec.adapter is None:
+        return
+    ref = ctx.ref("model")
+    shape = planned_shape(ctx.recipe, ref, ctx.pending) or config_json(ref) or {}
+    problem = adapter_dropout_problem(spec, bool(expert_count(shape)))
+    if problem:
+        raise ctx.fail("adapter.dropout", problem)
 
 
 def output_shape(spec: TrainingSpec, input_shape):
