@@ -1330,8 +1330,8 @@ CASES = [
         "moe",
         "base-not-llama",
         MOE.replace("{model}", "{tmp}/qwen") + "    experts: 2\n",
-        "stages.up.model: method moe writes a Mixtral, which mergekit-moe builds from Llama or "
-        "Mistral models only; {tmp}/qwen is Qwen2ForCausalLM",
+        "stages.up.model: method moe upcycles a Llama or Mistral (into a Mixtral) or a Qwen3 "
+        "(into a Qwen3-MoE), the mixtures mergekit-moe writes; {tmp}/qwen is Qwen2ForCausalLM",
         line=6,
         setup=retyped_model("qwen", "qwen2", "Qwen2ForCausalLM"),
     ),

@@ -107,6 +107,20 @@ def planned_layers(ctx: StageContext) -> dict[str, int] | None:
     return layers
 
 
+def check_sources_at_load(recipe, name: str) -> None:
+    """Every model the stage reads is one mergekit can read (upstack.models.merging.model_problem:
+    not a multimodal wrapper, not a tied head mergekit's definition wants apart), refused at load
+    on its key rather than by mergekit in the middle of the run."""
+    from upstack.models.merging import model_problem
+
+    for ref in recipe.refs(name):
+        if ref.thing != "model":
+            continue
+        problem = model_problem(ref, recipe)
+        if problem:
+            raise recipe.error(("stages", name, *ref.loc), problem)
+
+
 def read_sources(ctx: StageContext) -> dict[str, Source]:
     """Every model the stage reads, by key path, with its config and layer count."""
     return {ref.key: read_source(ref, ctx) for ref in model_refs(ctx)}

@@ -1,10 +1,13 @@
-"""Growth by sparse upcycling: every layer's FFN becomes `experts` FFNs and a router, a Mixtral
-written by mergekit-moe from the base's own FFNs (copies) or other models' of its shape."""
+"""Growth by sparse upcycling: every layer's FFN becomes `experts` FFNs and a router, a mixture
+written by mergekit-moe from the base's own FFNs (copies) or other models' of its shape: a
+Mixtral from a Llama or Mistral, a Qwen3-MoE from a Qwen3."""
 
 from __future__ import annotations
 
 import json
 from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
@@ -13,6 +16,7 @@ from upstack.core.settings import Strict, error_at, names
 from upstack.growth.base import (
     GrowthSpec,
     Source,
+    check_sources_at_load,
     config_dtype,
     local_dir,
     mergekit_path,
@@ -30,9 +34,31 @@ if TYPE_CHECKING:
 # route by each expert's prompts. (mergekit's `uniform_random` is left out: its config check
 # wants prompts for it although it never reads them.)
 PROMPT_GATES = ("hidden", "cheap_embed")
-# mergekit-moe writes a Mixtral from these model types only (mergekit.moe.mixtral.MixtralMoE)
-MOE_BASES = ("llama", "mistral")
 MOE_CONFIG = "mergekit_moe_config.yml"
+
+
+@dataclass(frozen=True)
+class Output:
+    """A mixture mergekit-moe writes, and what the upcycled model's config.json says it is."""
+
+    architecture: str  # mergekit-moe's `architecture:` (its output's name starts so)
+    model_class: str  # `architectures` of the written config
+    model_type: str
+
+
+MIXTRAL = Output("mixtral", "MixtralForCausalLM", "mixtral")
+# The base's model_type -> the mixture mergekit-moe writes from it with upcycled copies that
+# compute what the base computes: both renormalise the top-k routing weights to 1 (Mixtral
+# always, Qwen3-MoE with norm_topk_prob, which mergekit-moe sets). Not offered: Qwen2 ->
+# Qwen2-MoE, which mergekit-moe writes only with a shared expert added to the routed ones, and
+# DeepSeek-MoE, which mergekit-moe never picks over Mixtral for a Llama or Mistral.
+OUTPUTS: dict[str, Output] = {
+    "llama": MIXTRAL,
+    "mistral": MIXTRAL,
+    "qwen3": Output("qwen3", "Qwen3MoeForCausalLM", "qwen3_moe"),
+}
+# config.json keys that say what the output is; every other key of the base's keeps its value
+OUTPUT_KEYS = ("architectures", "model_type", "dtype", "torch_dtype", "transformers_version")
 
 
 class Expert(Strict):
@@ -59,7 +85,8 @@ class Expert(Strict):
 
 
 class Moe(GrowthSpec):
-    """Every layer's FFN becomes `experts` FFNs and a router (mergekit-moe, Mixtral output)."""
+    """Every layer's FFN becomes `experts` FFNs and a router (mergekit-moe: a Mixtral from a Llama
+    or Mistral, a Qwen3-MoE from a Qwen3)."""
 
     method: Literal["moe"] = "moe"
     experts: int | list[Expert] | None = Field(
@@ -79,7 +106,7 @@ class Moe(GrowthSpec):
         None,
         ge=0,
         description="moe: weight of the load-balancing loss written into the output config "
-        "(TRL adds it in cpt/sft/dpo; default: transformers' Mixtral default, 0.001)",
+        "(TRL adds it in cpt/sft/dpo; default: the output's transformers default, 0.001)",
     )
 
     # gate_mode and experts_per_token stay None when not written, as the stage hash takes them;
@@ -167,11 +194,11 @@ def _expert_key(spec: Moe, i: int) -> str:
 
 
 def card_tags(spec: Moe) -> list[str]:
-    return ["moe", "mixtral"]
+    return ["moe"]
 
 
 def preflight(spec: Moe, ctx: StageContext) -> None:
-    """Every local source is a readable checkpoint of a base Mixtral can come from, the experts of
+    """Every local source is a readable checkpoint of a base mergekit-moe upcycles, the experts of
     the base's shape; sources this run builds first are checked on the shapes the recipe gives."""
     from upstack.models.shapes import planned_shape
 
@@ -193,14 +220,17 @@ def preflight(spec: Moe, ctx: StageContext) -> None:
 
 
 def output_shape(spec: Moe, input_shape) -> dict | None:
-    """A Mixtral of the base's sizes with `experts` experts per layer."""
+    """The mixture mergekit-moe writes from the base (a Mixtral, a Qwen3-MoE) with the base's
+    sizes and `experts` experts per layer (transformers 5 writes both counts as
+    num_local_experts: Qwen3-MoE's num_experts is its alias)."""
     base = input_shape("model")
-    if base is None:
+    output = OUTPUTS.get((base or {}).get("model_type"))
+    if output is None:  # not known offline, or a base check_at_load refuses
         return None
     return {
         **base,
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+        "architectures": [output.model_class],
+        "model_type": output.model_type,
         "num_local_experts": len(spec.expert_list),
         "num_experts_per_tok": spec.top_k,
     }
@@ -214,10 +244,12 @@ def planned_layer_map(spec: Moe, ctx: StageContext) -> list[dict] | None:
 
 
 def check_at_load(spec: Moe, recipe, name: str) -> None:
-    """The base is a Llama or Mistral and every expert has its architecture and shape (their
-    config.json, or what the recipe says a stage will build)."""
+    """Every source is a model mergekit can read, the base one mergekit-moe upcycles (OUTPUTS)
+    and every expert of its architecture and shape (their config.json, or what the recipe says a
+    stage will build)."""
     from upstack.models.shapes import planned_shape
 
+    check_sources_at_load(recipe, name)
     refs = {ref.key: ref for ref in recipe.refs(name) if ref.thing == "model"}
     every = frozenset(recipe.stages)  # the shapes the recipe gives its stages
     shapes = {key: planned_shape(recipe, ref, every) for key, ref in refs.items()}
@@ -245,13 +277,15 @@ def run(spec: Moe, ctx: StageContext) -> dict:
     if problem:
         raise ctx.fail(*problem)
     base = sources["model"]
+    output = OUTPUTS[base.config.model_type]
     dtype = spec.dtype or config_dtype(base.config)
-    config = mergekit_moe_config(spec, sources, dtype)
+    config = mergekit_moe_config(spec, sources, output, dtype)
     # Beside the weights, so a user can see the mixture and rerun it with `mergekit-moe`.
     (ctx.out_dir / MOE_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     count = len(spec.expert_list)
     ctx.log(
-        f"moe: {base.layers} layers, FFN -> {count} experts (top {spec.top_k}), gate {spec.gate}"
+        f"moe: {base.layers} layers, FFN -> {count} experts (top {spec.top_k}), gate "
+        f"{spec.gate}: {output.model_class}"
     )
     options = MergeOptions(
         # upcycling reads one tensor for several experts; each must be its own tensor
@@ -280,8 +314,15 @@ def run(spec: Moe, ctx: StageContext) -> dict:
     ).save_pretrained(ctx.out_dir)
     with suppress(OSError):  # a base without a generation config
         GenerationConfig.from_pretrained(base.path).save_pretrained(ctx.out_dir)
+    # mergekit-moe builds the output's config from the base's and drops what it does not carry
+    # over (a Mistral's sliding_window becomes null: attention then sees the whole context, and
+    # the upcycled model no longer computes what the base computed): every field of the base's
+    # config.json keeps its value, whatever mergekit-moe made of it
+    restored = base_settings(local_dir(base.path), ctx.out_dir)
+    if restored:
+        ctx.log(f"kept the base's {', '.join(sorted(restored))} (mergekit-moe changed them)")
     # inference needs no router logits; TRL turns them on for the load-balancing loss
-    settings: dict[str, Any] = {"output_router_logits": False}
+    settings: dict[str, Any] = {**restored, "output_router_logits": False}
     if spec.router_aux_loss_coef is not None:
         settings["router_aux_loss_coef"] = spec.router_aux_loss_coef
     update_config(ctx.out_dir, settings)
@@ -290,6 +331,8 @@ def run(spec: Moe, ctx: StageContext) -> dict:
     written = json.loads((ctx.out_dir / "config.json").read_text())
     return {
         "method": "moe",
+        "architecture": output.model_class,
+        "config_restored": sorted(restored),
         "layers_before": base.layers,
         "layers_after": base.layers,
         "parameters_before": count_parameters(local_dir(base.path)),
@@ -310,18 +353,19 @@ def run(spec: Moe, ctx: StageContext) -> dict:
 
 def mixture_problem(spec: Moe, shapes: dict[str, dict | None], text) -> tuple[str, str] | None:
     """(key, message) when mergekit-moe cannot build this mixture from these shapes (by reference
-    key; None where a shape is not known offline): the base must be a Llama or Mistral, every
-    expert of its architecture and sizes, since expert i of layer j is its model's FFN of layer j."""
+    key; None where a shape is not known offline): the base must be one it upcycles (OUTPUTS),
+    every expert of its architecture and sizes, since expert i of layer j is its model's FFN of
+    layer j."""
     from upstack.models.shapes import differences
 
     base = shapes.get("model")
     if not base:
         return None
     base_arch = _arch_name(base)
-    if base.get("model_type") and base["model_type"] not in MOE_BASES:
+    if base.get("model_type") and base["model_type"] not in OUTPUTS:
         return "model", (
-            f"method moe writes a Mixtral, which mergekit-moe builds from Llama or Mistral "
-            f"models only; {text('model')} is {base_arch}"
+            "method moe upcycles a Llama or Mistral (into a Mixtral) or a Qwen3 (into a "
+            f"Qwen3-MoE), the mixtures mergekit-moe writes; {text('model')} is {base_arch}"
         )
     for i in range(len(spec.expert_list)):
         key = _expert_key(spec, i)
@@ -353,14 +397,28 @@ def _source_shape(source: Source) -> dict:
 
 
 def _source_problem(source: Source) -> str | None:
-    """mergekit-moe writes Mixtral's tensors only: biases of a Llama would be dropped silently."""
+    """mergekit-moe copies the tensors of a bias-free Llama, Mistral or Qwen3 only: biases would
+    be dropped silently."""
     biased = [key for key in ("attention_bias", "mlp_bias") if getattr(source.config, key, False)]
     if biased:
         return (
-            f"{source.config.architectures[0]} with {' and '.join(biased)}: Mixtral has no "
-            "biases, so mergekit-moe would drop them"
+            f"{source.config.architectures[0]} with {' and '.join(biased)}: mergekit-moe copies "
+            "no biases, so the mixture would lose them"
         )
     return None
+
+
+def base_settings(base_dir: str, out_dir: Path) -> dict[str, Any]:
+    """The fields of the base's config.json that the written config lost or changed (every key
+    but those that say what the output is), to be set back."""
+    base = json.loads(Path(base_dir, "config.json").read_text())
+    written = json.loads(Path(out_dir, "config.json").read_text())
+    missing = object()
+    return {
+        key: value
+        for key, value in base.items()
+        if key not in OUTPUT_KEYS and written.get(key, missing) != value
+    }
 
 
 def mixture_layer_map(spec: Moe, n: int, ctx: StageContext) -> list[dict]:
@@ -376,7 +434,9 @@ def mixture_layer_map(spec: Moe, n: int, ctx: StageContext) -> list[dict]:
     return entries
 
 
-def mergekit_moe_config(spec: Moe, sources: dict[str, Source], dtype: str | None) -> dict:
+def mergekit_moe_config(
+    spec: Moe, sources: dict[str, Source], output: Output, dtype: str | None
+) -> dict:
     """mergekit-moe's config (MoEMergeConfig), absolute paths so `mergekit-moe` reruns it here."""
     experts = []
     for i, expert in enumerate(spec.expert_list):
@@ -387,7 +447,7 @@ def mergekit_moe_config(spec: Moe, sources: dict[str, Source], dtype: str | None
         experts.append(entry)
     config: dict[str, Any] = {
         "base_model": mergekit_path(sources["model"]),
-        "architecture": "mixtral",  # the one output mergekit-moe makes from Llama and Mistral
+        "architecture": output.architecture,
         "gate_mode": spec.gate,
         "experts_per_token": spec.top_k,
         "experts": experts,

@@ -21,6 +21,7 @@ from upstack.core.settings import Strict, error_at, names
 from upstack.growth.base import (
     GrowthSpec,
     Source,
+    check_sources_at_load,
     config_dtype,
     local_dir,
     mergekit_path,
@@ -260,8 +261,10 @@ def planned_layer_map(spec: Passthrough, ctx: StageContext) -> list[dict] | None
 
 
 def check_at_load(spec: Passthrough, recipe, name: str) -> None:
-    """Every slice parameter evaluates for every tensor of its layers, on the source's
-    architecture (its config.json, or what the recipe says a stage will build)."""
+    """Every source is a model mergekit can read, and every slice parameter evaluates for every
+    tensor of its layers, on the source's architecture (its config.json, or what the recipe
+    says a stage will build)."""
+    check_sources_at_load(recipe, name)
     if not isinstance(spec, Layers) or not any(piece.parameters for piece in spec.slices):
         return
     from upstack.models import merging

@@ -138,6 +138,48 @@ def check_model(ctx, key: str = "model", tokenizer: bool = False) -> None:
         raise ctx.fail(key, problem)
 
 
+def config_json(ref) -> dict | None:
+    """The config.json of a model reference (upstack.core.refs) that is not a stage: a local
+    dir's, or a Hub model's if it is in the local cache (nothing is fetched); None otherwise."""
+    if ref.origin == "stage":
+        return None
+    if ref.origin == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref.location, "config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    else:
+        path = Path(ref.location, "config.json")
+    try:
+        config = json.loads(path.read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def wrapper_problem(config: dict | None) -> str | None:
+    """Why the model of this config.json is not one upstack grows, trains or merges: a multimodal
+    wrapper (Gemma 3 4B and up, Llama 4, Mistral 3, the Qwen-VLs), which keeps its language
+    model's settings in `text_config` and its weights beside a vision tower.
+
+    Refused rather than trained in place: every layer-aware step (train_layers, layer maps,
+    growth, routers) reads the decoder from the top-level config, and mergekit's definitions of
+    the wrappers name the tensors as transformers 4 saved them, not as transformers 5 writes
+    them back, so the next merge of a trained wrapper would fail. Its text model is a causal LM
+    of its own (Gemma3ForCausalLM for gemma3_text), which every stage takes."""
+    text = (config or {}).get("text_config")
+    if not isinstance(text, dict) or "num_hidden_layers" in config:
+        return None
+    name = (config.get("architectures") or [config.get("model_type")])[0]
+    text_type = text.get("model_type")
+    bring = f" (model_type {text_type})" if text_type else ""
+    return (
+        f"{name} is a multimodal wrapper (its language model's settings are in text_config): "
+        f"upstack grows, trains and merges causal language models only; bring its text "
+        f"model{bring} instead"
+    )
+
+
 # What a saved tokenizer consists of: one of these holds its vocabulary.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 

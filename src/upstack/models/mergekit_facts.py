@@ -73,6 +73,36 @@ def _config_facts() -> dict[str, Any]:
     return {"root": root, "models": models, "methods": methods}
 
 
+def untied_heads() -> dict[str, str]:
+    """Architecture name -> the output embedding tensor mergekit's definition of it requires
+    (after the layers, indexed by token, neither optional nor tied to the input embedding):
+    a checkpoint that ties its head (tie_word_embeddings) does not hold that tensor, so mergekit
+    stops when it reads it (Phi-3's definition: Phi-4-mini ties). Cached per mergekit version."""
+    from upstack.core.check_cache import library_facts
+
+    return library_facts("mergekit", "untied-heads", _untied_heads)
+
+
+def _untied_heads() -> dict[str, str]:
+    from mergekit.architecture.json_definitions import JSON_ARCHITECTURES
+
+    found: dict[str, str] = {}
+    for arch in JSON_ARCHITECTURES:
+        for module in arch.modules.values():
+            definition = getattr(module.architecture, "definition", None)
+            heads = [
+                w.name
+                for w in getattr(definition, "post_weights", None) or []
+                if w.vocabulary_axis is not None
+                and w.name.endswith(".weight")
+                and not w.optional
+                and not w.tied_names
+            ]
+            for name in arch.architectures if heads else ():
+                found.setdefault(name, (module.weight_prefix or "") + heads[0])
+    return found
+
+
 def unknown_key(value: Any, schema: dict, facts: dict, loc: Loc = ()) -> Problem | None:
     """The first key of `value` that mergekit's config (described by `facts`, from
     config_facts) does not have at that place. mergekit's models ignore unknown keys, so a typo

@@ -628,6 +628,39 @@ def _resolve(parameter, scopes, tensor: str, t: float, optional: bool, source) -
 # --------------------------------------------------------------------------- architectures
 
 
+def model_problem(ref, recipe) -> str | None:
+    """Why mergekit cannot read the model `ref` names, known at load before any weight is: a
+    multimodal wrapper (upstack.models.checkpoints.wrapper_problem), or a tied head
+    (tie_word_embeddings) where mergekit's definition of the architecture requires an lm_head
+    tensor of its own, which a tied checkpoint does not hold (Phi-4-mini: mergekit would stop
+    with "lm_head.weight required but not present" in the middle of the merge). Read from the
+    config.json of a path or cached Hub model, or the shape the recipe gives a stage."""
+    from upstack.models.checkpoints import config_json, wrapper_problem
+    from upstack.models.shapes import planned_shape
+
+    if ref is None:
+        return None
+    config = config_json(ref)
+    problem = wrapper_problem(config)
+    if problem:
+        return problem
+    if ref.origin == "stage":
+        config = planned_shape(recipe, ref, frozenset(recipe.stages))
+    if not config or not config.get("tie_word_embeddings"):
+        return None  # untied (or not known offline): mergekit finds every tensor it names
+    from upstack.models.mergekit_facts import untied_heads
+
+    architecture = (config.get("architectures") or [""])[0]
+    head = untied_heads().get(architecture)
+    if head is None:
+        return None
+    return (
+        f"{architecture} with tie_word_embeddings: mergekit's definition of it requires a "
+        f"{head} tensor of its own, which a tied checkpoint does not hold; untie the head "
+        "first (save the model with tie_word_embeddings: false, lm_head a copy of the embeddings)"
+    )
+
+
 def model_config(ref, recipe) -> Any:
     """A model's transformers config without loading it: its config.json, the shape the recipe
     gives a stage, or a Hub model's cached config.json; None when none is at hand."""
@@ -678,7 +711,9 @@ def config_from_shape(shape: dict | None) -> Any:
 
     from upstack.models.shapes import SHAPE_KEYS
 
-    sizes = {key: shape[key] for key in SHAPE_KEYS if shape.get(key) is not None}
+    # sizes name the tensors of each layer; a tied head means no lm_head tensor
+    keys = (*SHAPE_KEYS, "tie_word_embeddings")
+    sizes = {key: shape[key] for key in keys if shape.get(key) is not None}
     try:
         config = AutoConfig.for_model(shape["model_type"], **sizes)
     except ValueError:

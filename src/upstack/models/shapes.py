@@ -20,10 +20,14 @@ SHAPE_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "vocab_size",
-    "num_local_experts",  # a mixture of experts (Mixtral): experts per layer; None when dense
+    # a mixture of experts: experts per layer; None when dense. transformers 5 writes it as
+    # num_local_experts, a Qwen3-MoE config.json that transformers 4 wrote as num_experts
+    "num_local_experts",
+    "num_experts",
 )
-# what names the tensors: the class transformers builds and mergekit's architecture key
-ARCHITECTURE_KEYS = ("architectures", "model_type")
+# what names the tensors: the class transformers builds, mergekit's architecture key, and whether
+# the head is the embedding matrix (tied: the checkpoint holds no lm_head tensor of its own)
+ARCHITECTURE_KEYS = ("architectures", "model_type", "tie_word_embeddings")
 Shape = dict[str, Any]  # SHAPE_KEYS and ARCHITECTURE_KEYS; None: not known before the stage runs
 InputShape = Callable[[str], Shape | None]  # a stage's reference key -> that input's shape
 
@@ -59,3 +63,8 @@ def differences(shape: Shape, other: Shape, keys: tuple[str, ...] = SHAPE_KEYS) 
         for key in keys
         if shape.get(key) is not None and other.get(key) is not None and shape[key] != other[key]
     ]
+
+
+def expert_count(shape: Shape) -> int | None:
+    """Experts per layer of a mixture (whichever key its config reads); None when dense."""
+    return shape.get("num_local_experts") or shape.get("num_experts")

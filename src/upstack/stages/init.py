@@ -92,6 +92,7 @@ def output_shape(spec: Spec, input_shape) -> dict:
         "vocab_size": None,
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        "tie_word_embeddings": arch.tie_word_embeddings,
     }
 
 

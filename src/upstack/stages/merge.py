@@ -133,9 +133,10 @@ def ignored_parameters(spec: Spec) -> list[str]:
 
 
 def check_at_load(spec: Spec, recipe, name: str) -> None:
-    """What needs the other stages: LoRA adapters are adapters, and every parameter evaluates for
-    every tensor mergekit will merge, on the models' architecture (their config.json, or what the
-    recipe says a stage will build)."""
+    """What needs the other stages: LoRA adapters are adapters, every model is one mergekit can
+    read (not a multimodal wrapper, no tied head its definition wants apart), and every parameter
+    evaluates for every tensor mergekit will merge, on the models' architecture (their
+    config.json, or what the recipe says a stage will build)."""
     if spec.sweep is not None:
         return
     refs = recipe.refs(name)
@@ -163,6 +164,10 @@ def check_at_load(spec: Spec, recipe, name: str) -> None:
         return
     from mergekit.config import MergeConfiguration
 
+    for ref in refs:  # a model whose weights mergekit cannot read at all, named on its key
+        problem = merging.model_problem(ref, recipe) if ref.use == "weights" else None
+        if problem:
+            raise recipe.error(("stages", name, *ref.loc), problem)
     config = MergeConfiguration.model_validate(spec.mergekit)
     method, _ = merging.merge_method(config.merge_method)
     problem = _layer_range_problem(config, by_text, recipe)

@@ -10,13 +10,22 @@ from upstack.train.spec import TrainingSpec
 
 
 def preflight(spec: TrainingSpec, ctx) -> None:
-    """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load,
-    every data source is where it says and has the columns the stage needs, `train_layers`
-    names layers the model has."""
-    from upstack.models.checkpoints import chat_template_problem, check_model
+    """The runner's preflight for cpt, sft and dpo: the model is a checkpoint upstack can load
+    and train (not a multimodal wrapper), every data source is where it says and has the columns
+    the stage needs, `train_layers` names layers the model has, the adapter's settings work on
+    it."""
+    from upstack.models.checkpoints import (
+        chat_template_problem,
+        check_model,
+        config_json,
+        wrapper_problem,
+    )
 
     check_model(ctx, tokenizer=True)
     ref = ctx.ref("model")
+    problem = wrapper_problem(config_json(ref))  # a stage never writes one: each refuses them
+    if problem:
+        raise ctx.fail("model", problem)
     local = ref.origin != "hub" and not ctx.is_pending(ref)
     template = getattr(spec, "chat_template", None)
     if local and spec.DATA_FORMAT != "text" and template is None:
@@ -34,6 +43,7 @@ def preflight(spec: TrainingSpec, ctx) -> None:
             )
     check_sources(spec.datasets, ctx, spec.DATA_FORMAT)
     check_train_layers(spec, ctx)
+    check_adapter(spec, ctx)
 
 
 def missing_markers(template: str, model_dir: Path) -> list[str]:
@@ -77,6 +87,22 @@ def check_at_load(spec: TrainingSpec, recipe, name: str) -> None:
             f"a revision is a Hub model's branch, tag or commit; model {ref.text} is a "
             f"{'stage' if ref.origin == 'stage' else 'local dir'}",
         )
+
+
+def check_adapter(spec: TrainingSpec, ctx) -> None:
+    """Before anything runs: the adapter's settings work on the model (a mixture of experts' is
+    known from the recipe's planned shape, or a local or cached config.json)."""
+    from upstack.models.checkpoints import config_json
+    from upstack.models.shapes import expert_count, planned_shape
+    from upstack.train.trainable import adapter_dropout_problem
+
+    if spec.adapter is None:
+        return
+    ref = ctx.ref("model")
+    shape = planned_shape(ctx.recipe, ref, ctx.pending) or config_json(ref) or {}
+    problem = adapter_dropout_problem(spec, bool(expert_count(shape)))
+    if problem:
+        raise ctx.fail("adapter.dropout", problem)
 
 
 def output_shape(spec: TrainingSpec, input_shape):

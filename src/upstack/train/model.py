@@ -52,8 +52,11 @@ def trainable_parts(spec: TrainingSpec, ctx, model):
 def adapter_targets(spec: TrainingSpec, ctx, model, parts) -> list[str] | str:
     """The modules the adapter adapts: the adapter's own `target_modules`, or with `train_layers`
     those modules of the trained layers only."""
-    from upstack.train import trainable
+    from upstack.train import routing, trainable
 
+    problem = trainable.adapter_dropout_problem(spec, routing.is_moe(model.config))
+    if problem:  # preflight found it where the model's config was known offline
+        raise ctx.fail("adapter.dropout", problem)
     targets = spec.adapter.target_modules
     if isinstance(targets, list):  # each name must be a module of this model: peft would say so
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

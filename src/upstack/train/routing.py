@@ -9,9 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def expert_count(config) -> int | None:
+    """Experts per layer of a mixture, under the key its config class reads (Mixtral's
+    num_local_experts, Qwen3-MoE's num_experts); None for a dense model."""
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+
+
 def is_moe(config) -> bool:
-    """A config with experts per layer (Mixtral and its kin)."""
-    return bool(getattr(config, "num_local_experts", None))
+    """A config with experts per layer (Mixtral, Qwen3-MoE and their kin)."""
+    return bool(expert_count(config))
 
 
 def routers(model) -> list[tuple[int, Any]]:
@@ -38,7 +44,7 @@ def router_load(model):
     from transformers import TrainerCallback
 
     config = model.config.get_text_config()
-    experts, top_k = config.num_local_experts, config.num_experts_per_tok
+    experts, top_k = expert_count(config), config.num_experts_per_tok
 
     class RouterLoad(TrainerCallback):
         def __init__(self) -> None:

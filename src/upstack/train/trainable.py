@@ -111,6 +111,31 @@ def lora_targets(model, trainable: Trainable, target_modules: list[str] | str) -
     return found
 
 
+# What peft (with transformers 5) adapts as parameters (lora.ParamWrapper) in a mixture of experts:
+# the fused experts and the routers, which it reaches when the targets are all-linear or name
+# them as transformers 4 did (w1/w2/w3, gate_proj/up_proj/down_proj, the router `gate`).
+PARAMETER_TARGETS = ("gate", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj")
+
+
+def adapter_dropout_problem(spec, mixture: bool) -> str | None:
+    """Why the adapter cannot train this model as set: peft refuses lora_dropout != 0 for a
+    parameter adapter (dropout of the input cannot be factored out of a fused expert), and the
+    Adapter's default is 0.05, so LoRA on a mixture's experts needs `dropout: 0`. Only when
+    every layer trains: with a layer subset, LoRA targets are the trained layers' Linear modules,
+    which take dropout."""
+    adapter = spec.adapter
+    if adapter is None or not adapter.dropout or not mixture or spec.train_layers != "all":
+        return None
+    targets = adapter.target_modules
+    if targets != "all-linear" and not any(t in PARAMETER_TARGETS for t in targets):
+        return None
+    return (
+        f"{adapter.dropout} does not work on a mixture of experts: peft adapts its experts and "
+        "routers as parameters (lora.ParamWrapper), which take no dropout; set dropout: 0 (or "
+        "target the attention only, e.g. target_modules: [q_proj, k_proj, v_proj, o_proj])"
+    )
+
+
 def modules_to_save(model, trainable: Trainable) -> list[str]:
     """With an adapter, embeddings or head set to train are trained in full (peft's
     modules_to_save), since a low-rank update of a vocabulary matrix is rarely what one wants."""
