@@ -252,3 +252,140 @@ def test_memory_model_matches_what_torch_holds_on_cpu(measured, name):
     for component in ("weights", "gradients", "optimizer", "activations", "forward"):
         ratio = counted[component] / found[component]
         assert abs(ratio - 1) <= TOLERANCE, f"{found['batch']}\n" + "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- refused before the run
+
+
+def test_a_stage_that_cannot_fit_is_refused_before_the_run(tmp_path, tiny_model):
+    """64 rows of 4096 tokens on the 1.9M-parameter model: activations of about 15 GiB, more than
+    a 4 GB GPU and less than an 80 GB one. The GPUs are the recipe's `launch.gpus` (a CPU
+    machine has none of its own to check against); the refusal names the stage, the need and
+    what is available, before anything is written; --no-fit-check runs it anyway."""
+    stages = {
+        "cpt": {
+            "model": str(tiny_model),
+            "datasets": [{"arith": {"problems": 16}}],
+            "trainer": {"per_device_train_batch_size": 64, "max_length": 4096, "max_steps": 1},
+        }
+    }
+    recipe = recipe_from_stages(tmp_path, stages)
+    small = run_cli("run", str(recipe), "--dry-run", "--set", "launch.gpus=1x4GB")
+    assert small.returncode == 2, small.stderr
+    line = small.stderr.strip()
+    assert len(line.splitlines()) == 1
+    need = float(re.search(r"needs ([\d.]+) GiB per GPU", line).group(1))
+    assert 4 < need < 80
+    assert "stages.cpt: needs" in line and "have 4:" in line and "--no-fit-check" in line
+    assert not (tmp_path / "runs").exists()  # nothing written
+    large = run_cli("run", str(recipe), "--dry-run", "--set", "launch.gpus=1x80GB")
+    assert large.returncode == 0 and "would run [1/1] cpt" in large.stdout, large.stderr
+    anyway = run_cli("run", str(recipe), "--dry-run", "--no-fit-check", "--set", "launch.gpus=1x4GB")
+    assert anyway.returncode == 0, anyway.stderr
+    # the plan's --json says the same for tools
+    planned = run_cli("plan", str(recipe), "--gpus", "1x4GB", "--json")
+    stage = json.loads(planned.stdout)["stages"][0]
+    assert stage["fits"] is False and stage["memory_per_gpu_gb"] == pytest.approx(need, abs=0.05)
+
+
+# --------------------------------------------------------------------------- the depth from the GPUs
+
+# A 32-layer model, hidden 1024, intermediate 4096, 8 heads (no GQA), vocab 32000, bf16, grown by
+# DUS with `target_layers: auto` and continued on one GPU: 1 row of 2048 tokens, 2 micro-batches
+# per step, activation checkpointing (upstack's GPU default), no flash-attn (sdpa with a mask).
+SOURCE = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def by_hand(s: int) -> int:
+    """Bytes per GPU for cpt of the s-layer DUS model, counted by hand:
+    parameters P = 16,779,264 s (4h^2 + 3hi + 2h per layer) + 65,537,024 (2Vh + h);
+    bf16 weights on one device, AdamW's moments in bf16: weights 2P, gradients 2P (held: two
+    micro-batches per step), optimizer 4P: 8P = 134,234,112 s + 524,296,192.
+    Activations of 2048 tokens (b = 2): each layer's checkpointed input 2048 x 2h = 4,194,304 s;
+    the layer recomputed in backward 2048 x (16h + 8h + 8i) = 117,440,512 (norms 8h + 4 x 2h,
+    q + repeated k, v + output 4 x 2h, MLP 4 x 2i); sdpa's mask once 2048^2 x 2 = 8,388,608; the
+    final norm 2048 x 8h = 16,777,216; TRL's LM head 2048 x 6h + a 2048 x 32768 x 2 tile + a
+    4Vh fp32 gradient = 12,582,912 + 134,217,728 + 131,072,000: 4,194,304 s + 420,478,976.
+    Buffers: 1 GiB of CUDA context. Total 138,428,416 s + 2,018,516,992."""
+    return 138_428_416 * s + 2_018_516_992
+
+
+@pytest.mark.parametrize(("gpu", "depth"), [("8GB", 46), ("10GB", 62)])
+def test_target_layers_auto_picks_the_largest_depth_that_fits(tmp_path, gpu, depth):
+    # 8 GiB: (8 x 2^30 - 2,018,516,992) / 138,428,416 = 47.5 -> 46, the largest even count
+    # 10 GiB: (10 x 2^30 - 2,018,516,992) / 138,428,416 = 62.98 -> 62; 64 (= 2n) does not fit
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(SOURCE))
+    stages = {
+        "upscale": {"model": str(source), "target_layers": "auto"},
+        "cpt": {
+            "model": "upscale",
+            "datasets": [{"arith": {"problems": 16}}],
+            "trainer": {
+                "per_device_train_batch_size": 1,
+                "gradient_accumulation_steps": 2,
+                "max_length": 2048,
+                "max_steps": 10,
+            },
+        },
+    }
+    path = recipe_from_stages(tmp_path, stages)
+    recipe = load_recipe(path, [f"launch.gpus=1x{gpu}"])
+    memory_gib = float(gpu.removesuffix("GB"))
+    assert by_hand(depth) <= memory_gib * 2**30 < by_hand(depth + 2)
+    spec = recipe.stages["upscale"]
+    assert (spec.target_layers, spec.drop_layers) == (depth, None)  # as if written
+    search = recipe.settled["upscale"]
+    assert search["target_layers"] == depth and search["source_layers"] == 32
+    assert search["need_gb"] == pytest.approx(by_hand(depth) / 2**30, abs=1e-3)
+    bound = search["bound_by"]
+    assert bound["target_layers"] == depth + 2
+    assert bound["memory_per_gpu_gb"] == pytest.approx(by_hand(depth + 2) / 2**30, abs=1e-3)
+    assert bound["largest"] == "optimizer"  # 4P: the component that grows fastest with depth
+    # the plan says so, and the hash is the one `target_layers: <depth>` written out gives
+    written = load_recipe(path, [f"stages.upscale.target_layers={depth}"])
+    from upstack.core.hashing import stage_hashes
+
+    assert stage_hashes(recipe) == stage_hashes(written)
+    shown = run_cli("plan", str(path), "--gpus", f"1x{gpu}", "--fit")
+    assert shown.returncode == 0, shown.stderr
+    assert f"target_layers auto -> {depth}: the deepest DUS model" in shown.stdout
+
+
+def test_target_layers_auto_needs_the_gpus(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(SOURCE))
+    stages = {
+        "upscale": {"model": str(source), "target_layers": "auto"},
+        "cpt": {"model": "upscale", "datasets": [{"arith": {"problems": 16}}]},
+    }
+    result = run_cli("status", str(recipe_from_stages(tmp_path, stages)))
+    assert result.returncode == 2
+    assert "stages.upscale.target_layers: auto sizes the model for the GPUs" in result.stderr
+    assert "launch.gpus" in result.stderr
+
+
+# --------------------------------------------------------------------------- README
+
+
+def test_readme_shows_the_solar_plan_as_the_command_prints_it():
+    """README's "Plan before you rent" block is this command's output, number for number."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- solar plan -->\n```\n\$ (upstack plan [^\n]*)\n(.*?)```", text, re.S)
+    command, shown = block.group(1), block.group(2)
+    result = run_cli(*command.split()[1:], cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == shown

@@ -203,12 +203,11 @@ def text(result: dict[str, Any], fit: bool = False) -> str:
             )
         lines.append("")
         peak = gpus["peak_tflops"]
-        compute_rows = []
+        compute_rows, unknown_rows = [], False
         for p in training:
             if p.get("steps") is None:
-                compute_rows.append(
-                    [p["stage"], "?", "?", "", "", "", "", p.get("notes_compute", "")]
-                )
+                compute_rows.append([p["stage"], "?", "?", "", "", "", ""])
+                unknown_rows = True
                 continue
             hours = p.get("hours")
             compute_rows.append(
@@ -220,22 +219,25 @@ def text(result: dict[str, Any], fit: bool = False) -> str:
                     _duration(hours) if hours is not None else "?",
                     f"{p['gpu_hours']:,.0f}" if hours is not None else "?",
                     f"${p['cost']:,.0f}" if "cost" in p else "",
-                    "",
                 ]
             )
+        headers = ["stage", "steps", "tokens", "GFLOP/token", "time", "GPU-hours", "cost"]
+        if result["price_per_gpu_hour"] is None:
+            headers, compute_rows = headers[:-1], [row[:-1] for row in compute_rows]
         lines += [
             f"compute at MFU {result['mfu']:g}"
             + (f" of {peak:g} TFLOP/s per GPU" if peak else " (peak unknown: --tflops)")
             + (
                 f", ${result['price_per_gpu_hour']:g} per GPU-hour"
                 if result["price_per_gpu_hour"] is not None
-                else ""
+                else " (--price for the cost)"
             ),
-            markdown_table(
-                ["stage", "steps", "tokens", "GFLOP/token", "time", "GPU-hours", "cost", "note"],
-                compute_rows,
-            ),
+            markdown_table(headers, compute_rows),
         ]
+        if unknown_rows:
+            lines.append(
+                "? rows not known before the run (Hub data sets): set max_samples or max_steps"
+            )
         total = result["total"]
         line = (
             f"total: {_duration(total['hours'])}, {total['gpu_hours']:,.0f} GPU-hours"
@@ -243,7 +245,7 @@ def text(result: dict[str, Any], fit: bool = False) -> str:
             + f" for {', '.join(total['stages_timed']) or 'no stage'}"
         )
         if total["stages_untimed"]:
-            line += f"; not counted: {', '.join(total['stages_untimed'])}"
+            line += f" (not counted: {', '.join(total['stages_untimed'])})"
         lines += [line, ""]
     for p in plans:
         if p["kind"] == "synth":
@@ -257,7 +259,7 @@ def text(result: dict[str, Any], fit: bool = False) -> str:
                     f"{p['requests_per_seed']} requests per seed, each up to {p['max_tokens']} "
                     "tokens; seeds unknown before the run"
                 )
-            lines.append(f"{p['stage']} (synth): {what}")
+            lines.append(f"{p['stage']}: {what}")
         if "depth" in p:
             lines += _depth_lines(p, fit)
     for p in unknown:
@@ -267,7 +269,8 @@ def text(result: dict[str, Any], fit: bool = False) -> str:
         lines += ["", *notes]
     lines += [
         "",
-        f"MFU {result['mfu']:g}: {result['mfu_source']}. FLOPs {FLOPS_FORMULA}",
+        f"MFU {result['mfu']:g}: {result['mfu_source']}. FLOPs per token: 6N + 12LWS for full "
+        "training (PaLM), the reference's 2N + 4LWS added for DPO; --json states the formula.",
         "",
     ]
     return "\n".join(lines)
@@ -276,21 +279,22 @@ def text(result: dict[str, Any], fit: bool = False) -> str:
 def _depth_lines(p: dict, fit: bool) -> list[str]:
     search = p["depth"]
     if "problem" in search:
-        return [f"{p['stage']} (dus): {search['problem']}"]
-    bound = search["bound_by"]
-    head = (
-        f"{p['stage']} (dus): {'auto: ' if p['auto'] else ''}the largest depth whose training "
-        f"fits is {search['target_layers']} layers (from {search['source_layers']}, "
-        f"{search['need_gb']:.1f} GiB per GPU)"
+        return [f"{p['stage']}: {search['problem']}"]
+    bound, n, depth = search["bound_by"], search["source_layers"], search["target_layers"]
+    largest = f"the deepest DUS model these GPUs train is {depth} layers" + (
+        f" (2n, the most DUS makes from {n})" if depth == 2 * n else ""
     )
+    largest += f", {search['need_gb']:.1f} GiB per GPU"
     if bound:
-        head += (
+        largest += (
             f"; {bound['target_layers']} would need {bound['memory_per_gpu_gb']:.1f} in "
             f"{bound['stage']}, {bound['largest']} the largest part "
             f"({bound['components_gb'][bound['largest']]:.1f})"
         )
+    if p["auto"]:
+        head = f"{p['stage']}: target_layers auto -> {depth}: {largest}"
     else:
-        head += " (the most DUS makes: 2n)"
+        head = f"{p['stage']}: {p['target_layers']} layers as written; {largest}"
     lines = [head]
     if fit:
         rows = [
@@ -315,7 +319,7 @@ def _depth_lines(p: dict, fit: bool) -> list[str]:
 def _count(n: float) -> str:
     for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= size:
-            return f"{n / size:.3g}{suffix}" if n / size < 100 else f"{n / size:.0f}{suffix}"
+            return f"{n / size:.1f}{suffix}" if n / size < 100 else f"{n / size:.0f}{suffix}"
     return f"{n:.0f}"
 
 

@@ -308,8 +308,9 @@ def activation_bytes(
             min(T, 4096) x 32768 x b, an fp32 4Vh gradient of a trained head; on CPU (torch
             ops for its Triton kernel) 7 fp32 temporaries of a min(T, 4096) x min(V, 32768) tile
     norm    T x (4h + 2bh): the final norm
-    mask    rows x length^2 x b per layer kept: the additive attention mask sdpa keeps for
-            backward where rows are padded or documents masked apart (no flash-attn)
+    mask    rows x length^2 x b per layer kept (one under checkpointing): the additive
+            attention mask sdpa keeps for backward where rows are padded or documents masked
+            apart (no flash-attn)
     """
     b, t = precision.activation_bytes, batch.tokens
     h, V = arch.hidden, arch.vocab
@@ -329,7 +330,10 @@ def activation_bytes(
     head = t * (b + 4) * h + tile * TILE_VOCAB * b + (4 * V * h if head_trains else 0)
     if precision.device == "cpu":
         head += 7 * 4 * tile * min(V, TILE_VOCAB)
-    mask = batch.rows * batch.length**2 * b * len(kept) if batch.masked else 0
+    # the additive mask sdpa makes of transformers' boolean one, kept by every layer's backward;
+    # under checkpointing only by the layer being recomputed
+    copies = (1 if batch.checkpointing else len(kept)) if kept else 0
+    mask = batch.rows * batch.length**2 * b * copies if batch.masked else 0
     return {"layers": layers, "head": head, "final_norm": t * (4 * h + 2 * b * h), "mask": mask}
 
 

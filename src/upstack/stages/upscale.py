@@ -262,4 +262,11 @@ def plan(spec: GrowthSpec, ctx: StageContext) -> dict | None:
         return None
     settled = ctx.recipe.settled.get(ctx.name)
     search = settled or depth_search(spec, ctx.recipe, ctx.name, ctx.machine)
-    return {"stage": ctx.name, "kind": spec.kind, "auto": settled is not None, "depth": search}
+    written = spec.target(search["source_layers"]) if "source_layers" in search else None
+    return {
+        "stage": ctx.name,
+        "kind": spec.kind,
+        "auto": settled is not None,
+        "target_layers": written,
+        "depth": search,
+    }
