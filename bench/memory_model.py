@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -175,5 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-
     main()

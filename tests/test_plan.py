@@ -20,7 +20,6 @@ from upstack.models.memory import (
     Precision,
     Strategy,
     Trained,
-    activation_bytes,
     memory,
     parameters,
     train_flops_per_token,
@@ -276,11 +275,17 @@ def test_a_stage_that_cannot_fit_is_refused_before_the_run(tmp_path, tiny_model)
     assert len(line.splitlines()) == 1
     need = float(re.search(r"needs ([\d.]+) GiB per GPU", line).group(1))
     assert 4 < need < 80
-    assert "stages.cpt: needs" in line and "have 4:" in line and "--no-fit-check" in line
+    assert (
+        "stages.cpt: needs" in line
+        and "more than the 4 GiB of each GPU" in line
+        and "--no-fit-check" in line
+    )
     assert not (tmp_path / "runs").exists()  # nothing written
     large = run_cli("run", str(recipe), "--dry-run", "--set", "launch.gpus=1x80GB")
     assert large.returncode == 0 and "would run [1/1] cpt" in large.stdout, large.stderr
-    anyway = run_cli("run", str(recipe), "--dry-run", "--no-fit-check", "--set", "launch.gpus=1x4GB")
+    anyway = run_cli(
+        "run", str(recipe), "--dry-run", "--no-fit-check", "--set", "launch.gpus=1x4GB"
+    )
     assert anyway.returncode == 0, anyway.stderr
     # the plan's --json says the same for tools
     planned = run_cli("plan", str(recipe), "--gpus", "1x4GB", "--json")
@@ -389,3 +394,60 @@ def test_readme_shows_the_solar_plan_as_the_command_prints_it():
     result = run_cli(*command.split()[1:], cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == shown
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+SOLAR = {**SOURCE, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 48}
+SOLAR.update(num_attention_heads=32, num_key_value_heads=8)
+
+
+def test_solar_under_zero3_is_the_standard_count():
+    """10.7B parameters counted from the shape; AdamW in mixed precision under ZeRO-3 over 8
+    GPUs: 16 bytes per parameter (2 weights + 2 gradients + 12 fp32 master and moments) / 8."""
+    arch = Architecture.from_shape(SOLAR)
+    assert arch.total_params == 10_731_524_096 == 48 * 218_112_000 + 2 * 32000 * 4096 + 4096
+    trained = Trained.everything(arch)
+    batch = Batch(rows=4, length=4096, masked=True, checkpointing=True, accumulation=8)
+    counted = memory(arch, trained, batch, Precision(), Strategy("zero3", 8))
+    state = counted.weights.bytes + counted.gradients.bytes + counted.optimizer.bytes
+    assert state == 16 * arch.total_params / 8
+    assert counted.gradients_held  # DeepSpeed's buffers: the plain sum
+    assert counted.total == state + counted.activations.bytes + counted.buffers.bytes
+    # the same model elsewhere: DDP keeps everything on every GPU (torch's AdamW in bf16: 8
+    # bytes) and a bucket copy of the gradients; FSDP2 shards 16 bytes (fp32 trainable
+    # weights); offloading the optimizer moves it to the host
+    ddp = memory(arch, trained, batch, Precision(), Strategy("ddp", 8))
+    assert ddp.weights.bytes + ddp.gradients.bytes + ddp.optimizer.bytes == 8 * arch.total_params
+    fsdp = memory(arch, trained, batch, Precision(), Strategy("fsdp", 8))
+    assert fsdp.weights.bytes + fsdp.gradients.bytes + fsdp.optimizer.bytes == state
+    offload = memory(arch, trained, batch, Precision(), Strategy("zero3", 8, True))
+    assert offload.optimizer.bytes == 0 and offload.host == counted.optimizer.bytes
+    # LoRA r=16 on every Linear of every layer: r(in + out) each, in fp32
+    lora = parameters(arch, replace(trained, adapter="lora", embeddings=False, lm_head=False))
+    per_layer = 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 2 * (4096 + 14336) + 18432)
+    assert lora.trainable == lora.adapter == 48 * per_layer
+    # full training's FLOPs are bench/gpu.py's PaLM count
+    assert (
+        train_flops_per_token(arch, trained, 4096)
+        == 6 * arch.matmul_params() + 12 * 48 * 4096 * 4096
+    )
+
+
+def test_gpus_and_launches_are_read_as_written():
+    from upstack.core.hardware import Machine, launch_strategy, parse_gpus
+    from upstack.core.recipe import Launch
+
+    h100 = parse_gpus("8xH100-80GB")
+    assert (h100.count, h100.memory_gib, h100.tflops) == (8, 80, 989.4)
+    assert parse_gpus("8", "40GB").memory_gib == 40 and parse_gpus("H200").count == 1
+    assert parse_gpus("2x24GB").tflops is None
+    with pytest.raises(ValueError, match="unknown GPU"):
+        parse_gpus("8xV100-32GB")
+    configs = ROOT / "recipes" / "accelerate"
+    for name, expected in (("ddp", "ddp"), ("zero3", "zero3"), ("fsdp", "fsdp")):
+        launch = Launch(accelerate_config=str(configs / f"{name}.yaml"))
+        assert launch_strategy(launch, 8).name == expected
+    assert launch_strategy(Launch(), 8).name == "single"
+    assert isinstance(Machine(h100, launch_strategy(Launch())), Machine)

@@ -45,9 +45,11 @@ MFU_SOURCE = "Llama 3 405B pre-training, 16K H100s (Dubey et al. 2024, Table 4: 
 # torch's allocator (torch.cuda.max_memory_allocated does not count it)
 CUDA_RESERVE_GIB = 1.0
 
+# [COUNT x] [NAME] [-MEMORY GB]: 8xH100-80GB, 8x80GB, H200, 8
 _GPUS_TEXT = re.compile(
-    r"^\s*(?:(?P<count>\d+)\s*[x×*]\s*)?(?P<name>[A-Za-z][A-Za-z0-9]*(?:-(?:PCIe|NVL|SXM))?)?"
-    r"(?:-?(?P<memory>\d+(?:\.\d+)?)\s*(?:GB|GiB|G))?\s*$",
+    r"^(?:(?P<count>\d+)\s*(?:[x×*]\s*|$))?"
+    r"(?P<name>[A-Za-z][A-Za-z0-9]*(?:-(?:PCIe|NVL|SXM))?)?"
+    r"(?:-?(?P<memory>\d+(?:\.\d+)?)\s*(?:GB|GiB|G))?$",
     re.IGNORECASE,
 )
 
@@ -88,8 +90,6 @@ def parse_gpus(
         raise ValueError(f"{text!r}: at least one GPU")
     name = match["name"]
     known = {k.lower(): k for k in GPUS}
-    if name and name.isdigit():  # "8" alone: a count
-        count, name = int(name), None
     if name and name.lower() not in known:
         raise ValueError(
             f"{text!r}: unknown GPU {name} (known: {', '.join(GPUS)}); give its memory instead, "
@@ -191,7 +191,8 @@ class Strategy:
         ]
         if offload:
             label += f", {' and '.join(offload)} offloaded to CPU"
-        return label if self.name == "single" else f"{label} over {self.world} GPUs"
+        gpus = "GPU" if self.world == 1 else "GPUs"
+        return label if self.name == "single" else f"{label} over {self.world} {gpus}"
 
 
 def launch_strategy(launch: Any, world: int | None = None) -> Strategy:

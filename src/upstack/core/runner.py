@@ -184,6 +184,8 @@ def check_fit(recipe: Recipe, steps: list[str]) -> None:
     hashes = stage_hashes(recipe)
     for name in steps:
         spec = recipe.stages[name]
+        if not registry.kind(spec.kind).launchable:  # what trains on the GPUs
+            continue
         ctx = context(recipe, name, hashes[name], frozenset(steps))
         ctx.machine = machine
         found = registry.kind(spec.kind).plan(spec, ctx)
@@ -193,7 +195,8 @@ def check_fit(recipe: Recipe, steps: list[str]) -> None:
         raise UserError(
             f"{locate(recipe, 'stages', name)}: stages.{name}: needs "
             f"{found['memory_per_gpu_gb']:.1f} GiB per GPU ({parts}; {found['launch']}), "
-            f"{machine.gpus.describe()} have {machine.gpus.memory_gib:g}: lower "
+            f"more than the {machine.gpus.memory_gib:g} GiB of each GPU ({machine.gpus.count}x "
+            f"{machine.gpus.name}): lower "
             "per_device_train_batch_size or max_length, checkpoint activations, train an "
             "adapter or shard (recipes/accelerate/zero3.yaml); `upstack plan` shows the count, "
             "--no-fit-check (launch.fit_check: false) runs it anyway"

@@ -65,7 +65,8 @@ class Architecture:
         if not shape:
             return None
         need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        if any(shape.get(key) is None for key in need) or shape.get("vocab_size") is None:
+        vocab = shape.get("vocab_size") or shape.get("max_vocab_size")  # init's, before it runs
+        if any(shape.get(key) is None for key in need) or vocab is None:
             return None
         heads = shape["num_attention_heads"]
         experts = shape.get("num_local_experts") or shape.get("num_experts") or 0
@@ -76,7 +77,7 @@ class Architecture:
             heads=heads,
             kv_heads=shape.get("num_key_value_heads") or heads,
             head_dim=shape.get("head_dim") or shape["hidden_size"] // heads,
-            vocab=shape["vocab_size"],
+            vocab=vocab,
             tied=bool(shape.get("tie_word_embeddings")),
             experts=experts,
             top_k=(shape.get("num_experts_per_tok") or 2) if experts else 0,

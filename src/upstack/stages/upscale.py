@@ -50,13 +50,19 @@ class AutoDus(Dus):
     target_layers: Literal["auto"] = Field(
         description="dus: auto, the largest count whose training fits launch.gpus"
     )
+    drop_layers: None = Field(None, description="dus: chosen with the count by `auto`")
 
-    @model_validator(mode="after")
-    def _one_count(self) -> AutoDus:
-        if self.drop_layers is not None:
+    @model_validator(mode="before")
+    @classmethod
+    def _no_drop_layers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("drop_layers") is not None:
             raise error_at(
                 ("drop_layers",), "target_layers: auto chooses the count: leave drop_layers out"
             )
+        return data
+
+    @model_validator(mode="after")
+    def _one_count(self) -> AutoDus:  # Dus's: a count or drop_layers; here the count is `auto`
         return self
 
 
