@@ -38,8 +38,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("targets", nargs="*", help="stage names or kinds; default: every stage")
     run.add_argument("--force", action="store_true", help="rerun the targets even if up to date")
     run.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    run.add_argument(
+        "--no-fit-check",
+        action="store_true",
+        help="run a training stage even when its planned memory per GPU exceeds the GPUs'",
+    )
 
     recipe_command("status", "table of stages: done, stale, missing or failed, with metrics")
+    from upstack.commands import plan as plan_command
+
+    plan_command.add_arguments(
+        recipe_command(
+            "plan",
+            "before anything runs: per stage, parameters, memory per GPU by component and "
+            "whether it fits, tokens, time, GPU-hours and cost on the GPUs given",
+        )
+    )
     show = recipe_command(
         "show", "print the fully resolved recipe (defaults and overrides applied)"
     )
@@ -145,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "import-merge":
         return _import_merge(args)
+    if args.command == "plan":
+        from upstack.commands import plan
+
+        plan.run(args)
+        return 0
     from upstack.core import runner
     from upstack.core.recipe import load_recipe
     from upstack.core.tables import markdown_table
@@ -157,7 +176,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.recipe, args.overrides, deep=args.command not in ("status", "report", "layers")
     )
     if args.command == "run":
-        runner.run(recipe, args.targets, force=args.force, dry_run=args.dry_run)
+        runner.run(
+            recipe,
+            args.targets,
+            force=args.force,
+            dry_run=args.dry_run,
+            fit_check=not args.no_fit_check,
+        )
         if not args.dry_run:
             print(markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)))
     elif args.command == "status":

@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from upstack.core.errors import UserError
 from upstack.core.keys import KeyPath
@@ -21,6 +22,8 @@ class StageContext:
     work_dir: Path  # kept across attempts: checkpoints and request caches live here
     config_hash: str
     pending: frozenset[str] = field(default_factory=frozenset)  # stages this run (re)builds
+    # the GPUs and launch a plan is for (upstack.core.hardware.Machine): the `plan` hook's
+    machine: Any = None
 
     @property
     def seed(self) -> int:

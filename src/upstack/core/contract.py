@@ -64,6 +64,19 @@ class StageKind(Protocol):
                                               after upstack's defaults (`upstack show`).
       card_tags(spec) -> list[str]            tags it adds to the model card of a model built
                                               through it (push). Default: [].
+      plan(spec, ctx) -> dict | None          what it will need on the machine `ctx.machine`
+                                              (upstack.core.hardware.Machine), before it runs:
+                                              for the kinds that train, parameters, memory per
+                                              GPU by component and `fits`, tokens, time, cost
+                                              (upstack.train.plan); for synth, requests and
+                                              tokens to generate. `upstack plan` prints it and
+                                              the runner refuses a stage whose `fits` is False.
+                                              Default: None (nothing to plan).
+      settle(spec, recipe, name) -> spec|None at load, once references are resolved, in run
+                                              order: the stage's settings with what they leave
+                                              to the rest of the recipe decided (upscale's
+                                              `target_layers: auto`: the depth the GPUs fit),
+                                              or None to keep them. Default: None.
 
     Generated data is declared by the settings, not the kind: a settings model whose data come
     from the tiny world's generators has `GENERATED: ClassVar[bool] = True`
@@ -95,6 +108,8 @@ HOOKS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "measures": (("spec",), lambda spec: ()),
     "effective_settings": (("spec",), _nothing),
     "card_tags": (("spec",), lambda spec: []),
+    "plan": (("spec", "ctx"), _nothing),
+    "settle": (("spec", "recipe", "name"), _nothing),
 }
 REQUIRED_HOOKS = ("run",)
 

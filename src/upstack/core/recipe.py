@@ -44,6 +44,19 @@ class Launch(Strict):
     extra_args: list[str] = Field(
         default_factory=list, description="passed to accelerate launch as is"
     )
+    # The hardware training runs on, for what is decided before it runs: `upstack plan`'s default
+    # GPUs, the memory a training stage is checked against before the run, and the GPUs
+    # `target_layers: auto` sizes a DUS model for.
+    gpus: str | None = Field(
+        None,
+        description="the GPUs the training stages run on, e.g. 8xH100-80GB or 8x80GB (per node); "
+        "default for the fit check: this machine's (nvidia-smi)",
+    )
+    fit_check: bool = Field(
+        True,
+        description="before the run, refuse a training stage whose planned memory per GPU "
+        "exceeds the GPUs' (upstack plan); false, or `upstack run --no-fit-check`, runs it anyway",
+    )
     # How much work a kill may cost, whatever the trainer's save_steps: a training stage also
     # saves a checkpoint every this many minutes (not part of any stage's hash: it changes no
     # result, only what a rerun can resume from).
@@ -57,6 +70,16 @@ class Launch(Strict):
         "checkpoint and stop (Slurm's KillWait and Kubernetes' terminationGracePeriodSeconds "
         "should allow it)",
     )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, value: str | None) -> str | None:
+        from upstack.core.hardware import gpus_problem
+
+        problem = gpus_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("accelerate_config")
     @classmethod
@@ -113,6 +136,8 @@ class Recipe(Strict):
     references: dict[str, list[Reference]] = Field(default_factory=dict, exclude=True)
     # A stage with `sweep:` -> its plan: the variant stages load added, and the eval that scores them.
     sweeps: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    # A stage whose settings its `settle` hook decided at load -> how (upscale's depth search)
+    settled: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
     @property
     def out_dir(self) -> Path:
@@ -249,6 +274,7 @@ def load_recipe(
     recipe.sweeps = plans
     _resolve_references(recipe, kinds, written)
     recipe.order()  # raises on a cycle, before anything walks the graph (planned shapes)
+    _settle(recipe)
     _check_sweep_metrics(recipe)
     if deep:
         # checks that need the other stages: a merge's parameters on its models' architecture
@@ -381,6 +407,16 @@ def _resolve_references(recipe: Recipe, kinds: dict[str, str], written: _Written
             if dep not in recipe.stages:
                 hint = did_you_mean(dep, list(recipe.stages))
                 raise written.error(("stages", name, "after", i), f"no stage '{dep}'{hint}")
+
+
+def _settle(recipe: Recipe) -> None:
+    """Settings a stage leaves to the rest of the recipe (the `settle` hook: upscale's
+    `target_layers: auto`), decided in run order, so a stage below sees its input settled."""
+    for name in recipe.order():
+        spec = recipe.stages[name]
+        settled = registry.kind(spec.kind).settle(spec, recipe, name)
+        if settled is not None:
+            recipe.stages[name] = settled
 
 
 def _kinds(stages_raw: dict) -> dict[str, str]:

@@ -72,7 +72,11 @@ def plan(recipe: Recipe, targets: list[str], force: bool = False) -> list[str]:
 
 
 def run(
-    recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False
+    recipe: Recipe,
+    targets: list[str],
+    force: bool = False,
+    dry_run: bool = False,
+    fit_check: bool = True,
 ) -> list[str]:
     check_output_dir(recipe)
     steps = plan(recipe, targets, force)
@@ -80,6 +84,8 @@ def run(
     if any(_wants_launcher(recipe, recipe.stages[name]) for name in steps):
         check_launch_env()
     preflight(recipe, steps)
+    if fit_check and recipe.launch.fit_check:
+        check_fit(recipe, steps)
     if dry_run or not steps:
         state = states(recipe)
         for name in recipe.resolve_targets(targets) if targets else recipe.stages:
@@ -162,6 +168,38 @@ def preflight(recipe: Recipe, steps: list[str]) -> None:
         spec = recipe.stages[name]
         registry.kind(spec.kind).preflight(
             spec, context(recipe, name, hashes[name], frozenset(steps))
+        )
+
+
+def check_fit(recipe: Recipe, steps: list[str]) -> None:
+    """Before anything is written: each planned stage's `plan` hook on the GPUs training runs on
+    (`launch.gpus`, else this machine's: upstack.core.hardware.run_machine); a stage whose
+    memory per GPU exceeds theirs is refused in one line, not met as an out-of-memory error
+    hours in. Nothing to check on a machine without GPUs that declares none."""
+    from upstack.core.hardware import run_machine
+
+    machine = run_machine(recipe.launch)
+    if machine is None:
+        return
+    hashes = stage_hashes(recipe)
+    for name in steps:
+        spec = recipe.stages[name]
+        if not registry.kind(spec.kind).launchable:  # what trains on the GPUs
+            continue
+        ctx = context(recipe, name, hashes[name], frozenset(steps))
+        ctx.machine = machine
+        found = registry.kind(spec.kind).plan(spec, ctx)
+        if not found or found.get("fits", True):
+            continue
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in found["components_gb"].items() if v >= 0.05)
+        raise UserError(
+            f"{locate(recipe, 'stages', name)}: stages.{name}: needs "
+            f"{found['memory_per_gpu_gb']:.1f} GiB per GPU ({parts}; {found['launch']}), "
+            f"more than the {machine.gpus.memory_gib:g} GiB of each GPU ({machine.gpus.count}x "
+            f"{machine.gpus.name}): lower "
+            "per_device_train_batch_size or max_length, checkpoint activations, train an "
+            "adapter or shard (recipes/accelerate/zero3.yaml); `upstack plan` shows the count, "
+            "--no-fit-check (launch.fit_check: false) runs it anyway"
         )
 
 

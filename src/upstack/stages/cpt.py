@@ -123,6 +123,14 @@ def card_tags(spec: Spec) -> list[str]:
     return ["trl"]
 
 
+def plan(spec: Spec, ctx) -> dict | None:
+    """What the stage will need on the machine `ctx.machine`: memory per GPU, tokens, time
+    (upstack.train.plan)."""
+    from upstack.train.plan import plan as training_plan
+
+    return training_plan(spec, ctx, stage_defaults)
+
+
 def effective_settings(spec: Spec) -> dict[str, Any]:
     """What this stage passes to TRL on this machine (`upstack show`)."""
     from upstack.train.settings import trainer_settings

@@ -93,6 +93,10 @@ def output_shape(spec: Spec, input_shape) -> dict:
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "tie_word_embeddings": arch.tie_word_embeddings,
+        # for a plan (upstack.models.memory): the vocabulary is at most the tokenizer's bound,
+        # rounded up as `run` rounds it; the weights are written in fp32
+        "max_vocab_size": -(-spec.tokenizer.vocab_size // 64) * 64,
+        "dtype": "float32",
     }
 
 

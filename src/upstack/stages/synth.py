@@ -59,6 +59,46 @@ def preflight(spec: Spec, ctx) -> None:
                     raise ctx.fail(f"{key}.{i}.{err.setting or 'path'}", str(err)) from None
 
 
+def plan(spec: Spec, ctx) -> dict:
+    """Requests to the teacher and tokens it may generate, before the run: per seed, round one
+    asks rephrase_question + rephrase_answer + answer_augmentation + self_verification, round two
+    solves what round one wrote (at most rephrase_question + self_verification) and fobar +
+    new_numbers questions; each answer is at most `sampling.max_tokens`. Seeds are counted
+    where known offline (generated seeds, `limit`, a local file's lines), before deduplication
+    and decontamination remove some: the counts are upper bounds."""
+    from pathlib import Path
+
+    aug = spec.augmentations
+    first = aug.rephrase_question + aug.rephrase_answer + aug.answer_augmentation
+    first += aug.self_verification
+    second = aug.rephrase_question + aug.self_verification + aug.fobar + aug.new_numbers
+    seeds: int | None = 0
+    for source in spec.seeds:
+        count = getattr(source, "count", None) or getattr(source, "limit", None)
+        if count is None and getattr(source, "source", None) == "jsonl":
+            file = Path(ctx.location(source.path))
+            if file.is_file():
+                with file.open("rb") as lines:
+                    count = sum(1 for line in lines if line.strip())
+        if count is None or seeds is None:
+            seeds = None
+        else:
+            seeds += count
+    out = {
+        "stage": ctx.name,
+        "kind": spec.kind,
+        "requests_per_seed": first + second,
+        "max_tokens": spec.sampling.max_tokens,
+        "seeds": seeds,
+    }
+    if seeds is not None:
+        out["requests"] = seeds * (first + second)
+        out["tokens_to_generate"] = out["requests"] * spec.sampling.max_tokens
+    else:
+        out["notes"] = ["seeds unknown before the run (a Hub data set: set limit)"]
+    return out
+
+
 def run(spec: Spec, ctx) -> dict:
     import json
 

@@ -203,3 +203,25 @@ def _split_top(text: str, separator: str) -> list[str]:
 def _base_name(member: str) -> str:
     """'dict[str, Any]' -> 'dict'; 'transformers.trainer_utils.SchedulerType' -> 'SchedulerType'."""
     return member.split("[", 1)[0].rsplit(".", 1)[-1]
+
+
+def trainer_defaults(config_name: str) -> dict[str, Any]:
+    """Field name -> declared default of a TRL config class, for the fields whose default is a
+    plain value (numbers, strings, booleans, None): what a plan counts with where the recipe's
+    `trainer:` says nothing. Cached per TRL version, like `trainer_fields`."""
+    from upstack.core.check_cache import library_facts
+
+    def defaults() -> dict[str, Any]:
+        import dataclasses
+
+        import trl
+
+        config = getattr(trl, config_name)
+        out = {}
+        for f in dataclasses.fields(config):
+            value = f.default
+            if f.init and (value is None or isinstance(value, bool | int | float | str)):
+                out[f.name] = getattr(value, "value", value)
+        return out
+
+    return library_facts("trl", f"{config_name}-defaults", defaults)
