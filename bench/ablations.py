@@ -3,6 +3,7 @@
     make ablations                                  # run 3 seeds of both recipes, then write
     .venv/bin/python bench/ablations.py --seeds 1 2 3
     .venv/bin/python bench/ablations.py --report    # only rewrite docs/RESULTS.md from the runs
+    .venv/bin/python bench/ablations.py --recipes growth --stages peer dus moe base_continued
 
 Each recipe (recipes/tiny-growth.yaml, recipes/tiny-instruct.yaml) runs once per seed, into
 runs/ablations/<recipe>/seed-<n>, through the real CLI; a finished seed is cached like any run.
@@ -11,6 +12,11 @@ cannot drift from the numbers: each claim's verdict compares the paired per-seed
 its standard error (holds: more than 2 standard errors in the claimed direction; does not hold:
 more than 2 against it; otherwise within noise). Writes docs/RESULTS.md, docs/results-*.png and
 bench/out/ablations.json.
+
+With `--stages` (and `--recipes`), each seed runs only those stages and what they need (a new
+row, without the 42 minutes of the whole set); the rows it did not run keep their per-seed
+values from the last bench/out/ablations.json, and the document says which rows were measured
+when.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ GROWTH = [
     ("repetition, m=0 (4 -> 8, = Gstack x2)", "repeat"),
     ("LLaMA Pro expand (4 -> 6)", "expand"),
     ("MoE upcycling, 4 experts, top 1", "moe"),
+    ("PEER, 64^2 experts in every layer, 4 heads x top 8", "peer"),
     ("6 layers from scratch, same total compute", "scratch_deep"),
 ]
 MODELS = ["pretrain", "sft_general", "sft_synth", "sft_math", "dpo_general", "dpo_synth", "merge"]
@@ -53,6 +60,9 @@ CLAIMS = [
     ("DUS (m=1) beats plain repetition (m=0)", "loss", "dus", "repeat"),
     ("DUS beats a deeper model trained from scratch", "loss", "dus", "scratch_deep"),
     ("DUS beats MoE upcycling at the same compute per token", "loss", "dus", "moe"),
+    ("PEER beats the base continued, same compute", "loss", "peer", "base_continued"),
+    ("PEER beats DUS at the same compute", "loss", "peer", "dus"),
+    ("PEER beats MoE upcycling at the same compute", "loss", "peer", "moe"),
     ("Synth.Math-Instruct in SFT raises math", "eval_math", "sft_synth", "sft_general"),
     ("... and keeps general accuracy", "eval_general", "sft_synth", "sft_general"),
     ("Synth.Math-Alignment in DPO raises math", "eval_math", "dpo_synth", "dpo_general"),
@@ -66,14 +76,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--report", action="store_true", help="only write the document")
+    parser.add_argument(
+        "--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), help="run these"
+    )
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        help="run only these stages (and what they need); the other rows keep their last values",
+    )
     args = parser.parse_args()
     started = time.time()
     if not args.report:
-        for name, recipe in RECIPES.items():
+        for name in args.recipes:
             for seed in args.seeds:
-                run(name, recipe, seed)
+                run(name, RECIPES[name], seed, args.stages or [])
     wall = time.time() - started
     results = collect(args.seeds)
+    if args.stages or args.report:  # rows not in these runs: their last measurement
+        results = kept_from(OUT / "ablations.json", results)
     results["wall_seconds"] = None if args.report else round(wall)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "ablations.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -90,10 +110,10 @@ def main() -> int:
     return 0
 
 
-def run(name: str, recipe: Path, seed: int) -> None:
+def run(name: str, recipe: Path, seed: int, stages: list[str]) -> None:
     out = RUNS / name / f"seed-{seed}"
     command = [
-        sys.executable, "-m", "upstack", "run", str(recipe),
+        sys.executable, "-m", "upstack", "run", str(recipe), *stages,
         "--set", f"seed={seed}", "--set", f"output_dir={out}",
     ]  # fmt: skip
     print(f"==> {name}, seed {seed}: {' '.join(command[2:])}", flush=True)
@@ -118,8 +138,10 @@ def _manifest(stage_dir: Path) -> dict:
 
 
 def _flops_per_token(model_dir: Path) -> float:
-    """6 N, N = the parameters a token passes through: all but the input embedding, and of a
-    mixture of experts only the experts it is routed to."""
+    """6 N, N = the parameters a token passes through: all but the input embedding, of a
+    mixture of experts only the experts it is routed to, and of a PEER layer what its retrieval
+    and its h k retrieved neurons cost (upstack.models.peer.active_parameters), not its tables."""
+    from upstack.models import peer
     from upstack.models.checkpoints import count_parameters
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -129,7 +151,24 @@ def _flops_per_token(model_dir: Path) -> float:
         unused = experts - config["num_experts_per_tok"]
         expert = 3 * config["hidden_size"] * config["intermediate_size"]  # w1, w2, w3
         passed -= unused * expert * config["num_hidden_layers"]
+    branch = config.get("peer")
+    if branch:
+        passed -= _peer_tensors(model_dir)
+        passed += len(branch["layers"]) * peer.active_parameters(config["hidden_size"], branch)
     return 6 * passed
+
+
+def _peer_tensors(model_dir: Path) -> int:
+    """Every number a PEER branch stores (tables, keys, query, norm)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                if ".mlp.peer." in key:
+                    total += math.prod(handle.get_slice(key).get_shape())
+    return total
 
 
 def _curve(stage_dir: Path, start_flops: float) -> list[list[float]]:
@@ -160,7 +199,12 @@ def collect(seeds: list[int]) -> dict:
                     continue
                 start = 0.0 if stage == "scratch_deep" else base[-1][0]
                 curve = _curve(root / stage, start)
-                growth.setdefault(stage, []).append({"curve": curve, "loss": curve[-1][1]})
+                found = {"curve": curve, "loss": curve[-1][1]}
+                usage = _manifest(root / stage)["metrics"].get("expert_usage", {}).get("eval")
+                if usage:  # a PEER model: its experts on the held-out set, mean over layers
+                    found["used"] = statistics.mean(usage["used"])
+                    found["entropy_ratio"] = statistics.mean(usage["entropy_ratio"])
+                growth.setdefault(stage, []).append(found)
         root = RUNS / "instruct" / f"seed-{seed}"
         for evaluation in ("eval_math", "eval_general"):
             path = root / evaluation / "results.json"
@@ -189,6 +233,35 @@ def collect(seeds: list[int]) -> dict:
     return results
 
 
+def kept_from(path: Path, results: dict) -> dict:
+    """`results` with every row these runs lack (a stage, an eval) taken from the last full
+    document's JSON, and when each row was measured."""
+    if not path.is_file():
+        return results
+    previous = json.loads(path.read_text())
+    measured = previous.get("measured") or {}
+    dates = {}
+    for stage, runs in previous.get("growth", {}).items():
+        if stage not in results["growth"]:
+            results["growth"][stage] = runs
+            dates[stage] = measured.get(stage, previous.get("date"))
+    for evaluation, rows in previous.get("instruct", {}).items():
+        if evaluation not in results["instruct"]:
+            results["instruct"][evaluation] = rows
+            dates[evaluation] = measured.get(evaluation, previous.get("date"))
+    if not dates:
+        return results
+    for stage in [*results["growth"], *results["instruct"]]:
+        dates.setdefault(stage, results["date"])
+    results["measured"] = dates
+    results["claims"] = [claim(results, *c) for c in CLAIMS]
+    # what the whole set takes from nothing is the last full run's; these runs' own, apart
+    results["update_seconds"] = results["stage_seconds"]
+    results["stage_seconds"] = previous.get("stage_seconds")
+    results["full_date"] = previous.get("full_date") or previous.get("date")
+    return results
+
+
 def _values(results: dict, measure: str, stage: str) -> list[float]:
     if measure == "loss":
         return [run["loss"] for run in results["growth"].get(stage, [])]
@@ -212,8 +285,13 @@ def claim(results: dict, text: str, measure: str, a: str, b: str) -> dict:
         binomial = 100 * math.sqrt((p * (1 - p) + q * (1 - q)) / (n * len(gains)))
         se = max(se, binomial)
     verdict = "holds" if mean > 2 * se else "does not hold" if mean < -2 * se else "within noise"
-    return {"claim": text, "measure": measure, "a": a, "b": b, "difference": mean, "se": se,
-            "verdict": verdict, "seeds": len(gains)}  # fmt: skip
+    found = {"claim": text, "measure": measure, "a": a, "b": b, "difference": mean, "se": se,
+             "verdict": verdict, "seeds": len(gains)}  # fmt: skip
+    measured = results.get("measured") or {}
+    if measure == "loss" and measured.get(a, "") != measured.get(b, ""):
+        # paired by seed, but from two runs of the base's pretraining (not bit-reproducible)
+        found["runs"] = f"{a} {measured.get(a)}, {b} {measured.get(b)}"
+    return found
 
 
 # --------------------------------------------------------------------------- plots
@@ -299,6 +377,20 @@ def document(results: dict) -> str:
         f"{results['stage_seconds'] / 60:.0f} minutes of stage time for both recipes and all "
         "seeds (the sum of every stage's recorded seconds: what `make ablations` takes from nothing)"
     )
+    measured = results.get("measured")
+    if measured and len(set(measured.values())) > 1:  # some rows rerun since the full set
+        by_date: dict[str, list[str]] = {}
+        for row, when in measured.items():
+            by_date.setdefault(when, []).append(row)
+        latest = max(by_date)
+        took = (
+            f"{results['stage_seconds'] / 60:.0f} minutes of stage time for both recipes and all "
+            f"seeds when last run from nothing ({results['full_date']}); rerun on {latest}: "
+            f"{', '.join(sorted(by_date[latest]))} ({results['update_seconds'] / 60:.0f} "
+            "minutes of stage time, the base's pretraining included); every other row is "
+            "from the full run"
+        )
+    measured_on = max((results.get("measured") or {"": results["date"]}).values())
     lines = [
         "# Results: SOLAR's claims at toy scale",
         "",
@@ -306,7 +398,7 @@ def document(results: dict) -> str:
         "(`make ablations` reruns and rewrites it; `python bench/ablations.py --report` rewrites",
         "it from existing runs).",
         "",
-        f"Measured {results['date']} on {results['machine']}, seeds {seeds}; {took}.",
+        f"Measured {measured_on} on {results['machine']}, seeds {seeds}; {took}.",
         "Every row is the mean ± standard deviation over seeds. A claim's verdict compares the",
         "per-seed paired difference with its standard error (for accuracies, at least the",
         "binomial standard error of the eval): **holds** above 2 standard errors in the claimed",
@@ -324,19 +416,33 @@ def document(results: dict) -> str:
                     if c["measure"] == "loss"
                     else f"{c['difference']:+.1f}",
                     f"{c['se']:.4f}" if c["measure"] == "loss" else f"{c['se']:.1f}",
-                    f"**{c['verdict']}**",
+                    f"**{c['verdict']}**" + (" (rows of two runs)" if c.get("runs") else ""),
                 ]
                 for c in results["claims"]
             ],
         ),
         "",
+    ]
+    mixed = [c for c in results["claims"] if c.get("runs")]
+    if mixed:
+        lines += [
+            "*Rows of two runs*: the two rows were measured in different runs of the recipe ("
+            + "; ".join(c["runs"] for c in mixed)
+            + "); paired by seed, but each run pretrained its own base (the same seed, not "
+            "bit-reproducible on a busy CPU), so the pairing is looser than within one run.",
+            "",
+        ]
+    lines += [
         "## 1. Growth under the same compute (recipes/tiny-growth.yaml)",
         "",
         "A 4-layer base (hidden 64) pretrained at a constant learning rate on arith + listops",
         "text until its held-out loss flattens, then each variant continued with the same",
         "FLOPs (6 N tokens, N without the input embedding and, for MoE, without the experts a",
-        "token is not routed to; steps in the recipe), each with a cosine decay to 0. The",
-        "6-layer model from scratch gets the base's whole budget, cosine over all of it.",
+        "token is not routed to; for PEER, per token and PEER layer, the query network, the",
+        "sub-key scores of both halves and the h k retrieved neurons: d h key_dim +",
+        "h sqrt(N) key_dim + 2 d h k, not its tables; steps in the recipe), each with a cosine",
+        "decay to 0. The 6-layer model from scratch gets the base's whole budget, cosine over",
+        "all of it.",
         "",
     ]
     growth = results["growth"]
@@ -348,6 +454,16 @@ def document(results: dict) -> str:
             [label, f"{flops:.3g}" if flops else "", _mean_sd([r["loss"] for r in runs], 4)]
         )
     lines += [markdown_table(["model", "cumulative FLOPs", "held-out loss"], rows), ""]
+    peer_runs = [run for run in growth.get("peer", []) if "used" in run]
+    if peer_runs:
+        used = _mean_sd([100 * run["used"] for run in peer_runs], 1)
+        ratio = _mean_sd([run["entropy_ratio"] for run in peer_runs], 3)
+        lines += [
+            "PEER's experts on the held-out set, after training (the mean over its 4 layers; "
+            f"mean ± sd over seeds): {used} % of the 4096 experts of a layer retrieved at least "
+            f"once, retrieval entropy {ratio} of ln N (1: every expert alike).",
+            "",
+        ]
     if growth.get("pretrain"):
         curve = growth["pretrain"][0]["curve"]
         tail = [point[1] for point in curve[-5:]]

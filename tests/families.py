@@ -213,7 +213,7 @@ def build_family(name: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -
 # --------------------------------------------------------------------------- what each stage does
 
 # the stage kinds that touch a model, as the matrix runs them (lora: sft with a default adapter)
-STAGES = ("dus", "moe", "cpt", "sft", "lora", "dpo", "merge", "eval")
+STAGES = ("dus", "moe", "peer", "cpt", "sft", "lora", "dpo", "merge", "eval")
 # mergekit-moe upcycles these into a mixture whose copies compute what the base computes
 MOE_BASES = {"llama": "Mixtral", "smollm": "Mixtral", "mistral": "Mixtral", "qwen3": "Qwen3-MoE"}
 MIXTURES = ("mixtral", "qwen3_moe")
@@ -239,6 +239,9 @@ REASONS = {
     "Qwen3-MoE) only (its Qwen2-MoE output adds a shared expert, so copies would not compute "
     "what the base computes): refused at load",
     "already moe": "the model is a mixture already: refused at load",
+    "no branch": "upstack's PEER classes extend the dense FFN of Llama, Mistral, Qwen2, Qwen3, "
+    "Gemma 2, Gemma 3 text, Phi-3, OLMo 2 and Granite; a mixture's experts take no branch: "
+    "refused at load",
     "dropout": "LoRA with the default `dropout: 0.05`: peft adapts the fused experts and "
     "routers as parameters, which take no dropout; refused at preflight, `adapter: {dropout: 0}` "
     "works",
@@ -249,7 +252,7 @@ WRAPPER = "multimodal wrapper (its language model's settings are in text_config)
 def expected(family: str, stage: str) -> Refusal | None:
     """What `stage` does with a model of `family`: None when it works, else its refusal."""
     if family == "gemma3" and stage != "eval":
-        when = "load" if stage in ("dus", "moe", "merge") else "preflight"
+        when = "load" if stage in ("dus", "moe", "peer", "merge") else "preflight"
         key = "models.0.model" if stage == "merge" else "model"
         return Refusal(when, key, WRAPPER, "wrapper")
     if family == "phi4_mini" and stage in ("dus", "moe", "merge"):
@@ -261,6 +264,9 @@ def expected(family: str, stage: str) -> Refusal | None:
         return Refusal(
             "load", "model", message, "already moe" if family in MIXTURES else "no moe output"
         )
+    if stage == "peer" and family in MIXTURES:
+        message = "whose FFN upstack's PEER model classes do not extend"
+        return Refusal("load", "model", message, "no branch")
     if stage == "lora" and family in MIXTURES:
         message = "0.05 does not work on a mixture of experts: peft adapts its experts"
         return Refusal("preflight", "adapter.dropout", message, "dropout")

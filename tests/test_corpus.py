@@ -123,6 +123,11 @@ MOE = (
     "name: c\noutput_dir: {out}\nstages:\n  up:\n    kind: upscale\n    model: {model}\n"
     "    method: moe\n"
 )
+PEER = (
+    "name: c\noutput_dir: {out}\nstages:\n  up:\n    kind: upscale\n    model: {model}\n"
+    "    method: peer\n"
+)
+BRANCH = "    experts: 64\n    heads: 2\n    top_k: 4\n    key_dim: 8\n"  # then layers etc.
 
 
 def retyped_model(name: str, model_type: str, architecture: str):
@@ -1276,7 +1281,7 @@ CASES = [
         "moe",
         "experts-on-dus",
         "name: c\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 1, experts: 2}\n",
-        "stages.up.experts: only for method moe, not dus",
+        "stages.up.experts: only for method moe or peer, not dus",
         line=3,
     ),
     Case(
@@ -1341,6 +1346,110 @@ CASES = [
         "name: c\noutput_dir: {out}\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 3}\n"
         "  cpt:\n    model: up\n    datasets: [{arith: {problems: 5}}]\n    train_layers: experts\n",
         "stages.cpt.train_layers: the layer map of 'up' has no expert layers "
+        "(it has: duplicate, original, seam)",
+        line=8,
+    ),
+    # ---------------------------------------------------------------- peer (upscale method peer)
+    Case(
+        "peer",
+        "experts-not-a-square",
+        PEER + "    experts: 1000\n",
+        "stages.up.experts: must be a perfect square of at least 4 (N = n^2: two sets of n "
+        "sub-keys), got 1000; e.g. 1024 (32^2)",
+        line=8,
+    ),
+    Case("peer", "no-experts", PEER, "stages.up: method peer needs experts", line=4),
+    Case(
+        "peer",
+        "top-k-above-sub-keys",
+        PEER + "    experts: 64\n    top_k: 9\n",
+        "stages.up.top_k: 9 is more than the 8 sub-keys of each half (sqrt of 64 experts)",
+        line=9,
+    ),
+    Case(
+        "peer",
+        "odd-key-dim",
+        PEER + "    experts: 64\n    top_k: 4\n    key_dim: 9\n",
+        "stages.up.key_dim: must be even (two halves of key_dim/2), got 9",
+        line=10,
+    ),
+    Case(
+        "peer",
+        "layer-out-of-range",
+        PEER + BRANCH + "    layers: [2, 8]\n",
+        "stages.up.layers.1: layer 8 is out of range: {model} has 8 layers (0 to 7)",
+        line=12,
+    ),
+    Case(
+        "peer",
+        "layer-twice",
+        PEER + BRANCH + "    layers: [2, 3, 2]\n",
+        "stages.up.layers.2: layer 2 is named twice",
+        line=12,
+    ),
+    Case(
+        "peer",
+        "peer-keys-on-dus",
+        "name: c\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 1, heads: 4}\n",
+        "stages.up.heads: only for method peer, not dus",
+        line=3,
+    ),
+    Case(
+        "peer",
+        "base-a-mixture",
+        PEER.replace("{model}", "{tmp}/mix") + BRANCH,
+        "stages.up.model: {tmp}/mix is MixtralForCausalLM, whose FFN upstack's PEER model "
+        "classes do not extend (a mixture's experts take no branch)",
+        line=6,
+        setup=retyped_model("mix", "mixtral", "MixtralForCausalLM"),
+    ),
+    Case(
+        "peer",
+        "peer-of-peer",
+        PEER + BRANCH + "  up2: {kind: upscale, model: up, method: peer, experts: 16, top_k: 2}\n",
+        "stages.up2.model: up has PEER layers already",
+        line=12,
+    ),
+    Case(
+        "peer",
+        "dus-of-peer",
+        PEER + BRANCH + "  dus: {kind: upscale, model: up, drop_layers: 2}\n",
+        "stages.dus.model: up is a PEER model (PeerLlamaForCausalLM, upscale method peer): "
+        "mergekit has no definition of its PEER layers",
+        line=12,
+    ),
+    Case(
+        "peer",
+        "merge-of-peer",
+        PEER + BRANCH + "  merge:\n    merge_method: linear\n"
+        "    models: [{model: up, parameters: {weight: 0.5}}, {model: {model}, parameters: {weight: 0.5}}]\n",
+        "stages.merge.models.0.model: up is a PEER model (PeerLlamaForCausalLM, upscale method "
+        "peer): mergekit has no definition of its PEER layers",
+        line=14,
+    ),
+    Case(
+        "peer",
+        "vllm-teacher-of-peer",
+        PEER + BRANCH + "  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: vllm, model: up}\n",
+        "stages.synth.teacher.model: up is a PEER model (PeerLlamaForCausalLM, upscale method "
+        "peer): vLLM has no PEER model class",
+        line=14,
+    ),
+    Case(
+        "peer",
+        "adapter-on-peer-branches",
+        PEER + BRANCH + "  cpt:\n    model: up\n    datasets: [{arith: {problems: 5}}]\n"
+        "    train_layers: peer\n    adapter: {r: 4}\n",
+        "stages.cpt.adapter: train_layers peer trains the PEER tables",
+        line=16,
+    ),
+    Case(
+        "peer",
+        "peer-keyword-on-dus",
+        "name: c\noutput_dir: {out}\nstages:\n  up: {kind: upscale, model: {model}, drop_layers: 3}\n"
+        "  cpt:\n    model: up\n    datasets: [{arith: {problems: 5}}]\n    train_layers: peer\n",
+        "stages.cpt.train_layers: the layer map of 'up' has no peer layers "
         "(it has: duplicate, original, seam)",
         line=8,
     ),
@@ -1610,4 +1719,5 @@ def test_the_corpus_is_large_and_covers_every_category():
         "merge",
         "sweep",
         "moe",
+        "peer",
     } <= categories

@@ -31,6 +31,7 @@ TRAINER = {
 SFT = {**TRAINER, "max_length": 128}  # a whole arith conversation, so the answer has a loss
 DUS_MAP = [0, 1, 2, 1, 2, 3]  # dus with drop_layers 1 on 4 layers: [0, 3) + [1, 4)
 WEIGHTS = (0.3, 0.7)  # the linear merge of the base and a moved copy
+PEER = {"experts": 64, "heads": 2, "top_k": 4, "key_dim": 16}  # a PEER branch in every layer
 LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
@@ -52,6 +53,7 @@ def stage_body(stage: str, base: Path, other: Path) -> dict:
     return {
         "dus": {"kind": "upscale", "model": model, "drop_layers": 1},
         "moe": {"kind": "upscale", "model": model, "method": "moe", "experts": 2},
+        "peer": {"kind": "upscale", "model": model, "method": "peer", "layers": "all"} | PEER,
         "cpt": {"kind": "cpt", "model": model, "datasets": arith, "trainer": TRAINER},
         "sft": {"kind": "sft", "model": model, "datasets": arith, "trainer": SFT},
         "lora": {
@@ -88,6 +90,9 @@ def stage_body(stage: str, base: Path, other: Path) -> dict:
 def load(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
+    from upstack.models import peer
+
+    peer.register()  # a PEER model's classes, as upstack's stages load them
     return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
 
@@ -140,6 +145,19 @@ def upcycled_model_is_the_base(out: Path, base: Path) -> None:
     assert planned == {**read_shape(out), "num_experts_per_tok": 2}
 
 
+def branched_model_is_the_base(out: Path, base: Path) -> None:
+    from upstack.growth import peer
+    from upstack.models.shapes import read_shape
+
+    with torch.no_grad():
+        want, got = load(base)(token_ids()).logits, load(out)(token_ids()).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    model = load(out)
+    assert all(hasattr(layer.mlp, "peer") for layer in model.model.layers)
+    spec = load_recipe(out.parent.parent / "recipe.yaml").stages["peer"]
+    assert peer.output_shape(spec, lambda key: read_shape(base)) == read_shape(out)
+
+
 def training_moved_the_weights(out: Path, base: Path) -> None:
     before, after = state(base), state(out)
     assert before.keys() == after.keys()
@@ -174,6 +192,8 @@ def test_the_stage_works_on_the_family(zoo, tmp_path, family, stage):
         grown_layers_are_source_layers(out, base)
     elif stage == "moe":
         upcycled_model_is_the_base(out, base)
+    elif stage == "peer":
+        branched_model_is_the_base(out, base)
     elif stage == "merge":
         merged_is_the_weighted_sum(out, base, other)
     elif stage == "eval":

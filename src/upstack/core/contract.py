@@ -181,11 +181,22 @@ class Kind:
     def settings(self, spec: BaseModel) -> dict[str, Any]:
         """The stage's settings as plain data, as its hash and manifest take them: for a union,
         every member's keys (None where this member has none), so a kind's settings table does
-        not depend on which member holds them."""
+        not depend on which member holds them. Keys that only members' `added` settings declare
+        (upstack.core.settings.added) are left out where absent: a member added later leaves
+        the other members' hashes as they were."""
         data = spec.model_dump(mode="json")
         if len(self.spec_classes) > 1:
-            data = {**dict.fromkeys(sorted(self.fields())), **data}
+            data = {**dict.fromkeys(sorted(self.fields() - self._added_only())), **data}
         return data
+
+    def _added_only(self) -> set[str]:
+        """Keys every member that declares them marks `added`."""
+        declared: dict[str, list[bool]] = {}
+        for cls in self.spec_classes:
+            for name, info in cls.model_fields.items():
+                extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+                declared.setdefault(name, []).append(bool(extra.get("added")))
+        return {name for name, marks in declared.items() if all(marks)}
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from upstack.growth import moe, passthrough
+from upstack.growth import moe, passthrough, peer
 from upstack.growth.base import GrowthSpec
 
 # method -> the module of its family
@@ -20,6 +20,7 @@ FAMILIES: dict[str, ModuleType] = {
     "expand": passthrough,
     "layers": passthrough,
     "moe": moe,
+    "peer": peer,
 }
 # method -> its settings model: the members of the upscale stage's settings union
 SETTINGS: dict[str, type[GrowthSpec]] = {

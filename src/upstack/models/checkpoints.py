@@ -237,6 +237,9 @@ def from_pretrained(loader, location: str, fail, **kwargs):
     the Hub out of reach, a broken shard) becomes one line through `fail(message)`."""
     from safetensors import SafetensorError
 
+    from upstack.models import peer
+
+    peer.register()  # a PEER model loads by upstack's own classes, not the code beside it
     try:
         return loader.from_pretrained(location, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:

@@ -19,12 +19,21 @@ from upstack.core.rundir import read_manifest
 #   new        a block that starts as the identity (LLaMA Pro's expand); never a seam or duplicate
 #   expert     a mixture-of-experts layer (upscale's moe): the base's attention, experts for its FFN;
 #              its entry also lists `experts`, the source of each expert's FFN
-ROLES = ("original", "duplicate", "seam", "new", "expert")
+#   peer       a layer with a PEER branch beside its FFN (upscale's peer), besides its other role
+#              (the base's layer: `original`); its entry also has `peer_experts`
+ROLES = ("original", "duplicate", "seam", "new", "expert", "peer")
 # `train_layers` keyword -> the role whose layers it trains
-SELECTORS = {"new": "new", "seam": "seam", "duplicates": "duplicate", "experts": "expert"}
+SELECTORS = {
+    "new": "new",
+    "seam": "seam",
+    "duplicates": "duplicate",
+    "experts": "expert",
+    "peer": "peer",
+}
 # Keywords that train only part of each layer they select: the modules under this name (the MoE
-# block: router and experts), so `experts` leaves the attention the base already trained frozen.
-WITHIN = {"experts": "mlp"}
+# block: router and experts; the PEER branch), so `experts` and `peer` leave what the base
+# already trained frozen.
+WITHIN = {"experts": "mlp", "peer": "mlp.peer"}
 
 
 def build(
@@ -62,7 +71,8 @@ def build(
 
 
 def select(layer_map: list[dict[str, Any]], selector: str) -> list[int]:
-    """The output layers a `train_layers` keyword names: `new`, `seam`, `duplicates`, `experts`."""
+    """The output layers a `train_layers` keyword names: `new`, `seam`, `duplicates`, `experts`,
+    `peer`."""
     role = SELECTORS[selector]
     return [entry["layer"] for entry in layer_map if role in entry["roles"]]
 

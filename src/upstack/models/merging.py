@@ -630,11 +630,13 @@ def _resolve(parameter, scopes, tensor: str, t: float, optional: bool, source) -
 
 def model_problem(ref, recipe) -> str | None:
     """Why mergekit cannot read the model `ref` names, known at load before any weight is: a
-    multimodal wrapper (upstack.models.checkpoints.wrapper_problem), or a tied head
+    multimodal wrapper (upstack.models.checkpoints.wrapper_problem), a PEER model (mergekit has
+    no definition of its branches: upstack.models.peer), or a tied head
     (tie_word_embeddings) where mergekit's definition of the architecture requires an lm_head
     tensor of its own, which a tied checkpoint does not hold (Phi-4-mini: mergekit would stop
     with "lm_head.weight required but not present" in the middle of the merge). Read from the
     config.json of a path or cached Hub model, or the shape the recipe gives a stage."""
+    from upstack.models import peer
     from upstack.models.checkpoints import config_json, wrapper_problem
     from upstack.models.shapes import planned_shape
 
@@ -646,6 +648,9 @@ def model_problem(ref, recipe) -> str | None:
         return problem
     if ref.origin == "stage":
         config = planned_shape(recipe, ref, frozenset(recipe.stages))
+    problem = peer.refused(config, peer.NO_MERGEKIT, ref.text)
+    if problem:
+        return problem
     if not config or not config.get("tie_word_embeddings"):
         return None  # untied (or not known offline): mergekit finds every tensor it names
     from upstack.models.mergekit_facts import untied_heads

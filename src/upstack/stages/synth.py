@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Literal
 
 from data_synth import DataSynthError, SynthConfig
-from data_synth.teachers import OpenAITeacher, VllmTeacher
+from data_synth.teachers import OpenAITeacher, TransformersTeacher, VllmTeacher
 from upstack.core.errors import StageFailed
 from upstack.core.settings import StageSpec
 
@@ -26,6 +26,27 @@ class Spec(StageSpec, SynthConfig):
     """data_synth's settings as they are (seeds, teacher, augmentations, sampling, decontaminate)."""
 
     kind: Literal["synth"] = "synth"
+
+
+def check_at_load(spec: Spec, recipe, name: str) -> None:
+    """A vllm teacher that is a PEER model (upscale method peer) is refused: vLLM has no class
+    for it. Read from its config.json, or the shape the recipe gives a stage."""
+    from upstack.models import peer
+    from upstack.models.checkpoints import config_json
+    from upstack.models.shapes import planned_shape
+
+    if not isinstance(spec.teacher, VllmTeacher):
+        return
+    for ref in recipe.refs(name):
+        if ref.thing != "model":
+            continue
+        if ref.origin == "stage":
+            config = planned_shape(recipe, ref, frozenset(recipe.stages))
+        else:
+            config = config_json(ref)
+        problem = peer.refused(config, peer.NO_VLLM, ref.text)
+        if problem:
+            raise recipe.error(("stages", name, *ref.loc), problem)
 
 
 def preflight(spec: Spec, ctx) -> None:
@@ -107,6 +128,10 @@ def run(spec: Spec, ctx) -> dict:
     from data_synth.files import write_jsonl
 
     (ctx.work_dir / FAILED_REQUESTS).unlink(missing_ok=True)
+    if isinstance(spec.teacher, TransformersTeacher):
+        from upstack.models import peer
+
+        peer.register()  # a PEER teacher loads by upstack's classes, as every stage loads it
     try:
         result = synthesize(
             spec,

@@ -31,6 +31,7 @@ def train_and_save(trainer, spec: TrainingSpec, ctx) -> dict[str, Any]:
 
     metrics = train(trainer, ctx)
     metrics.update(router_metrics(trainer, ctx))
+    metrics.update(usage_metrics(trainer, ctx))
     layers = trainer.model.config.num_hidden_layers
     trained = trainable.resolve(spec, ctx, layers).record(spec.train_layers)
     trained.update(trainable.counted(trainer), adapter=spec.adapter.type if spec.adapter else None)
@@ -194,13 +195,16 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def callbacks(model, ctx) -> list:
     """What rides along the loop: the NaN guard; for a mixture of experts, the router-load meter;
-    on CPU, where upstack budgets threads, the thread budget."""
+    for a PEER model, the expert-usage meter; on CPU, where upstack budgets threads, the thread
+    budget."""
     from upstack.core.cpu import budget_threads
-    from upstack.train import routing
+    from upstack.train import retrieval, routing
 
     found = [nan_guard(ctx), stop_and_save(ctx.recipe.launch.checkpoint_minutes * 60)]
     if routing.is_moe(model.config):  # how the routers spread the tokens, for the manifest
         found.append(routing.router_load(model))
+    if retrieval.peer_layers(model):  # which experts the product keys retrieve
+        found.append(retrieval.expert_usage(model))
     if not on_gpu() and budget_threads():
         from upstack.core.cpu import thread_budget
 
@@ -283,3 +287,21 @@ def router_metrics(trainer, ctx) -> dict[str, Any]:
     load["router_aux_loss_coef"] = getattr(trainer, "router_aux_loss_coef", None)
     load["aux_loss_enabled"] = getattr(trainer, "aux_loss_enabled", None)
     return {"router_load": load}
+
+
+def usage_metrics(trainer, ctx) -> dict[str, Any]:
+    """A PEER model: the experts each PEER layer retrieved (upstack.train.retrieval), logged as
+    tables."""
+    from upstack.train import retrieval
+
+    found = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ExpertUsage"]
+    if not found:
+        return {}
+    usage = retrieval.usage_metrics(found[0], trainer.accelerator)
+    for mode in ("train", "eval"):
+        if mode in usage:
+            ctx.log(
+                f"PEER expert usage ({mode}: of {usage['experts']} experts per layer)\n"
+                + retrieval.usage_table(usage, mode)
+            )
+    return {"expert_usage": usage}

@@ -93,11 +93,14 @@ class TrainingSpec(StageSpec):
     # LLaMA Pro trains only its inserted blocks; after DUS one may heal only the seam. Keywords
     # resolve through the layer map of the model's upscale stage (upstack.models.layermap), however
     # many training stages lie between.
-    train_layers: Literal["all", "new", "seam", "duplicates", "experts"] | list[int] = Field(
-        "all",
-        description="the decoder layers to train: all, new (expand's identity blocks), seam "
-        "(either side of a DUS join), duplicates (later copies of a layer), experts (the "
-        "routers and experts of a moe upscale, attention frozen), or indices; the rest is frozen",
+    train_layers: Literal["all", "new", "seam", "duplicates", "experts", "peer"] | list[int] = (
+        Field(
+            "all",
+            description="the decoder layers to train: all, new (expand's identity blocks), seam "
+            "(either side of a DUS join), duplicates (later copies of a layer), experts (the "
+            "routers and experts of a moe upscale, attention frozen), peer (the PEER branches of a "
+            "peer upscale, the rest of their layers frozen), or indices; the rest is frozen",
+        )
     )
     train_embeddings: bool | None = Field(
         None, description="default: trained when train_layers is all (without adapter)"
@@ -150,6 +153,18 @@ class TrainingSpec(StageSpec):
                 ("add_special_tokens",),
                 "new tokens start with untrained embeddings: train them (train_embeddings: "
                 "true and train_lm_head: true)",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _peer_trains_in_full(self) -> TrainingSpec:
+        """The PEER tables are parameters LoRA does not adapt, and the up table is 0 until it
+        trains: an adapter of the query network alone would leave the branch adding nothing."""
+        if self.adapter is not None and self.train_layers == "peer":
+            raise error_at(
+                ("adapter",),
+                "train_layers peer trains the PEER tables (N x d parameters, no Linear modules "
+                "for LoRA), whose up table starts at 0: train them without an adapter",
             )
         return self
 
