@@ -196,13 +196,36 @@ def measured(tmp_path_factory):
             "datasets": [{"arith": {"problems": 32}}],
             "trainer": TRAINER,
         },
+        # PEER branches (upscale method peer) in two layers, only they train: the tables' weights,
+        # gradients and moments, the queries kept, one piece recomputed, the tables' dense gradients
+        "up_peer": {
+            "kind": "upscale",
+            "model": str(model),
+            "method": "peer",
+            "layers": [1, 2],
+            **{"experts": 1024, "heads": 4, "top_k": 8, "key_dim": 32},
+        },
+        "cpt_peer": {
+            "kind": "cpt",
+            "model": "up_peer",
+            "datasets": text,
+            "trainer": TRAINER,
+            "train_layers": "peer",
+        },
     }
-    recipe = load_recipe(recipe_from_stages(directory, stages))
+    (directory / "plan").mkdir()  # the model's own fixture recipe owns directory/runs
+    path = recipe_from_stages(directory / "plan", stages)
+    done = run_cli("run", str(path), "up_peer")  # the PEER model cpt_peer trains
+    assert done.returncode == 0, done.stderr
+    recipe = load_recipe(path)
     modules = {"cpt": cpt, "dpo": dpo, "sft": sft}
     shape = read_shape(model, sizes=True)
+    peer_shape = read_shape(directory / "plan" / "runs" / "up_peer", sizes=True)
     results = {}
     try:
         for name, spec in recipe.stages.items():
+            if spec.kind not in modules:
+                continue
             ctx = context(recipe, name, "", work=directory / "work" / name)
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             module = modules[spec.kind]
@@ -213,7 +236,7 @@ def measured(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     assert isinstance(recipe.stages["cpt_lora"].adapter, Adapter)
-    return shape, results
+    return {name: peer_shape if name == "cpt_peer" else shape for name in results}, results
 
 
 def modelled(shape, spec, ctx, settings, found) -> dict:
@@ -235,11 +258,13 @@ def modelled(shape, spec, ctx, settings, found) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["cpt_full", "cpt_lora", "cpt_layers", "dpo_full", "sft_full"])
+@pytest.mark.parametrize(
+    "name", ["cpt_full", "cpt_lora", "cpt_layers", "dpo_full", "sft_full", "cpt_peer"]
+)
 def test_memory_model_matches_what_torch_holds_on_cpu(measured, name):
-    shape, results = measured
+    shapes, results = measured
     spec, ctx, settings, found = results[name]
-    counted = modelled(shape, spec, ctx, settings, found)
+    counted = modelled(shapes[name], spec, ctx, settings, found)
     rows = []
     for component in ("weights", "gradients", "optimizer", "activations", "forward"):
         ratio = counted[component] / found[component]

@@ -164,11 +164,14 @@ def output_shape(spec: Peer, input_shape) -> dict | None:
     classes = peer.FAMILIES.get((base or {}).get("model_type"))
     if classes is None:  # not known offline, or a base check_at_load refuses
         return None
-    return {
+    shape = {
         **base,
         "architectures": [classes[1]],
         "model_type": peer.model_type(base["model_type"]),
     }
+    if base.get("num_hidden_layers") is not None:  # the branch as config.json will have it
+        shape["peer"] = spec.branch(base["num_hidden_layers"])
+    return shape
 
 
 def planned_layer_map(spec: Peer, ctx: StageContext) -> list[dict] | None:

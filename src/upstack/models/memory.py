@@ -31,6 +31,7 @@ tests/test_plan.py checks each component against what torch holds for real model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -41,6 +42,50 @@ CUDA_RESERVE_GIB = (
 # TRL's chunked LM head (DPO): tokens and vocabulary columns of one logits tile
 TILE_TOKENS, TILE_VOCAB = 4096, 32768
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# upstack.models.modeling_peer's: a PEER layer runs over pieces of the tokens whose gathered rows
+# of u take at most this many bytes
+PEER_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A PEER branch (upscale method peer) beside the FFN of `layers`: config.json's `peer` block."""
+
+    layers: tuple[int, ...]
+    experts: int
+    heads: int
+    top_k: int
+    key_dim: int
+    query_norm: bool = True
+
+    @classmethod
+    def of(cls, block: dict | None) -> Branch | None:
+        if not block:
+            return None
+        return cls(
+            layers=tuple(block["layers"]),
+            experts=block["experts"],
+            heads=block["heads"],
+            top_k=block["top_k"],
+            key_dim=block["key_dim"],
+            query_norm=bool(block.get("query_norm", True)),
+        )
+
+    def params(self, hidden: int) -> int:
+        """One layer's: the query network (d x h key_dim), the two halves' sqrt(N) sub-keys of
+        key_dim/2, the u and v tables (2 N d) and the query norm's weight and bias."""
+        root = math.isqrt(self.experts)
+        query = hidden * self.heads * self.key_dim
+        norm = 2 * self.heads * self.key_dim if self.query_norm else 0
+        return query + root * self.key_dim + 2 * self.experts * hidden + norm
+
+    def active(self, hidden: int) -> int:
+        """Multiply-adds a token goes through in one PEER layer (upstack.models.peer's count)."""
+        return (
+            hidden * self.heads * self.key_dim
+            + self.heads * math.isqrt(self.experts) * self.key_dim
+            + 2 * hidden * self.heads * self.top_k
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +103,7 @@ class Architecture:
     tied: bool = False
     experts: int = 0  # per layer, 0 for a dense model
     top_k: int = 0
+    peer: Branch | None = None  # a PEER model's branches
 
     @classmethod
     def from_shape(cls, shape: dict | None) -> Architecture | None:
@@ -81,6 +127,7 @@ class Architecture:
             tied=bool(shape.get("tie_word_embeddings")),
             experts=experts,
             top_k=(shape.get("num_experts_per_tok") or 2) if experts else 0,
+            peer=Branch.of(shape.get("peer")),
         )
 
     @property
@@ -118,6 +165,11 @@ class Architecture:
         """attention + MLP (every expert and the router) + two RMSNorm weights."""
         return self.attention_params + self.mlp_params + 2 * self.hidden
 
+    def branch_params(self, index: int) -> int:
+        """Layer `index`'s PEER branch, 0 where it has none."""
+        peer = self.peer
+        return peer.params(self.hidden) if peer and index in peer.layers else 0
+
     @property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
@@ -130,6 +182,7 @@ class Architecture:
     def total_params(self) -> int:
         return (
             self.layers * self.layer_params
+            + sum(self.branch_params(j) for j in range(self.layers))
             + self.embedding_params
             + self.head_params
             + self.hidden  # the final norm
@@ -140,7 +193,12 @@ class Architecture:
         attention and its active experts, and the head, tied or not; not the input embedding)."""
         active = 3 * self.hidden * self.intermediate * (self.top_k or 1)
         router = self.hidden * self.experts
-        return self.layers * (self.attention_params + active + router) + self.vocab * self.hidden
+        branches = len(self.peer.layers) * self.peer.active(self.hidden) if self.peer else 0
+        return (
+            self.layers * (self.attention_params + active + router)
+            + branches
+            + self.vocab * self.hidden
+        )
 
 
 @dataclass(frozen=True)
@@ -151,7 +209,8 @@ class Trained:
     embeddings: bool = True
     lm_head: bool = True
     final_norm: bool = True
-    within: str | None = None  # only this module of each trained layer ("mlp": experts)
+    within: str | None = None  # only this module of each trained layer ("mlp": experts,
+    # "mlp.peer": a PEER branch)
     adapter: Literal["lora", "qlora", "lora-8bit"] | None = None
     rank: int = 16
     targets: tuple[str, ...] | Literal["all-linear"] = "all-linear"
@@ -177,8 +236,10 @@ def parameters(arch: Architecture, trained: Trained) -> Parameters:
     layers (every expert's under a mixture), modules_to_save as trained copies."""
     total = arch.total_params
     layer = arch.mlp_params if trained.within == "mlp" else arch.layer_params
+    if trained.within == "mlp.peer":
+        layer = 0  # the branch only
     if trained.adapter is None:
-        trainable = len(trained.layers) * layer
+        trainable = sum(layer + arch.branch_params(j) for j in trained.layers)
         trainable += arch.embedding_params if trained.embeddings else 0
         if trained.lm_head and not arch.tied:
             trainable += arch.head_params
@@ -264,8 +325,12 @@ def layer_activation_bytes(
     whole = trained is None or (
         trained.adapter is None and index in trained.layers and trained.within is None
     )
+    peer_only = trained is not None and trained.within == "mlp.peer"
     mlp_trains = whole or (
-        trained is not None and trained.adapter is None and index in trained.layers
+        trained is not None
+        and trained.adapter is None
+        and index in trained.layers
+        and not peer_only
     )
     adapted: set[str] = set()
     if trained is not None and trained.adapter is not None and index in trained.layers:
@@ -293,7 +358,25 @@ def layer_activation_bytes(
         fan_in = arch.linears()[name][0]
         copies = k if arch.experts and name in LINEARS[4:] else 1
         lora += copies * (trained.rank * b + (dropout * fan_in if trained.dropout else 0))
-    return norms + attention + mlp + lora
+    branch = arch.peer
+    peer = 0
+    lowest = (
+        peer_only
+        and not trained.embeddings
+        and bool(trained.layers)
+        and index == min(trained.layers)
+    )
+    if lowest:
+        # nothing below this branch trains: its input needs no gradient, so neither its layer's
+        # attention nor its FFN keeps anything; the query network and u keep that input
+        norms, attention, mlp = b * h, 0, 0
+    if branch is not None and index in branch.layers:
+        # the query before its norm (for the norm's backward) and after (each piece's checkpointed
+        # input); the pieces' gathered rows are recomputed in backward (activation_bytes' `peer`)
+        peer = (2 if branch.query_norm else 1) * b * branch.heads * branch.key_dim
+        if peer_only and index in trained.layers and not lowest:
+            norms += b * h  # the query network and u read the FFN's input
+    return norms + attention + mlp + lora + peer
 
 
 def activation_bytes(
@@ -309,6 +392,10 @@ def activation_bytes(
             min(T, 4096) x 32768 x b, an fp32 4Vh gradient of a trained head; on CPU (torch
             ops for its Triton kernel) 7 fp32 temporaries of a min(T, 4096) x min(V, 32768) tile
     norm    T x (4h + 2bh): the final norm
+    peer    a PEER model's one piece of tokens recomputed in backward: its gathered rows of u
+            and their gradient (2 x PEER_CHUNK_BYTES at most), and where a branch trains, the
+            dense N x d gradient of a table before it is added to the parameter's; later in
+            backward than the head's, so the step holds the larger of the two
     mask    rows x length^2 x b per layer kept (one under checkpointing): the additive
             attention mask sdpa keeps for backward where rows are padded or documents masked
             apart (no flash-attn)
@@ -335,7 +422,30 @@ def activation_bytes(
     # under checkpointing only by the layer being recomputed
     copies = (1 if batch.checkpointing else len(kept)) if kept else 0
     mask = batch.rows * batch.length**2 * b * copies if batch.masked else 0
-    return {"layers": layers, "head": head, "final_norm": t * (4 * h + 2 * b * h), "mask": mask}
+    return {
+        "layers": layers,
+        "head": head,
+        "final_norm": t * (4 * h + 2 * b * h),
+        "mask": mask,
+        "peer": peer_transient(arch, batch, precision, trained, first),
+    }
+
+
+def peer_transient(
+    arch: Architecture, batch: Batch, precision: Precision, trained: Trained | None, first: int
+) -> int:
+    """activation_bytes' `peer` part (0 for a model without PEER branches)."""
+    branch = arch.peer
+    if branch is None or not any(j >= first for j in branch.layers):
+        return 0
+    w = precision.weight_bytes
+    row = branch.heads * branch.top_k * arch.hidden * w  # a token's gathered rows of u
+    piece = min(batch.tokens, max(1, PEER_CHUNK_BYTES // row)) * row
+    trains = trained is None or any(
+        j in trained.layers and trained.adapter is None and trained.within in (None, "mlp.peer")
+        for j in branch.layers
+    )
+    return 2 * piece + (branch.experts * arch.hidden * w if trains else 0)
 
 
 @dataclass(frozen=True)
@@ -447,7 +557,8 @@ def memory(
             grads_bytes = 0.0
 
     parts = activation_bytes(arch, batch, precision, trained)
-    act = sum(parts.values())
+    # a PEER piece is recomputed in a branch layer's backward, after the head's tiles are freed
+    act = sum(parts.values()) - parts["head"] - parts["peer"] + max(parts["head"], parts["peer"])
 
     buffers, buffer_formula = 0.0, []
     if name == "ddp":
@@ -490,7 +601,9 @@ def memory(
             act,
             f"{batch.rows} x {batch.length} tokens: layers {parts['layers'] / GIB:.2f}, "
             f"head {parts['head'] / GIB:.2f}, final norm {parts['final_norm'] / GIB:.2f}, "
-            f"mask {parts['mask'] / GIB:.2f} GiB"
+            f"mask {parts['mask'] / GIB:.2f}"
+            + (f", PEER pieces {parts['peer'] / GIB:.2f}" if parts["peer"] else "")
+            + " GiB"
             + (" (checkpointed)" if batch.checkpointing else ""),
         ),
         buffers=Component(buffers, " + ".join(buffer_formula) or "none"),

@@ -29,7 +29,14 @@ SHAPE_KEYS = (
 # the head is the embedding matrix (tied: the checkpoint holds no lm_head tensor of its own)
 ARCHITECTURE_KEYS = ("architectures", "model_type", "tie_word_embeddings")
 # what a memory plan reads besides (upstack.models.memory), never compared between models
-SIZE_KEYS = ("head_dim", "num_experts_per_tok", "moe_intermediate_size", "dtype", "torch_dtype")
+SIZE_KEYS = (
+    "head_dim",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "dtype",
+    "torch_dtype",
+    "peer",  # a PEER model's branch settings (upscale method peer): its tables and retrieval
+)
 Shape = dict[str, Any]  # SHAPE_KEYS and ARCHITECTURE_KEYS; None: not known before the stage runs
 InputShape = Callable[[str], Shape | None]  # a stage's reference key -> that input's shape
 HubShape = Callable[[Reference], Shape | None]  # a Hub model's shape, where a caller knows one
