@@ -1212,8 +1212,8 @@ CASES = [
         "keyword-typo",
         "name: c\nstages:\n  cpt:\n    model: {model}\n    datasets: [{arith: {problems: 5}}]\n"
         "    train_layers: seams\n",
-        "stages.cpt.train_layers: expected all, new, seam, duplicates, experts or a list of layer "
-        "indices, got 'seams'",
+        "stages.cpt.train_layers: expected all, new, seam, duplicates, experts, peer or a list of "
+        "layer indices, got 'seams'",
         line=6,
     ),
     Case(

@@ -529,7 +529,8 @@ def _describe(err: ValidationError, prefix: tuple, raw: Any, model: type, where,
         message = first["msg"].removeprefix("Value error, ")
         value = first.get("input")
         secret = looks_like_secret(value) or (loc and is_secret_key(loc[-1]))
-        if "input" in first and not isinstance(value, dict | list) and not secret:
+        named = "input" in first and not isinstance(value, dict | list) and not secret
+        if named and repr(value) not in message:  # a validator's own message may name it
             message += f" (got {value!r})"
     more = len(errors) - 1
     suffix = f" (and {more} more)" if more else ""
