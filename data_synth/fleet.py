@@ -163,7 +163,9 @@ class Fleet:
         server.last_error = error
         if retry_after_s is not None:
             # busy, not broken: away exactly as long as it asked (the others take its requests)
-            server.benched_until = max(server.benched_until, now + min(retry_after_s, MAX_RETRY_AFTER_S))
+            server.benched_until = max(
+                server.benched_until, now + min(retry_after_s, MAX_RETRY_AFTER_S)
+            )
         elif sent_at >= server.marked_at:
             # a request sent before the last mark-down failed in the same outage: counting
             # every one of them would jump the backoff to its cap in one round
