@@ -96,15 +96,16 @@ class EchoServer:
         finally:
             writer.close()
 
-    def throttle(self, request: dict) -> float | None:
-        """Seconds of Retry-After if this request is to be answered 429, else None."""
+    def throttle(self, request: dict, number: int) -> float | None:
+        """Seconds of Retry-After if this request (the `number`th completion) is to be answered
+        429, else None."""
         if self.throttle_each:
             key = json.dumps(request["messages"], sort_keys=True)
             if key not in self.throttled:
                 self.throttled.add(key)
                 return self.retry_after_s
             return None
-        if self.completions <= self.throttle_first:
+        if number <= self.throttle_first:
             return self.retry_after_s or 1.0
         left = self.throttle_for_s - (time.monotonic() - self.started)
         if left > 0:
@@ -120,8 +121,9 @@ class EchoServer:
             return 404, {"error": {"message": f"no route {method} {path}"}}
         request = json.loads(body)
         self.completions += 1
+        number = self.completions  # this request's: others arrive while it sleeps
         await asyncio.sleep(self.latency)
-        wait = self.throttle(request)
+        wait = self.throttle(request, number)
         if wait is not None:
             error = {"message": "rate limited", "type": "rate_limit"}
             return 429, {"error": error, "retry_after": wait}
