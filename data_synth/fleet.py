@@ -1,11 +1,13 @@
 """Which server of a teacher fleet gets the next request: the one owner of fleet policy.
 
-Choice: the server with the least expected wait, (requests in flight + 1) x its recent latency,
-ties broken by fewest sent, then by position in `base_urls`. With equal latencies this is plain
+Choice: the server with the least expected wait, (requests in flight + 1) x its latency, ties
+broken by fewest sent, then by position in `base_urls`. With equal latencies this is plain
 least-in-flight. The latency factor is there because a fleet's servers are rarely equal: under
 plain least-in-flight the in-flight counts even out, so a server 10x slower than the rest holds
 its share of the client's `concurrency` ten times as long (with two fast servers and one slow,
-the fleet runs at 0.7x the two fast ones alone; bench/fleet.py measures it).
+the fleet runs at 0.7x the two fast ones alone; bench/fleet.py measures it). A server's latency
+is the moving average of its answers, or the age of its oldest request in flight when that is
+longer: a server that stalls stops getting requests before its first timeout comes back.
 
 Health: a connection error, timeout or 5xx marks a server down; it is tried again after an
 exponential backoff (doubling per consecutive failure, capped), with one request at a time (a
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 from data_synth.errors import DataSynthError
@@ -53,7 +55,7 @@ def public_url(url: str) -> str:
 class Server:
     index: int  # position in base_urls: the last tie-break
     name: str  # public_url of the server
-    in_flight: int = 0
+    since: list[float] = field(default_factory=list)  # when each request in flight was sent
     sent: int = 0
     latency_s: float | None = None  # EWMA of answered requests; None until the first answer
     down: bool = False  # failed and not answered since: takes one probe at a time
@@ -63,6 +65,10 @@ class Server:
     benched_until: float = 0.0  # after Retry-After: not before this (only time clears it)
     marked_at: float = -1.0  # when the last failure was counted: older requests do not escalate
     last_error: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.since)
 
     def free_at(self) -> float:
         return max(self.retry_at, self.benched_until)
@@ -87,8 +93,10 @@ class Fleet:
 
     # ------------------------------------------------------------------ choice
 
-    def _cost(self, server: Server, default_latency: float) -> tuple:
+    def _cost(self, server: Server, default_latency: float, now: float) -> tuple:
         latency = server.latency_s if server.latency_s is not None else default_latency
+        if server.since:  # sent in order, answered in any: the first is the oldest
+            latency = max(latency, now - server.since[0])
         expected = (server.in_flight + 1) * latency if self.by_latency else 0.0
         return (expected, server.in_flight, server.sent, server.index)
 
@@ -105,18 +113,19 @@ class Fleet:
         known = [s.latency_s for s in self.servers if s.latency_s is not None]
         # a server not yet measured is taken to be as fast as the fleet's average
         default = sum(known) / len(known) if known else 1.0
-        return min(free, key=lambda s: self._cost(s, default))
+        return min(free, key=lambda s: self._cost(s, default, now))
 
-    async def acquire(self, avoid: Server | None = None) -> Server:
-        """The server for the next attempt, counted as in flight on it; waits while none is free.
-        `avoid`: the server the request just failed on."""
+    async def acquire(self, avoid: Server | None = None) -> tuple[Server, float]:
+        """The server for the next attempt, counted as in flight on it from the time returned
+        with it (pass that to the outcome); waits while none is free. `avoid`: the server the
+        request just failed on."""
         while True:
             now = time.monotonic()
             server = self._pick(now, avoid)
             if server is not None:
-                server.in_flight += 1
+                server.since.append(now)
                 server.sent += 1
-                return server
+                return server, now
             wake = min(s.free_at() for s in self.servers)
             if all(s.down for s in self.servers):
                 deadline = max(s.down_since for s in self.servers) + self.give_up_after_s
@@ -139,19 +148,22 @@ class Fleet:
 
     # ------------------------------------------------------------------ outcomes
 
-    def answered(self, server: Server, latency_s: float) -> None:
-        server.in_flight -= 1
+    def answered(self, server: Server, sent_at: float) -> float:
+        """The attempt sent at `sent_at` was answered; returns its latency."""
+        latency_s = time.monotonic() - sent_at
+        server.since.remove(sent_at)
         if server.latency_s is None:
             server.latency_s = latency_s
         else:
             server.latency_s += EWMA * (latency_s - server.latency_s)
         server.down, server.failures, server.retry_at = False, 0, 0.0  # it rejoins
         self._changed.set()
+        return latency_s
 
-    def rejected(self, server: Server) -> None:
-        """The server answered, refusing the request itself (a 4xx other than 408/409/429):
-        the server is fine."""
-        server.in_flight -= 1
+    def rejected(self, server: Server, sent_at: float) -> None:
+        """The attempt ended without saying anything against the server: it answered a 4xx
+        (our request is at fault), or the attempt was cancelled."""
+        server.since.remove(sent_at)
         self._changed.set()
 
     def failed(
@@ -159,7 +171,7 @@ class Fleet:
     ) -> None:
         """An attempt sent at `sent_at` failed with `error` ("HTTP 503", "APIConnectionError")."""
         now = time.monotonic()
-        server.in_flight -= 1
+        server.since.remove(sent_at)
         server.last_error = error
         if retry_after_s is not None:
             # busy, not broken: away exactly as long as it asked (the others take its requests)

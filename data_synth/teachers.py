@@ -204,8 +204,7 @@ async def _openai_one(spec: OpenAITeacher, fleet: Fleet, clients: dict, request:
     errors: list[tuple[str, str]] = []  # (server, kind) of each failed attempt
     server = None
     while True:
-        server = await fleet.acquire(avoid=server)
-        sent_at = time.monotonic()
+        server, sent_at = await fleet.acquire(avoid=server)
         try:
             # The SDK's untyped post (its documented way to custom requests): the same client,
             # auth, errors and timeouts, without chat.completions.create's per-request param
@@ -225,11 +224,10 @@ async def _openai_one(spec: OpenAITeacher, fleet: Fleet, clients: dict, request:
             error, asked_wait = f"HTTP {status}", retry_after(err.response)
             kind = "429" if status == 429 else "5xx" if status >= 500 else "4xx"
         except BaseException:
-            fleet.rejected(server)  # cancelled, or a bug here: not the server's doing
+            fleet.rejected(server, sent_at)  # cancelled, or a bug here: not the server's doing
             raise
         else:
-            latency = time.monotonic() - sent_at
-            fleet.answered(server, latency)
+            latency = fleet.answered(server, sent_at)
             choice = json.loads(raw)["choices"][0]
             return Reply(
                 choice["message"].get("content") or "",
@@ -241,7 +239,7 @@ async def _openai_one(spec: OpenAITeacher, fleet: Fleet, clients: dict, request:
             )
         errors.append((server.name, kind))
         if kind == "4xx":
-            fleet.rejected(server)  # the server is fine; the request is not
+            fleet.rejected(server, sent_at)  # the server is fine; the request is not
             if error not in ("HTTP 408", "HTTP 409"):  # bad request: retrying will not help
                 return Reply(None, len(errors) - 1, error, server=server.name, errors=tuple(errors))
         else:
@@ -254,7 +252,6 @@ def retry_after(response) -> float | None:
     """Seconds a 429 or 503 response asks the client to wait: `Retry-After` (seconds or an HTTP
     date) or OpenAI's `retry-after-ms`; None when it does not say."""
     import email.utils
-    import time
 
     headers = getattr(response, "headers", None) or {}
     try:
