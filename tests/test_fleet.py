@@ -4,6 +4,7 @@ or ask to be left alone (data_synth.fleet), against real echo servers over HTTP.
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,12 @@ def requests(count: int, offset: int = 0) -> list[Request]:
         )
         for i in range(offset, offset + count)
     ]
+
+
+def start(servers: list[echo_server.EchoProcess]) -> None:
+    """Side by side: each takes a second to import on a busy machine."""
+    with ThreadPoolExecutor(len(servers)) as pool:
+        list(pool.map(echo_server.EchoProcess.start, servers))
 
 
 def served(log: Path) -> list[dict]:
@@ -198,8 +205,7 @@ def test_fleet_survives_a_crash_a_slow_server_and_a_429(tmp_path):
                 restarted_at = time.time()
 
     try:
-        for server in servers:
-            server.start()
+        start(servers)
         asyncio.run(go())
     finally:
         for server in servers:
@@ -246,16 +252,18 @@ def test_a_slow_server_costs_the_fleet_little_throughput():
     two each, alternating, so both see the same load): the slow one may not hold the fleet back
     (plain least-in-flight would, at 0.7x: the slow server would keep a third of the workers)."""
     latency = 0.04
-    with (
-        echo_server.running(latency=latency) as a,
-        echo_server.running(latency=latency) as b,
-        echo_server.running(latency=latency, slow=10) as slow,
-    ):
+    servers = [echo_server.EchoProcess(latency=latency, slow=slow) for slow in (1, 1, 10)]
+    try:
+        start(servers)
+        a, b, slow = (s.url for s in servers)
         throughput([a, b], 40)  # warm-up: imports and code paths
         two, three = [], []
         for _ in range(2):
             two.append(throughput([a, b], 200))
             three.append(throughput([a, b, slow], 200))
+    finally:
+        for server in servers:
+            server.stop()
     ratio = max(three) / max(two)
     assert ratio >= 0.8, f"3 servers (one slow) {max(three):.0f} req/s vs 2 {max(two):.0f} req/s"
 
