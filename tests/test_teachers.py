@@ -137,6 +137,10 @@ def test_synth_through_a_flaky_endpoint_counts_retries(tmp_path):
         and "request_failed" not in stats["dropped"]
     )
     assert stats["kept"] == 30  # the echo server returns the original solution: a correct answer
+    # the manifest says which server answered what, and how often it failed on the way
+    assert list(stats["servers"]) == [url] and stats["servers"][url]["answered"] == 30
+    assert sum(stats["servers"][url]["errors"].values()) == stats["retries"]
+    assert set(stats["servers"][url]["errors"]) <= {"5xx", "timeout"}
 
 
 def test_missing_api_key_is_a_user_error(monkeypatch):
