@@ -13,7 +13,8 @@ Health: a connection error, timeout or 5xx marks a server down; it is tried agai
 exponential backoff (doubling per consecutive failure, capped), with one request at a time (a
 probe) until one is answered, when it rejoins. A 429 (or 503) with Retry-After benches the server
 for as long as it asked, and the others take its requests. When every server has been down for
-longer than the retry budget, `acquire` raises FleetDown naming each server and its last error.
+longer than `give_up_after_s` (the caller's retry budget), `acquire` raises FleetDown naming each
+server and its last error.
 
 Single event loop, no locks: nothing here awaits between choosing a server and counting the
 request on it, so two workers cannot both take the last free slot.
@@ -192,7 +193,5 @@ class Fleet:
 
 
 def retry_budget_s(backoff_s: float, backoff_max_s: float, max_retries: int) -> float:
-    """How long one request would wait over all its retries: the fleet is given up on when every
-    server has been down for longer (at least one backoff, so max_retries 0 still waits once)."""
-    waits = [min(backoff_max_s, backoff_s * 2**k) for k in range(max_retries)]
-    return max(sum(waits), backoff_s)
+    """How long one request waits over all its retries, backing off between them."""
+    return sum(min(backoff_max_s, backoff_s * 2**k) for k in range(max_retries))

@@ -156,12 +156,13 @@ async def _openai(
         ]
         for url in spec.base_urls
     ]
-    fleet = Fleet(
-        spec.base_urls,
-        spec.backoff_s,
-        spec.backoff_max_s,
-        retry_budget_s(spec.backoff_s, spec.backoff_max_s, spec.max_retries),
+    # The fleet is given up on when every server has been down for longer than the retry budget,
+    # and at least one request timeout: a server that may take that long to answer is not known
+    # dead sooner, and a blip (one 503, tiny test backoffs) must not end a run.
+    give_up_after = max(
+        retry_budget_s(spec.backoff_s, spec.backoff_max_s, spec.max_retries), spec.timeout_s
     )
+    fleet = Fleet(spec.base_urls, spec.backoff_s, spec.backoff_max_s, give_up_after)
     pending = iter(requests)  # shared by the workers: each pulls the next request
     done: asyncio.Queue[tuple[Request, Reply] | FleetDown] = asyncio.Queue()
 

@@ -162,7 +162,7 @@ def test_every_server_down_past_the_retry_budget_names_each_and_its_error():
 def test_public_url_drops_userinfo_and_query():
     assert public_url("https://u:key@host.example:8443/v1?k=1#x") == "https://host.example:8443/v1"
     assert public_url("http://[::1]:8000/v1") == "http://[::1]:8000/v1"
-    assert retry_budget_s(1.0, 60.0, 6) == 63.0 and retry_budget_s(1.0, 60.0, 0) == 1.0
+    assert retry_budget_s(1.0, 60.0, 6) == 63.0 and retry_budget_s(1.0, 60.0, 0) == 0
 
 
 # --------------------------------------------------------------------------- over HTTP
@@ -281,7 +281,7 @@ def test_synth_fails_in_one_line_when_the_whole_fleet_is_down(tmp_path):
           synth:
             seeds: [{{source: arith, count: 10}}]
             teacher: {{kind: openai, model: echo, base_urls: {json.dumps(urls)}, concurrency: 4,
-                       max_retries: 3, backoff_s: 0.05, backoff_max_s: 0.1}}
+                       max_retries: 3, backoff_s: 0.05, backoff_max_s: 0.1, timeout_s: 0.5}}
     """,
     )
     started = time.monotonic()
