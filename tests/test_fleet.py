@@ -300,3 +300,22 @@ def test_synth_fails_in_one_line_when_the_whole_fleet_is_down(tmp_path):
     )
     assert all(set(s["errors"]) == {"connection"} for s in stats["servers"].values())
     assert "SECRET" not in json.dumps(stats)
+
+
+def test_echo_server_throttles_the_first_k_or_a_window():
+    body = json.dumps({"messages": [{"role": "user", "content": "Problem:\nq"}]}).encode()
+
+    async def statuses(server: echo_server.EchoServer, count: int) -> list:
+        calls = [server.route("POST", "/v1/chat/completions", body) for _ in range(count)]
+        return [
+            (status, payload.get("retry_after")) for status, payload in await asyncio.gather(*calls)
+        ]
+
+    first = echo_server.EchoServer(0.01, 0, 0, None, 0, retry_after_s=2, throttle_first=2)
+    assert asyncio.run(statuses(first, 4)) == [(429, 2), (429, 2), (200, None), (200, None)]
+
+    window = echo_server.EchoServer(0.0, 0, 0, None, 0, throttle_for_s=0.3)
+    [(status, wait)] = asyncio.run(statuses(window, 1))
+    assert status == 429 and 0 < wait <= 0.3  # Retry-After: the rest of the window
+    time.sleep(0.3)
+    assert asyncio.run(statuses(window, 1)) == [(200, None)]
