@@ -225,7 +225,9 @@ def test_fleet_survives_a_crash_a_slow_server_and_a_429(tmp_path):
     for name, server in zip(logs, servers, strict=True):
         assert metrics[server.url]["answered"] <= len(log[name])
     assert metrics[crash.url]["errors"].get("connection", 0) >= 1  # the dead server's errors
-    assert any(line["t"] > restarted_at for line in log["crash"])  # it rejoined and served
+    # it rejoined: not only probes, a full share of what was left
+    after = sum(line["t"] > restarted_at for line in log["crash"])
+    assert after >= 50, f"the restarted server answered {after} requests"
     assert metrics[busy.url]["errors"] == {"429": 3}
     answered = {name: metrics[s.url]["answered"] for name, s in zip(logs, servers, strict=True)}
     assert answered["slow"] < min(answered["crash"], answered["busy"])
