@@ -27,6 +27,10 @@ class Reply:
     retries: int = 0
     error: str | None = None  # why it failed: "HTTP 503", "APITimeoutError", ...
     truncated: bool = False  # the teacher stopped at max_tokens, not at the end of its answer
+    # an HTTP fleet's server that answered (or last failed it), its URL without userinfo or query
+    server: str | None = None
+    latency_s: float | None = None  # of the answered attempt
+    errors: tuple[tuple[str, str], ...] = ()  # (server, kind) of each failed attempt
 
     @property
     def unusable(self) -> str | None:

@@ -31,7 +31,8 @@ from data_synth import arith, teachers, verify
 from data_synth.cache import Cache, request_key
 from data_synth.config import Strict, used_for
 from data_synth.errors import DataSynthError, SynthFailed
-from data_synth.exchange import Request, Runtime
+from data_synth.exchange import Reply, Request, Runtime
+from data_synth.fleet import FleetDown
 from data_synth.scripted import ScriptedTeacher
 from data_synth.seeds import (
     ArithSeeds,
@@ -156,6 +157,37 @@ class Tally:
     rejected: int = 0  # replies that did not
     failed: Counter = field(default_factory=Counter)  # requests that failed for good, by error
     dropped: Counter = field(default_factory=Counter)  # seeds and records not kept, by reason
+    servers: dict[str, ServerTally] = field(default_factory=dict)  # an HTTP fleet's, by URL
+
+    def count_reply(self, reply: Reply) -> None:
+        """A reply the teacher sent now: its retries, and each server's part in it."""
+        self.sent += 1
+        self.retries += reply.retries
+        for server, kind in reply.errors:
+            self.servers.setdefault(server, ServerTally()).errors[kind] += 1
+        if reply.server is not None and reply.latency_s is not None:  # answered
+            answered = self.servers.setdefault(reply.server, ServerTally())
+            answered.answered += 1
+            answered.latency_s += reply.latency_s
+
+    def server_metrics(self) -> dict[str, dict]:
+        """Per server (URL without userinfo): requests answered, failed attempts by kind
+        (connection, timeout, 429, 5xx, 4xx), mean latency of the answered ones."""
+        return {
+            name: {
+                "answered": s.answered,
+                "errors": dict(sorted(s.errors.items())),
+                "mean_latency_s": round(s.latency_s / s.answered, 4) if s.answered else None,
+            }
+            for name, s in sorted(self.servers.items())
+        }
+
+
+@dataclass
+class ServerTally:
+    answered: int = 0
+    errors: Counter = field(default_factory=Counter)  # failed attempts, by kind
+    latency_s: float = 0.0  # summed over the answered requests
 
 
 @dataclass
@@ -178,6 +210,7 @@ class SynthResult:
             "kept_by_augmentation": dict(sorted(kept.items())),
             "dropped": dict(sorted(self.tally.dropped.items())),
             "request_errors": dict(self.tally.failed.most_common()),
+            "servers": self.tally.server_metrics(),
             "teacher": self.teacher,
             "model": self.model,
         }
@@ -221,6 +254,7 @@ def synthesize(
         mininterval=0.5,
         disable=not progress,
     )
+    model = teacher_model(config.teacher)
     try:
         replies = _ask(first, config, cache, runtime, bar, tally, verdicts)
         records, questions = _judge_first(
@@ -230,13 +264,14 @@ def synthesize(
         bar.total += len(second)
         replies.update(_ask(second, config, cache, runtime, bar, tally, verdicts))
         records += _judge_second(second, questions, replies, verdicts, config, tally.dropped)
+    except FleetDown as err:  # what arrived is cached; the tally says which server failed how
+        result = SynthResult([], len(seeds), tally, config.teacher.kind, model)
+        raise SynthFailed(str(err), result) from None
     finally:
         bar.close()
         cache.close()
     records = _dedupe_records(records, seeds, tally.dropped)
-    result = SynthResult(
-        records, len(seeds), tally, config.teacher.kind, teacher_model(config.teacher)
-    )
+    result = SynthResult(records, len(seeds), tally, config.teacher.kind, model)
     failed = sum(tally.failed.values())
     if failed and failed > config.max_failed_fraction * tally.requests:
         errors = ", ".join(f"{error} x{n}" for error, n in tally.failed.most_common(3))
@@ -442,8 +477,7 @@ def _ask(
 
     async def drive() -> None:
         async for request, reply in teachers.stream(config.teacher, todo, runtime):
-            tally.sent += 1
-            tally.retries += reply.retries
+            tally.count_reply(reply)
             problem = reply.unusable
             if problem:  # failed, cut short or empty: not cached, so the next run asks again
                 tally.failed[problem] += 1

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -20,6 +20,7 @@ from data_synth import scripted
 from data_synth.config import Strict, names
 from data_synth.errors import DataSynthError
 from data_synth.exchange import Reply, Request, Runtime
+from data_synth.fleet import Fleet, FleetDown, retry_budget_s
 from data_synth.scripted import ScriptedTeacher
 
 # --------------------------------------------------------------------------- specs
@@ -33,7 +34,9 @@ class OpenAITeacher(Strict):
         description="the model name the server knows (for `transformers serve`: its path)"
     )
     base_urls: list[str] = Field(
-        min_length=1, description="several servers = one fleet, used round-robin"
+        min_length=1,
+        description="several servers = one fleet: each request goes to the server with the least "
+        "expected wait (in flight x latency); one that fails is backed off and probed until it answers",
     )
     api_key_env: str | None = Field(
         None,
@@ -45,7 +48,10 @@ class OpenAITeacher(Strict):
     )
     timeout_s: float = Field(120.0, gt=0, description="per request")
     backoff_s: float = Field(
-        1.0, ge=0, description="first retry waits about this long, doubling each time"
+        1.0,
+        ge=0,
+        description="a server that failed is tried again after about this long, doubling with "
+        "each failure in a row",
     )
     backoff_max_s: float = Field(60.0, ge=0)
 
@@ -150,14 +156,25 @@ async def _openai(
         ]
         for url in spec.base_urls
     ]
-    pending = iter(enumerate(requests))  # shared by the workers: each pulls the next request
-    done: asyncio.Queue[tuple[Request, Reply]] = asyncio.Queue()
+    # The fleet is given up on when every server has been down for longer than the retry budget,
+    # and at least one request timeout: a server that may take that long to answer is not known
+    # dead sooner, and a blip (one 503, tiny test backoffs) must not end a run.
+    give_up_after = max(
+        retry_budget_s(spec.backoff_s, spec.backoff_max_s, spec.max_retries), spec.timeout_s
+    )
+    fleet = Fleet(spec.base_urls, spec.backoff_s, spec.backoff_max_s, give_up_after)
+    pending = iter(requests)  # shared by the workers: each pulls the next request
+    done: asyncio.Queue[tuple[Request, Reply] | FleetDown] = asyncio.Queue()
 
     async def worker(number: int) -> None:
-        pools = [server[number % per_url] for server in clients]  # this worker's client per server
-        for index, request in pending:
+        # this worker's client for each server
+        pools = {s.index: clients[s.index][number % per_url] for s in fleet.servers}
+        for request in pending:
             try:
-                reply = await _openai_one(spec, pools, index, request)
+                reply = await _openai_one(spec, fleet, pools, request)
+            except FleetDown as err:  # the request was not sent: the next run asks it again
+                done.put_nowait(err)
+                return
             except Exception as err:  # never lose the request: report it as failed
                 reply = Reply(None, error=f"{type(err).__name__}: {err}")
             done.put_nowait((request, reply))
@@ -166,7 +183,10 @@ async def _openai(
     workers = [asyncio.create_task(worker(n)) for n in range(min(spec.concurrency, len(requests)))]
     try:
         for _ in range(len(requests)):
-            yield await done.get()
+            item = await done.get()
+            if isinstance(item, FleetDown):
+                raise item
+            yield item
     finally:
         for task in workers:
             task.cancel()
@@ -176,52 +196,63 @@ async def _openai(
                 await client.close()
 
 
-async def _openai_one(spec: OpenAITeacher, clients: list, index: int, request: Request) -> Reply:
-    from openai import APIConnectionError, APIStatusError
+async def _openai_one(spec: OpenAITeacher, fleet: Fleet, clients: dict, request: Request) -> Reply:
+    """One request, tried on the fleet's choice of server, and on another after each failure
+    (the fleet decides which, and when a server that failed is tried again), at most
+    1 + max_retries times; in flight on one server at a time."""
+    from openai import APIConnectionError, APIStatusError, APITimeoutError
 
-    retries = 0
+    errors: list[tuple[str, str]] = []  # (server, kind) of each failed attempt
+    server = None
     while True:
-        client = clients[(index + retries) % len(clients)]  # a retry goes to the next server
+        server, sent_at = await fleet.acquire(avoid=server)
         try:
             # The SDK's untyped post (its documented way to custom requests): the same client,
             # auth, errors and timeouts, without chat.completions.create's per-request param
             # transform and response models, which cost ~2 ms of CPU per request; at 64 in
             # flight that, not the server, would cap throughput.
-            raw = await client.post(
+            raw = await clients[server.index].post(
                 "/chat/completions",
                 cast_to=bytes,
                 body={"model": spec.model, "messages": request.messages, **request.sampling},
             )
-            choice = json.loads(raw)["choices"][0]
-            text = choice["message"].get("content") or ""
-            return Reply(text, retries=retries, truncated=choice.get("finish_reason") == "length")
-        except APIConnectionError as err:  # includes timeouts
-            error, asked_wait = f"{type(err).__name__}", None
+        except APITimeoutError:
+            error, kind, asked_wait = "APITimeoutError", "timeout", None
+        except APIConnectionError as err:
+            error, kind, asked_wait = type(err).__name__, "connection", None
         except APIStatusError as err:
-            if err.status_code not in (408, 409, 429) and err.status_code < 500:
-                # our request is bad: retrying will not help
-                return Reply(None, retries=retries, error=f"HTTP {err.status_code}")
-            error, asked_wait = f"HTTP {err.status_code}", retry_after(err.response)
-        if retries >= spec.max_retries:
-            return Reply(None, retries=retries, error=error)
-        # exponential backoff with jitter, so a fleet hit by the same 429 does not retry in
-        # lockstep; a server that says when to come back (Retry-After) is taken at its word
-        delay = min(spec.backoff_max_s, spec.backoff_s * 2**retries)
-        delay *= random.uniform(0.5, 1.0)
-        if asked_wait is not None:
-            delay = max(delay, min(asked_wait, MAX_RETRY_AFTER_S))
-        await asyncio.sleep(delay)
-        retries += 1
-
-
-MAX_RETRY_AFTER_S = 600.0  # a server asking for longer is down, not busy: retry then anyway
+            status = err.status_code
+            error, asked_wait = f"HTTP {status}", retry_after(err.response)
+            kind = "429" if status == 429 else "5xx" if status >= 500 else "4xx"
+        except BaseException:
+            fleet.rejected(server, sent_at)  # cancelled, or a bug here: not the server's doing
+            raise
+        else:
+            latency = fleet.answered(server, sent_at)
+            choice = json.loads(raw)["choices"][0]
+            return Reply(
+                choice["message"].get("content") or "",
+                retries=len(errors),
+                truncated=choice.get("finish_reason") == "length",
+                server=server.name,
+                latency_s=latency,
+                errors=tuple(errors),
+            )
+        errors.append((server.name, kind))
+        if kind == "4xx":
+            fleet.rejected(server, sent_at)  # the server is fine; the request is not
+            if error not in ("HTTP 408", "HTTP 409"):  # bad request: retrying will not help
+                return Reply(None, len(errors) - 1, error, server=server.name, errors=tuple(errors))
+        else:
+            fleet.failed(server, sent_at, error, asked_wait)
+        if len(errors) > spec.max_retries:
+            return Reply(None, spec.max_retries, error, server=server.name, errors=tuple(errors))
 
 
 def retry_after(response) -> float | None:
     """Seconds a 429 or 503 response asks the client to wait: `Retry-After` (seconds or an HTTP
     date) or OpenAI's `retry-after-ms`; None when it does not say."""
     import email.utils
-    import time
 
     headers = getattr(response, "headers", None) or {}
     try:

@@ -51,7 +51,9 @@ def test_openai_teacher_spreads_requests_over_the_fleet(tmp_path):
         spec = OpenAITeacher(model="echo", base_urls=[url_a, url_b], concurrency=4)
         replies = collect(spec, requests(20))
     assert sorted(reply.text for _, reply in replies) == sorted(f"answer {i}" for i in range(20))
-    assert [len(log.read_text().splitlines()) for log in logs] == [10, 10]
+    served = [len(log.read_text().splitlines()) for log in logs]
+    assert sum(served) == 20 and min(served) >= 5  # both take a share; none is asked twice
+    assert {reply.server for _, reply in replies} == {url_a, url_b}
 
 
 @pytest.mark.slow
@@ -135,6 +137,10 @@ def test_synth_through_a_flaky_endpoint_counts_retries(tmp_path):
         and "request_failed" not in stats["dropped"]
     )
     assert stats["kept"] == 30  # the echo server returns the original solution: a correct answer
+    # the manifest says which server answered what, and how often it failed on the way
+    assert list(stats["servers"]) == [url] and stats["servers"][url]["answered"] == 30
+    assert sum(stats["servers"][url]["errors"].values()) == stats["retries"]
+    assert set(stats["servers"][url]["errors"]) <= {"5xx", "timeout"}
 
 
 def test_missing_api_key_is_a_user_error(monkeypatch):
