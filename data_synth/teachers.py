@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -69,7 +70,16 @@ class OpenAITeacher(Strict):
     @field_validator("base_urls")
     @classmethod
     def _http(cls, urls: list[str]) -> list[str]:
-        for url in urls:
+        for i, url in enumerate(urls):
+            parts = urlsplit(url)
+            # the URLs are stored in manifests and logged: a key in `user:KEY@` or `?key=` would
+            # be too, so it is refused, and the URL is not repeated
+            if parts.username or parts.password or parts.query or parts.fragment:
+                raise ValueError(
+                    f"entry {i} has credentials, a query or a fragment, which manifests and logs "
+                    "would keep: give the bare server URL (e.g. https://host/v1) and the key in "
+                    "api_key_env; the URL given is not shown"
+                )
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"'{url}' is not an http(s) URL, e.g. http://localhost:8000/v1")
         return urls

@@ -1085,6 +1085,15 @@ CASES = [
     ),
     Case(
         "teacher",
+        "key-in-url",
+        "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
+        "    teacher: {kind: openai, model: m, base_urls: ['http://x:1/v1', 'https://me:s3cretKEY@h/v1']}\n",
+        "stages.synth.teacher.base_urls: entry 1 has credentials, a query or a fragment, which "
+        "manifests and logs would keep",
+        line=5,
+    ),
+    Case(
+        "teacher",
         "not-http",
         "name: c\nstages:\n  synth:\n    seeds: [{source: arith}]\n"
         "    teacher: {kind: openai, model: m, base_urls: ['localhost:8000']}\n",
