@@ -282,11 +282,15 @@ def _push(recipe, args: argparse.Namespace) -> None:
 def _run_worker(recipe, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from upstack.core import logs, runner, signals
+    from upstack.core import logs, registry, runner, signals
     from upstack.core.context import is_main_process
     from upstack.core.rundir import WORKER_ERROR, WORKER_METRICS
 
     logs.to_stage_log(Path(args.work_dir))  # each rank's library records, in the stage's log
+    if registry.kind(recipe.stages[args.stage].kind).launchable:
+        from upstack.train.distributed import fsdp_on_cpu
+
+        fsdp_on_cpu()  # an FSDP config means FSDP on CPU too, not DDP
     hashes = runner.stage_hashes(recipe)
     try:
         with signals.handling(recipe.launch.grace_seconds):
