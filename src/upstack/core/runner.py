@@ -310,32 +310,98 @@ def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
     for item in recipe.overrides:
         cmd += ["--set", item]
     # A stop request is passed on to the workers, which save a checkpoint and stop (each runs
-    # under signals.handling); this process waits for them within the grace period.
+    # under signals.handling); this process waits for them within the grace period. Their
+    # stderr passes through as it comes; its tail is kept to name a rank that died.
     with signals.accepting():
-        process = subprocess.Popen(cmd)
+        process = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        tail = _Tee(process.stderr)
         forwarded = None
         while process.poll() is None:
             if signals.requested() and forwarded is None:
                 forwarded = signals.requested()
                 process.send_signal(signal.SIGTERM)
             time.sleep(0.2)
+        tail.join()
     if forwarded:
         raise Interrupted(f"stages.{name}: {forwarded}")
-    result = process
-    if result.returncode != 0:
-        # a worker's one-line error, if it left one (cli._run_worker), else the exit code
+    if process.returncode != 0:
+        where = f"{locate(recipe, 'stages', name)}: stages.{name}"
+        # a worker's one-line error, if it left one (cli._run_worker)
         try:
             error = json.loads((tmp / WORKER_ERROR).read_text())
         except (OSError, ValueError):
+            error = None
+        if error is not None:
+            raise (StageFailed if error["exit_code"] == 1 else UserError)(error["message"])
+        dead = failed_rank(tail.text())
+        if dead:
             raise StageFailed(
-                f"{locate(recipe, 'stages', name)}: stages.{name}: accelerate launch exited "
-                f"with {result.returncode} (the workers' output above says why)"
-            ) from None
-        raise (StageFailed if error["exit_code"] == 1 else UserError)(error["message"])
+                f"{where}: {dead}; the launcher stopped the other ranks: rerun to resume from "
+                "the last checkpoint"
+            )
+        raise StageFailed(
+            f"{where}: accelerate launch exited with {process.returncode} (the workers' output "
+            "above says why)"
+        )
     metrics_file = tmp / WORKER_METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     metrics_file.unlink(missing_ok=True)
     return metrics
+
+
+class _Tee:
+    """Copies a pipe to this process's stderr as it comes, keeping the last `keep` bytes."""
+
+    def __init__(self, pipe, keep: int = 64 * 1024) -> None:
+        import threading
+
+        self.pipe, self.keep, self.kept = pipe, keep, bytearray()
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+        while chunk := os.read(self.pipe.fileno(), 65536):
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:
+                sys.stderr.write(chunk.decode(errors="replace"))
+            self.kept += chunk
+            del self.kept[: -self.keep]
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+        self.pipe.close()
+
+    def text(self) -> str:
+        return self.kept.decode(errors="replace")
+
+
+def failed_rank(launcher_stderr: str) -> str | None:
+    """Which rank brought the launch down, from torchrun's failure report (its `Root Cause`:
+    the first worker to fail; the others it stopped itself): "rank 1 (local rank 1 on host)
+    was killed by SIGKILL", or None when the report is not there."""
+    import re
+
+    found = re.search(
+        r"Root Cause.*?host\s*:\s*(\S+)\s+rank\s*:\s*(\d+) \(local_rank: (\d+)\)\s+"
+        r"exitcode\s*:\s*(-?\d+)",
+        launcher_stderr,
+        re.DOTALL,
+    )
+    if not found:
+        return None
+    host, rank, local, code = found.groups()
+    code = int(code)
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with {code}"
+    return f"rank {rank} (local rank {local} on {host}) {how}"
 
 
 def refuse_if_locked(recipe_path: str, overrides: list[str]) -> None:

@@ -36,9 +36,26 @@ def fsdp_on_cpu() -> None:
         # set again each time, from the plugin the first (the Accelerator's) left there
         if fsdp_plugin is not None and not getattr(self, "fsdp_plugin", None):
             self.fsdp_plugin = fsdp_plugin
-        if getattr(self, "fsdp_plugin", None) and self.distributed_type == DistributedType.MULTI_CPU:
+        if (
+            getattr(self, "fsdp_plugin", None)
+            and self.distributed_type == DistributedType.MULTI_CPU
+        ):
             self.distributed_type = DistributedType.FSDP
 
     __init__.upstack_fsdp_on_cpu = True
     AcceleratorState.__init__ = __init__
 
+
+def described(accelerator) -> str:
+    """How the processes shared the training, for the manifest: single, ddp, fsdp1, fsdp2,
+    deepspeed-zero<stage> (what ran, not what was asked for: accelerate may fall back)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == DistributedType.DEEPSPEED:
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if accelerator.num_processes > 1:
+        return "ddp"
+    return "single"
