@@ -158,7 +158,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     )
     if args.command == "run":
         runner.run(recipe, args.targets, force=args.force, dry_run=args.dry_run)
-        if not args.dry_run:
+        if not args.dry_run and runner.nodes(recipe)["machine_rank"] == 0:
             print(markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)))
     elif args.command == "status":
         print(markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)))

@@ -44,6 +44,18 @@ class Launch(Strict):
     extra_args: list[str] = Field(
         default_factory=list, description="passed to accelerate launch as is"
     )
+    # Several machines: every one runs the same `upstack run` with its own machine_rank; only
+    # machine 0 writes stage dirs and manifests (upstack.core.runner.secondary_node).
+    num_machines: int | None = Field(None, ge=1, description="machines; env NNODES overrides")
+    machine_rank: int | None = Field(
+        None, ge=0, description="this machine's rank, 0 on the main one; env NODE_RANK overrides"
+    )
+    main_process_ip: str | None = Field(
+        None, description="the main machine's address; env MASTER_ADDR overrides"
+    )
+    main_process_port: int | None = Field(
+        None, ge=1, le=65535, description="its rendezvous port; env MASTER_PORT overrides"
+    )
     # How much work a kill may cost, whatever the trainer's save_steps: a training stage also
     # saves a checkpoint every this many minutes (not part of any stage's hash: it changes no
     # result, only what a rerun can resume from).

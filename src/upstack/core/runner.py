@@ -74,6 +74,8 @@ def plan(recipe: Recipe, targets: list[str], force: bool = False) -> list[str]:
 def run(
     recipe: Recipe, targets: list[str], force: bool = False, dry_run: bool = False
 ) -> list[str]:
+    if nodes(recipe)["machine_rank"] > 0:
+        return secondary_node(recipe, targets, force, dry_run)
     check_output_dir(recipe)
     steps = plan(recipe, targets, force)
     check_ownership(recipe, steps)
@@ -283,18 +285,66 @@ def _wants_launcher(recipe: Recipe, spec: StageSpec) -> bool:
     if not registry.kind(spec.kind).launchable:
         return False
     nproc = os.environ.get("NPROC") or recipe.launch.num_processes or 1
-    return bool(os.environ.get("ACCELERATE") or recipe.launch.accelerate_config or int(nproc) > 1)
+    return bool(
+        os.environ.get("ACCELERATE")
+        or recipe.launch.accelerate_config
+        or int(nproc) > 1
+        or nodes(recipe)["num_machines"] > 1
+    )
 
 
-def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
-    """Run one training stage under `accelerate launch`; workers write into `tmp`, rank 0 the metrics."""
+def nodes(recipe: Recipe) -> dict[str, Any]:
+    """The machines of a multi-node launch: env NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+    (what Slurm and torchrun scripts set), else the recipe's `launch:` keys; one machine, rank 0,
+    by default."""
+    launch = recipe.launch
+
+    def number(env: str, value: int | None, default: int) -> int:
+        text = os.environ.get(env)
+        if text is None or text == "":
+            return value if value is not None else default
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"{env}={text}: not a whole number") from None
+
+    found = {
+        "num_machines": number("NNODES", launch.num_machines, 1),
+        "machine_rank": number("NODE_RANK", launch.machine_rank, 0),
+        "main_process_ip": os.environ.get("MASTER_ADDR") or launch.main_process_ip,
+        "main_process_port": number("MASTER_PORT", launch.main_process_port, 0) or None,
+    }
+    if not 0 <= found["machine_rank"] < max(found["num_machines"], 1):
+        raise UserError(
+            f"NODE_RANK/launch.machine_rank {found['machine_rank']} is not below "
+            f"NNODES/launch.num_machines {found['num_machines']}"
+        )
+    if found["num_machines"] > 1 and not found["main_process_ip"]:
+        raise UserError(
+            f"{found['num_machines']} machines need the main one's address: MASTER_ADDR= or "
+            "launch.main_process_ip"
+        )
+    return found
+
+
+def launch_command(recipe: Recipe, name: str, tmp: Path, work: Path) -> list[str]:
+    """`accelerate launch` of one stage's worker (`upstack _stage`): the accelerate config, the
+    processes (NPROC per machine, so accelerate's --num_processes is NPROC x machines) and the
+    machines, then the recipe's extra_args."""
     config = os.environ.get("ACCELERATE") or recipe.launch.accelerate_config
     nproc = os.environ.get("NPROC") or recipe.launch.num_processes
+    machines = nodes(recipe)
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config:
         cmd += ["--config_file", config]
     if nproc:
-        cmd += ["--num_processes", str(nproc)]
+        cmd += ["--num_processes", str(int(nproc) * machines["num_machines"])]
+    if machines["num_machines"] > 1:
+        cmd += ["--num_machines", str(machines["num_machines"])]
+        cmd += ["--machine_rank", str(machines["machine_rank"])]
+        cmd += ["--main_process_ip", machines["main_process_ip"]]
+        if machines["main_process_port"]:
+            cmd += ["--main_process_port", str(machines["main_process_port"])]
     cmd += [
         *recipe.launch.extra_args,
         "-m",
@@ -309,6 +359,58 @@ def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
     ]
     for item in recipe.overrides:
         cmd += ["--set", item]
+    return cmd
+
+
+def secondary_node(recipe: Recipe, targets: list[str], force: bool, dry_run: bool) -> list[str]:
+    """`upstack run` on a machine other than the main one (machine_rank > 0): it runs its share
+    of each training stage the main machine runs, and writes nothing in the output dir: no lock,
+    no stage dir, no manifest (on a shared file system the main machine's are the ones). Its
+    workers get a private scratch dir as --out-dir, which only a rank 0 would write into; they
+    share the stage's work dir, where each rank keeps its part of a checkpoint (RNG state) and
+    from where all of them resume. The main machine's stages that no launcher runs (upscale,
+    merge...) it leaves to the main machine: the rendezvous of the next training stage waits."""
+    import tempfile
+
+    machine = nodes(recipe)
+    steps = [
+        name
+        for name in plan(recipe, targets, force)
+        if _wants_launcher(recipe, recipe.stages[name])
+    ]
+    print(
+        f"machine {machine['machine_rank']} of {machine['num_machines']}: runs its ranks of "
+        f"{', '.join(steps) or 'no training stage'}; machine 0 writes the outputs",
+        file=sys.stderr,
+        flush=True,
+    )
+    if dry_run or not steps:
+        return steps
+    check_launch_env()
+    for name in steps:
+        print(f"==> {name} ({recipe.stages[name].kind})", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"upstack-{name}-") as scratch:
+            _run_launcher(recipe, name, Path(scratch), recipe.run_dir.work(name))
+            written = sorted(p.name for p in Path(scratch).iterdir())
+            if written:  # a rank that is not 0 wrote outputs: a bug, not the user's
+                raise StageFailed(
+                    f"stages.{name}: machine {machine['machine_rank']} wrote {written}"
+                )
+    return steps
+
+
+def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
+    """Run one training stage under `accelerate launch`; workers write into `tmp`, rank 0 the metrics."""
+    _run_launcher(recipe, name, tmp, work)
+    metrics_file = tmp / WORKER_METRICS
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics_file.unlink(missing_ok=True)
+    return metrics
+
+
+def _run_launcher(recipe: Recipe, name: str, tmp: Path, work: Path) -> None:
+    """The launch itself; a failure becomes the stage's one line."""
+    cmd = launch_command(recipe, name, tmp, work)
     # A stop request is passed on to the workers, which save a checkpoint and stop (each runs
     # under signals.handling); this process waits for them within the grace period. Their
     # stderr passes through as it comes; its tail is kept to name a rank that died.
@@ -343,10 +445,6 @@ def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
             f"{where}: accelerate launch exited with {process.returncode} (the workers' output "
             "above says why)"
         )
-    metrics_file = tmp / WORKER_METRICS
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    metrics_file.unlink(missing_ok=True)
-    return metrics
 
 
 class _Tee:
