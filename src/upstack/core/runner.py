@@ -79,8 +79,7 @@ def run(
     check_output_dir(recipe)
     steps = plan(recipe, targets, force)
     check_ownership(recipe, steps)
-    if any(_wants_launcher(recipe, recipe.stages[name]) for name in steps):
-        check_launch_env()
+    check_launch_config(recipe, steps)
     preflight(recipe, steps)
     if dry_run or not steps:
         state = states(recipe)
@@ -384,9 +383,9 @@ def secondary_node(recipe: Recipe, targets: list[str], force: bool, dry_run: boo
         file=sys.stderr,
         flush=True,
     )
+    check_launch_config(recipe, steps)
     if dry_run or not steps:
         return steps
-    check_launch_env()
     for name in steps:
         print(f"==> {name} ({recipe.stages[name].kind})", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix=f"upstack-{name}-") as scratch:
@@ -517,12 +516,25 @@ def refuse_if_locked(recipe_path: str, overrides: list[str]) -> None:
         RunDir(out_dir).is_locked()  # raises the holder's one line
 
 
-def check_launch_env() -> None:
-    """ACCELERATE= names the accelerate config in place of the recipe's: checked as early."""
-    config = os.environ.get("ACCELERATE")
-    problem = accelerate_config_problem(config) if config else None
-    if problem:
+def check_launch_config(recipe: Recipe, steps: list[str]) -> None:
+    """Before anything runs: the accelerate config the launched stages get (ACCELERATE= in
+    place of the recipe's launch.accelerate_config) is one upstack can pass on and agrees with
+    each stage's trainer settings on this machine (upstack.core.recipe.accelerate_config_problem:
+    precision, DeepSpeed's gradient accumulation, a save that is the full model)."""
+    launched = [name for name in steps if _wants_launcher(recipe, recipe.stages[name])]
+    config = os.environ.get("ACCELERATE") or recipe.launch.accelerate_config
+    if not launched or not config:
+        return
+    settings = {
+        name: registry.kind(recipe.stages[name].kind).effective_settings(recipe.stages[name]) or {}
+        for name in launched
+    }
+    problem = accelerate_config_problem(config, settings)
+    if not problem:
+        return
+    if os.environ.get("ACCELERATE"):
         raise UserError(f"ACCELERATE={config}: {problem.removeprefix(config + ': ')}")
+    raise recipe.error(("launch", "accelerate_config"), problem)
 
 
 def package_versions() -> dict[str, str]:
