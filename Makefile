@@ -8,7 +8,12 @@ TORCH ?= torch==2.13.0
 # Run training stages under `accelerate launch`: ACCELERATE=recipes/accelerate/zero3.yaml NPROC=8
 ACCELERATE ?=
 NPROC ?=
-export ACCELERATE NPROC
+# Several machines (NPROC per machine): NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host MASTER_PORT=29500
+NNODES ?=
+NODE_RANK ?=
+MASTER_ADDR ?=
+MASTER_PORT ?=
+export ACCELERATE NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT
 
 BIN := $(VENV)/bin
 UPSTACK := $(BIN)/upstack

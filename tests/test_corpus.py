@@ -22,6 +22,8 @@ SMALL = (
     "                   num_attention_heads: 2, num_key_value_heads: 2}"
 )
 SYNTH = "seeds: [{source: arith, count: 5}]\n    teacher: {kind: scripted}"
+# the shipped ZeRO-3 config, whose mistakes the zero3-* cases make one at a time
+ZERO3 = (Path(__file__).resolve().parent.parent / "recipes/accelerate/zero3.yaml").read_text()
 FAST = "trainer: {max_steps: 1, per_device_train_batch_size: 2, max_length: 64}"
 
 
@@ -386,6 +388,69 @@ CASES = [
         "    datasets: [{arith: {problems: 5}}]\n    " + FAST + "\n",
         "ACCELERATE=recipes/accelerate/zero9.yaml: file not found",
         env={"ACCELERATE": "recipes/accelerate/zero9.yaml"},
+    ),
+    Case(
+        "references",
+        "zero3-save-sharded",
+        "name: c\nlaunch:\n  accelerate_config: {tmp}/zero3.yaml\nstages: {init: {}}\n",
+        "launch.accelerate_config: {tmp}/zero3.yaml: deepspeed_config.zero3_save_16bit_model: "
+        "must be true",
+        line=3,
+        setup=lambda tmp, model: (tmp / "zero3.yaml").write_text(
+            ZERO3.replace("zero3_save_16bit_model: true", "zero3_save_16bit_model: false")
+        ),
+    ),
+    Case(
+        "references",
+        "zero3-json-save-sharded",
+        "name: c\nlaunch:\n  accelerate_config: {tmp}/zero3.yaml\nstages: {init: {}}\n",
+        "launch.accelerate_config: {tmp}/zero3.yaml: {tmp}/ds.json: "
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save: must be true",
+        line=3,
+        setup=lambda tmp, model: (
+            (tmp / "ds.json").write_text('{"zero_optimization": {"stage": 3}}'),
+            (tmp / "zero3.yaml").write_text(
+                f"distributed_type: DEEPSPEED\ndeepspeed_config:\n"
+                f"  deepspeed_config_file: {tmp}/ds.json\n"
+            ),
+        ),
+    ),
+    Case(
+        "references",
+        "fsdp-sharded-state-dict",
+        "name: c\nlaunch:\n  accelerate_config: {tmp}/fsdp.yaml\nstages: {init: {}}\n",
+        "launch.accelerate_config: {tmp}/fsdp.yaml: fsdp_config.fsdp_state_dict_type: "
+        "SHARDED_STATE_DICT: must be FULL_STATE_DICT",
+        line=3,
+        setup=lambda tmp, model: (tmp / "fsdp.yaml").write_text(
+            "distributed_type: FSDP\nfsdp_config: {fsdp_version: 2, "
+            "fsdp_state_dict_type: SHARDED_STATE_DICT}\n"
+        ),
+    ),
+    Case(
+        "references",
+        "zero3-precision-disagrees",
+        "name: c\noutput_dir: {out}\nlaunch:\n  accelerate_config: {tmp}/zero3.yaml\n"
+        "stages:\n  cpt:\n    model: {model}\n    datasets: [{arith: {problems: 5}}]\n"
+        "    " + FAST + "\n",
+        "launch.accelerate_config: {tmp}/zero3.yaml: mixed_precision: 'bf16', but stages.cpt "
+        "trains in fp32 on this machine",
+        line=4,
+        setup=lambda tmp, model: (tmp / "zero3.yaml").write_text(
+            ZERO3.replace("mixed_precision: 'no'", "mixed_precision: bf16")
+        ),
+    ),
+    Case(
+        "references",
+        "zero3-accumulation-disagrees",
+        "name: c\noutput_dir: {out}\nstages:\n  sft:\n    model: {model}\n"
+        "    datasets: [{arith: {problems: 5}}]\n    " + FAST + "\n",
+        "ACCELERATE=zero3.yaml: deepspeed_config.gradient_accumulation_steps: 4, but "
+        "stages.sft accumulates 1 (trainer.gradient_accumulation_steps)",
+        env={"ACCELERATE": "zero3.yaml"},
+        setup=lambda tmp, model: (tmp / "zero3.yaml").write_text(
+            ZERO3.replace("zero_stage: 3", "zero_stage: 3\n  gradient_accumulation_steps: 4")
+        ),
     ),
     Case(
         "ranges",

@@ -150,3 +150,74 @@ def test_seam_only_training_with_two_processes(tmp_path, tiny_model):
             assert torch.equal(after[name], tensor) != trains, (stage, name)
     lora = json.loads((runs / "lora" / "upstack.json").read_text())["metrics"]
     assert lora["processes"] == 2 and lora["trained"]["adapter"] == "lora"
+
+
+@pytest.mark.slow
+def test_two_machines_write_one_output_from_the_main_one(tmp_path, tiny_model):
+    """Two "machines" on 127.0.0.1 (num_machines 2, one process each, NODE_RANK 0 and 1) train
+    one cpt stage together into one output dir: one stage dir, one manifest, both ranks'
+    data; machine 1 writes no stage dir, manifest, lock or temp dir."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stage = {
+        "model": str(tiny_model),
+        "datasets": [{"arith": {"problems": 64}}],
+        "trainer": {
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "max_length": 64,
+            "logging_steps": 1,
+        },
+    }
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "output_dir": str(tmp_path / "runs"),
+                # the recipe's keys; env NNODES/NODE_RANK/MASTER_* would override them
+                "launch": {
+                    "num_machines": 2,
+                    "main_process_ip": "127.0.0.1",
+                    "main_process_port": port,
+                },
+                "stages": {"cpt": stage},
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE": str(ROOT / "recipes/accelerate/ddp.yaml"),
+        "NPROC": "1",
+    }
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "upstack", "run", str(recipe)],
+            env={**env, "NODE_RANK": str(rank)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=300) for machine in machines]
+    for machine, (_, err) in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, err[-3000:]
+    assert "machine 1 of 2: runs its ranks of cpt; machine 0 writes the outputs" in outputs[1][1]
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [".upstack", "cpt"]
+    assert [p.parent.name for p in runs.rglob("upstack.json")] == ["cpt"]
+    assert not list((runs / ".upstack" / "tmp").iterdir())
+    metrics = json.loads((runs / "cpt" / "upstack.json").read_text())["metrics"]
+    assert metrics["processes"] == 2 and metrics["distributed"] == "ddp" and metrics["steps"] == 3
+    # the manifest's status table is machine 0's alone; machine 1 printed none
+    assert "| cpt" in outputs[0][0] and outputs[1][0] == ""

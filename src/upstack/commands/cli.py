@@ -183,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             fit_check=not args.no_fit_check,
         )
-        if not args.dry_run:
+        if not args.dry_run and runner.nodes(recipe)["machine_rank"] == 0:
             print(markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)))
     elif args.command == "status":
         print(markdown_table(runner.STATUS_HEADERS, runner.status_rows(recipe)))
@@ -307,11 +307,15 @@ def _push(recipe, args: argparse.Namespace) -> None:
 def _run_worker(recipe, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from upstack.core import logs, runner, signals
+    from upstack.core import logs, registry, runner, signals
     from upstack.core.context import is_main_process
     from upstack.core.rundir import WORKER_ERROR, WORKER_METRICS
 
     logs.to_stage_log(Path(args.work_dir))  # each rank's library records, in the stage's log
+    if registry.kind(recipe.stages[args.stage].kind).launchable:
+        from upstack.train.distributed import fsdp_on_cpu
+
+        fsdp_on_cpu()  # an FSDP config means FSDP on CPU too, not DDP
     hashes = runner.stage_hashes(recipe)
     try:
         with signals.handling(recipe.launch.grace_seconds):

@@ -283,7 +283,14 @@ def machine_for(
 
 
 def launch_machines(launch: Any) -> int:
-    """Machines the launch spans: `--num_machines` in extra_args, else the accelerate config's."""
+    """Machines the launch spans, read as the runner launches them (upstack.core.runner.nodes):
+    env NNODES, else `launch.num_machines`, else `--num_machines` in extra_args, else the
+    accelerate config's."""
+    env = os.environ.get("NNODES", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    if launch.num_machines:
+        return launch.num_machines
     extra = list(launch.extra_args)
     if "--num_machines" in extra[:-1]:
         return max(1, int(extra[extra.index("--num_machines") + 1]))

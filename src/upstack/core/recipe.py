@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -57,6 +58,18 @@ class Launch(Strict):
         description="before the run, refuse a training stage whose planned memory per GPU "
         "exceeds the GPUs' (upstack plan); false, or `upstack run --no-fit-check`, runs it anyway",
     )
+    # Several machines: every one runs the same `upstack run` with its own machine_rank; only
+    # machine 0 writes stage dirs and manifests (upstack.core.runner.secondary_node).
+    num_machines: int | None = Field(None, ge=1, description="machines; env NNODES overrides")
+    machine_rank: int | None = Field(
+        None, ge=0, description="this machine's rank, 0 on the main one; env NODE_RANK overrides"
+    )
+    main_process_ip: str | None = Field(
+        None, description="the main machine's address; env MASTER_ADDR overrides"
+    )
+    main_process_port: int | None = Field(
+        None, ge=1, le=65535, description="its rendezvous port; env MASTER_PORT overrides"
+    )
     # How much work a kill may cost, whatever the trainer's save_steps: a training stage also
     # saves a checkpoint every this many minutes (not part of any stage's hash: it changes no
     # result, only what a rerun can resume from).
@@ -93,8 +106,12 @@ class Launch(Strict):
         return value
 
 
-def accelerate_config_problem(path: str) -> str | None:
-    """Why `path` is not an accelerate config file upstack can pass on, or None."""
+def accelerate_config_problem(
+    path: str, stages: dict[str, dict[str, Any]] | None = None
+) -> str | None:
+    """Why `path` is not an accelerate config file upstack can pass on, or None: the file itself
+    (at load), and with `stages` (each launched training stage's effective trainer settings on
+    this machine, which the runner knows before anything runs) whether it agrees with them."""
     file = Path(path).expanduser()
     if not file.is_file():
         return f"{path}: file not found"
@@ -104,6 +121,98 @@ def accelerate_config_problem(path: str) -> str | None:
         return f"{path}: not a readable YAML file ({str(err).splitlines()[0]})"
     if not isinstance(config, dict):
         return f"{path}: an accelerate config is a mapping (accelerate config --config_file ...)"
+    problem = _saves_a_full_model(config) or _agrees_with_stages(config, stages or {})
+    return f"{path}: {problem}" if problem else None
+
+
+def _deepspeed_settings(config: dict) -> tuple[dict, str]:
+    """The DeepSpeed settings an accelerate config gives: its `deepspeed_config` keys, or the
+    JSON file it names (deepspeed_config_file), read into the same keys; and where they are."""
+    section = config.get("deepspeed_config") or {}
+    if not isinstance(section, dict):
+        return {}, "deepspeed_config"
+    name = section.get("deepspeed_config_file")
+    if not name:
+        return section, "deepspeed_config"
+    try:
+        data = json.loads(Path(name).expanduser().read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"deepspeed_config.deepspeed_config_file: {name}: {err}") from None
+    zero = data.get("zero_optimization") or {}
+    precision = "bf16" if (data.get("bf16") or {}).get("enabled") is True else None
+    precision = precision or ("fp16" if (data.get("fp16") or {}).get("enabled") is True else None)
+    return {
+        "zero_stage": zero.get("stage"),
+        "zero3_save_16bit_model": zero.get("stage3_gather_16bit_weights_on_model_save"),
+        "gradient_accumulation_steps": data.get("gradient_accumulation_steps"),
+        "mixed_precision": precision,
+    }, f"{name}: "
+
+
+def _saves_a_full_model(config: dict) -> str | None:
+    """A training stage's output is one plain checkpoint; a config whose final save would be
+    sharded (one file per rank, which no next stage or mergekit loads) is refused."""
+    kind = config.get("distributed_type")
+    if kind == "DEEPSPEED":
+        try:
+            ds, where = _deepspeed_settings(config)
+        except ValueError as err:
+            return str(err)
+        if str(ds.get("zero_stage")) == "3" and ds.get("zero3_save_16bit_model") is not True:
+            key = (
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save"
+                if where.endswith(": ")
+                else "deepspeed_config.zero3_save_16bit_model"
+            )
+            return (
+                f"{where if where.endswith(': ') else ''}{key}: must be true: ZeRO-3 holds "
+                "only shards, and without it the stage's final save is not the full model the "
+                "next stage loads"
+            )
+    if kind == "FSDP":
+        fsdp = config.get("fsdp_config") or {}
+        state = fsdp.get("fsdp_state_dict_type") if isinstance(fsdp, dict) else None
+        if state != "FULL_STATE_DICT":
+            return (
+                f"fsdp_config.fsdp_state_dict_type: {state or '(unset)'}: must be "
+                "FULL_STATE_DICT: the stage saves one full model (gathered on rank 0); a sharded "
+                "state dict leaves no model.safetensors for the next stage"
+            )
+    return None
+
+
+def _agrees_with_stages(config: dict, stages: dict[str, dict[str, Any]]) -> str | None:
+    """The config's precision and DeepSpeed's gradient accumulation against each launched
+    stage's trainer settings: accelerate and DeepSpeed would take theirs over the recipe's."""
+    for name, settings in stages.items():
+        wanted = "bf16" if settings.get("bf16") else "fp16" if settings.get("fp16") else "no"
+        mixed = config.get("mixed_precision") or "no"
+        if mixed != "no" and mixed != wanted:
+            return (
+                f"mixed_precision: '{mixed}', but stages.{name} trains in "
+                f"{'fp32' if wanted == 'no' else wanted} on this machine (trainer.bf16/fp16): "
+                "set mixed_precision: 'no' (the stage's trainer setting decides)"
+            )
+        if config.get("distributed_type") != "DEEPSPEED":
+            continue
+        try:
+            ds, where = _deepspeed_settings(config)
+        except ValueError as err:
+            return str(err)
+        prefix = where if where.endswith(": ") else "deepspeed_config."
+        if ds.get("mixed_precision") and ds["mixed_precision"] != wanted:
+            return (
+                f"{prefix}{ds['mixed_precision']}.enabled: true, but stages.{name} trains in "
+                f"{'fp32' if wanted == 'no' else wanted} on this machine (trainer.bf16/fp16)"
+            )
+        steps = ds.get("gradient_accumulation_steps")
+        accumulate = int(settings.get("gradient_accumulation_steps") or 1)
+        if steps not in (None, "auto") and str(steps) != str(accumulate):
+            return (
+                f"{prefix}gradient_accumulation_steps: {steps}, but stages.{name} accumulates "
+                f"{accumulate} (trainer.gradient_accumulation_steps): set it to 'auto' or "
+                f"{accumulate}"
+            )
     return None
 
 

@@ -78,11 +78,12 @@ def run(
     dry_run: bool = False,
     fit_check: bool = True,
 ) -> list[str]:
+    if nodes(recipe)["machine_rank"] > 0:
+        return secondary_node(recipe, targets, force, dry_run)
     check_output_dir(recipe)
     steps = plan(recipe, targets, force)
     check_ownership(recipe, steps)
-    if any(_wants_launcher(recipe, recipe.stages[name]) for name in steps):
-        check_launch_env()
+    check_launch_config(recipe, steps)
     preflight(recipe, steps)
     if fit_check and recipe.launch.fit_check:
         check_fit(recipe, steps)
@@ -321,18 +322,66 @@ def _wants_launcher(recipe: Recipe, spec: StageSpec) -> bool:
     if not registry.kind(spec.kind).launchable:
         return False
     nproc = os.environ.get("NPROC") or recipe.launch.num_processes or 1
-    return bool(os.environ.get("ACCELERATE") or recipe.launch.accelerate_config or int(nproc) > 1)
+    return bool(
+        os.environ.get("ACCELERATE")
+        or recipe.launch.accelerate_config
+        or int(nproc) > 1
+        or nodes(recipe)["num_machines"] > 1
+    )
 
 
-def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
-    """Run one training stage under `accelerate launch`; workers write into `tmp`, rank 0 the metrics."""
+def nodes(recipe: Recipe) -> dict[str, Any]:
+    """The machines of a multi-node launch: env NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+    (what Slurm and torchrun scripts set), else the recipe's `launch:` keys; one machine, rank 0,
+    by default."""
+    launch = recipe.launch
+
+    def number(env: str, value: int | None, default: int) -> int:
+        text = os.environ.get(env)
+        if text is None or text == "":
+            return value if value is not None else default
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"{env}={text}: not a whole number") from None
+
+    found = {
+        "num_machines": number("NNODES", launch.num_machines, 1),
+        "machine_rank": number("NODE_RANK", launch.machine_rank, 0),
+        "main_process_ip": os.environ.get("MASTER_ADDR") or launch.main_process_ip,
+        "main_process_port": number("MASTER_PORT", launch.main_process_port, 0) or None,
+    }
+    if not 0 <= found["machine_rank"] < max(found["num_machines"], 1):
+        raise UserError(
+            f"NODE_RANK/launch.machine_rank {found['machine_rank']} is not below "
+            f"NNODES/launch.num_machines {found['num_machines']}"
+        )
+    if found["num_machines"] > 1 and not found["main_process_ip"]:
+        raise UserError(
+            f"{found['num_machines']} machines need the main one's address: MASTER_ADDR= or "
+            "launch.main_process_ip"
+        )
+    return found
+
+
+def launch_command(recipe: Recipe, name: str, tmp: Path, work: Path) -> list[str]:
+    """`accelerate launch` of one stage's worker (`upstack _stage`): the accelerate config, the
+    processes (NPROC per machine, so accelerate's --num_processes is NPROC x machines) and the
+    machines, then the recipe's extra_args."""
     config = os.environ.get("ACCELERATE") or recipe.launch.accelerate_config
     nproc = os.environ.get("NPROC") or recipe.launch.num_processes
+    machines = nodes(recipe)
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config:
         cmd += ["--config_file", config]
     if nproc:
-        cmd += ["--num_processes", str(nproc)]
+        cmd += ["--num_processes", str(int(nproc) * machines["num_machines"])]
+    if machines["num_machines"] > 1:
+        cmd += ["--num_machines", str(machines["num_machines"])]
+        cmd += ["--machine_rank", str(machines["machine_rank"])]
+        cmd += ["--main_process_ip", machines["main_process_ip"]]
+        if machines["main_process_port"]:
+            cmd += ["--main_process_port", str(machines["main_process_port"])]
     cmd += [
         *recipe.launch.extra_args,
         "-m",
@@ -347,33 +396,147 @@ def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
     ]
     for item in recipe.overrides:
         cmd += ["--set", item]
+    return cmd
+
+
+def secondary_node(recipe: Recipe, targets: list[str], force: bool, dry_run: bool) -> list[str]:
+    """`upstack run` on a machine other than the main one (machine_rank > 0): it runs its share
+    of each training stage the main machine runs, and writes nothing in the output dir: no lock,
+    no stage dir, no manifest (on a shared file system the main machine's are the ones). Its
+    workers get a private scratch dir as --out-dir, which only a rank 0 would write into; they
+    share the stage's work dir, where each rank keeps its part of a checkpoint (RNG state) and
+    from where all of them resume. The main machine's stages that no launcher runs (upscale,
+    merge...) it leaves to the main machine: the rendezvous of the next training stage waits."""
+    import tempfile
+
+    machine = nodes(recipe)
+    steps = [
+        name
+        for name in plan(recipe, targets, force)
+        if _wants_launcher(recipe, recipe.stages[name])
+    ]
+    print(
+        f"machine {machine['machine_rank']} of {machine['num_machines']}: runs its ranks of "
+        f"{', '.join(steps) or 'no training stage'}; machine 0 writes the outputs",
+        file=sys.stderr,
+        flush=True,
+    )
+    check_launch_config(recipe, steps)
+    if dry_run or not steps:
+        return steps
+    for name in steps:
+        print(f"==> {name} ({recipe.stages[name].kind})", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"upstack-{name}-") as scratch:
+            _run_launcher(recipe, name, Path(scratch), recipe.run_dir.work(name))
+            written = sorted(p.name for p in Path(scratch).iterdir())
+            if written:  # a rank that is not 0 wrote outputs: a bug, not the user's
+                raise StageFailed(
+                    f"stages.{name}: machine {machine['machine_rank']} wrote {written}"
+                )
+    return steps
+
+
+def _launch(recipe: Recipe, name: str, tmp: Path, work: Path) -> dict:
+    """Run one training stage under `accelerate launch`; workers write into `tmp`, rank 0 the metrics."""
+    _run_launcher(recipe, name, tmp, work)
+    metrics_file = tmp / WORKER_METRICS
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    metrics_file.unlink(missing_ok=True)
+    return metrics
+
+
+def _run_launcher(recipe: Recipe, name: str, tmp: Path, work: Path) -> None:
+    """The launch itself; a failure becomes the stage's one line."""
+    cmd = launch_command(recipe, name, tmp, work)
     # A stop request is passed on to the workers, which save a checkpoint and stop (each runs
-    # under signals.handling); this process waits for them within the grace period.
+    # under signals.handling); this process waits for them within the grace period. Their
+    # stderr passes through as it comes; its tail is kept to name a rank that died.
     with signals.accepting():
-        process = subprocess.Popen(cmd)
+        process = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+        tail = _Tee(process.stderr)
         forwarded = None
         while process.poll() is None:
             if signals.requested() and forwarded is None:
                 forwarded = signals.requested()
                 process.send_signal(signal.SIGTERM)
             time.sleep(0.2)
+        tail.join()
     if forwarded:
         raise Interrupted(f"stages.{name}: {forwarded}")
-    result = process
-    if result.returncode != 0:
-        # a worker's one-line error, if it left one (cli._run_worker), else the exit code
+    if process.returncode != 0:
+        where = f"{locate(recipe, 'stages', name)}: stages.{name}"
+        # a worker's one-line error, if it left one (cli._run_worker)
         try:
             error = json.loads((tmp / WORKER_ERROR).read_text())
         except (OSError, ValueError):
+            error = None
+        if error is not None:
+            raise (StageFailed if error["exit_code"] == 1 else UserError)(error["message"])
+        dead = failed_rank(tail.text())
+        if dead:
             raise StageFailed(
-                f"{locate(recipe, 'stages', name)}: stages.{name}: accelerate launch exited "
-                f"with {result.returncode} (the workers' output above says why)"
-            ) from None
-        raise (StageFailed if error["exit_code"] == 1 else UserError)(error["message"])
-    metrics_file = tmp / WORKER_METRICS
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    metrics_file.unlink(missing_ok=True)
-    return metrics
+                f"{where}: {dead}; the launcher stopped the other ranks: rerun to resume from "
+                "the last checkpoint"
+            )
+        raise StageFailed(
+            f"{where}: accelerate launch exited with {process.returncode} (the workers' output "
+            "above says why)"
+        )
+
+
+class _Tee:
+    """Copies a pipe to this process's stderr as it comes, keeping the last `keep` bytes."""
+
+    def __init__(self, pipe, keep: int = 64 * 1024) -> None:
+        import threading
+
+        self.pipe, self.keep, self.kept = pipe, keep, bytearray()
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+        while chunk := os.read(self.pipe.fileno(), 65536):
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:
+                sys.stderr.write(chunk.decode(errors="replace"))
+            self.kept += chunk
+            del self.kept[: -self.keep]
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+        self.pipe.close()
+
+    def text(self) -> str:
+        return self.kept.decode(errors="replace")
+
+
+def failed_rank(launcher_stderr: str) -> str | None:
+    """Which rank brought the launch down, from torchrun's failure report (its `Root Cause`:
+    the first worker to fail; the others it stopped itself): "rank 1 (local rank 1 on host)
+    was killed by SIGKILL", or None when the report is not there."""
+    import re
+
+    found = re.search(
+        r"Root Cause.*?host\s*:\s*(\S+)\s+rank\s*:\s*(\d+) \(local_rank: (\d+)\)\s+"
+        r"exitcode\s*:\s*(-?\d+)",
+        launcher_stderr,
+        re.DOTALL,
+    )
+    if not found:
+        return None
+    host, rank, local, code = found.groups()
+    code = int(code)
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with {code}"
+    return f"rank {rank} (local rank {local} on {host}) {how}"
 
 
 def refuse_if_locked(recipe_path: str, overrides: list[str]) -> None:
@@ -391,12 +554,25 @@ def refuse_if_locked(recipe_path: str, overrides: list[str]) -> None:
         RunDir(out_dir).is_locked()  # raises the holder's one line
 
 
-def check_launch_env() -> None:
-    """ACCELERATE= names the accelerate config in place of the recipe's: checked as early."""
-    config = os.environ.get("ACCELERATE")
-    problem = accelerate_config_problem(config) if config else None
-    if problem:
+def check_launch_config(recipe: Recipe, steps: list[str]) -> None:
+    """Before anything runs: the accelerate config the launched stages get (ACCELERATE= in
+    place of the recipe's launch.accelerate_config) is one upstack can pass on and agrees with
+    each stage's trainer settings on this machine (upstack.core.recipe.accelerate_config_problem:
+    precision, DeepSpeed's gradient accumulation, a save that is the full model)."""
+    launched = [name for name in steps if _wants_launcher(recipe, recipe.stages[name])]
+    config = os.environ.get("ACCELERATE") or recipe.launch.accelerate_config
+    if not launched or not config:
+        return
+    settings = {
+        name: registry.kind(recipe.stages[name].kind).effective_settings(recipe.stages[name]) or {}
+        for name in launched
+    }
+    problem = accelerate_config_problem(config, settings)
+    if not problem:
+        return
+    if os.environ.get("ACCELERATE"):
         raise UserError(f"ACCELERATE={config}: {problem.removeprefix(config + ': ')}")
+    raise recipe.error(("launch", "accelerate_config"), problem)
 
 
 def package_versions() -> dict[str, str]:

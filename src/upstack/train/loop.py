@@ -13,6 +13,7 @@ from typing import Any
 from upstack.core import signals
 from upstack.core.context import is_main_process
 from upstack.core.errors import Interrupted
+from upstack.train.distributed import described
 from upstack.train.save import eval_sources, save
 from upstack.train.settings import CHECKPOINTS, changed_fields, on_gpu
 from upstack.train.spec import TrainingSpec
@@ -74,6 +75,7 @@ def train(trainer, ctx) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "train_loss_mean": result.training_loss,
         "processes": trainer.accelerator.num_processes,
+        "distributed": described(trainer.accelerator),
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "resumed_from_step": int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0,
         "tokens_seen": tokens,
