@@ -271,15 +271,22 @@ def nan_guard(ctx):
     return StopOnNonFinite()
 
 
+def _callback(trainer, class_name: str):
+    """The trainer's callback of that class (a counter the stage added), or None."""
+    return next(
+        (c for c in trainer.callback_handler.callbacks if type(c).__name__ == class_name), None
+    )
+
+
 def router_metrics(trainer, ctx) -> dict[str, Any]:
     """A mixture of experts: the tokens each expert got per layer (upstack.train.routing), logged as a
     table, and the load-balancing loss weight TRL trained with."""
     from upstack.train import routing
 
-    found = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "RouterLoad"]
-    if not found:
+    counter = _callback(trainer, "RouterLoad")
+    if counter is None:
         return {}
-    load = routing.load_metrics(found[0], trainer.accelerator)
+    load = routing.load_metrics(counter, trainer.accelerator)
     for mode in ("train", "eval"):
         if mode in load:
             ctx.log(
@@ -296,10 +303,10 @@ def usage_metrics(trainer, ctx) -> dict[str, Any]:
     tables."""
     from upstack.train import retrieval
 
-    found = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ExpertUsage"]
-    if not found:
+    counter = _callback(trainer, "ExpertUsage")
+    if counter is None:
         return {}
-    usage = retrieval.usage_metrics(found[0], trainer.accelerator)
+    usage = retrieval.usage_metrics(counter, trainer.accelerator)
     for mode in ("train", "eval"):
         if mode in usage:
             ctx.log(
